@@ -1,0 +1,26 @@
+"""Packaging for ampcompat: Apex's amp API on PyTorch's native mixed precision."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_HERE = Path(__file__).parent
+_VERSION = re.search(r'__version__ = "([^"]+)"', (_HERE / "ampcompat" / "_version.py").read_text()).group(1)
+
+setup(
+    name="ampcompat",
+    version=_VERSION,
+    description="Run legacy NVIDIA Apex amp / fp16_utils / parallel code unchanged on PyTorch's native AMP.",
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["ampcompat", "ampcompat.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "packaging"],
+    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    entry_points={"console_scripts": ["ampcompat=ampcompat.__main__:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
