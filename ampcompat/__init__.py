@@ -1,0 +1,62 @@
+"""ampcompat: NVIDIA Apex's mixed-precision API (``apex.amp`` and its neighbours) on native PyTorch AMP.
+
+    from ampcompat import amp
+    model, optimizer = amp.initialize(model, optimizer, opt_level="O2")
+    with amp.scale_loss(loss, optimizer) as scaled_loss:
+        scaled_loss.backward()
+    optimizer.step()
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import amp  # noqa: F401
+from ._version import __version__  # noqa: F401
+from .scaler import amp_state_to_grad_scaler, grad_scaler_to_amp_state  # noqa: F401
+
+__all__ = ["amp", "install_apex_alias", "reset", "amp_state_to_grad_scaler", "grad_scaler_to_amp_state",
+           "__version__"]
+
+_STATE_ATTRIBUTES = ("opt_properties", "loss_scalers", "handle", "min_loss_scale", "max_loss_scale")
+
+
+def reset() -> None:
+    """Forget every ``amp.initialize``: undo O1's autocast and patched functions, drop scalers and options.
+
+    Models and optimizers already patched keep their casts and master weights; this resets the global
+    state so a new ``initialize`` (or a test) starts clean.
+    """
+    from . import autocast_scope
+    from .state import _amp_state
+
+    handle = getattr(_amp_state, "handle", None)
+    if handle is not None:
+        handle._deactivate()
+    for name in _STATE_ATTRIBUTES:
+        _amp_state.__dict__.pop(name, None)
+    _amp_state.hard_override = False
+    _amp_state.allow_incoming_model_not_fp32 = False
+    _amp_state.verbosity = 1
+    autocast_scope.clear_registry()
+    for device_type in ("cpu", "cuda"):
+        torch.set_autocast_enabled(device_type, False)
+    torch.set_autocast_cache_enabled(True)
+    torch.clear_autocast_cache()
+
+
+def install_apex_alias() -> None:
+    """Make ``import apex`` / ``from apex import amp`` / ``import amp_C`` resolve to ampcompat (opt-in)."""
+    from .alias import install_apex_alias as _install
+
+    _install()
+
+
+def __getattr__(name: str) -> Any:
+    # Legacy surfaces load on first use, so ``import ampcompat`` stays light.
+    if name in ("fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C"):
+        import importlib
+
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError("module 'ampcompat' has no attribute {!r}".format(name))

@@ -1,0 +1,10 @@
+"""Apex's ``apex.amp.amp`` module path: ``init`` and the function-casting registry."""
+from ..autocast_scope import (  # noqa: F401
+    float_function,
+    half_function,
+    promote_function,
+    register_float_function,
+    register_half_function,
+    register_promote_function,
+)
+from ..old_api import init  # noqa: F401

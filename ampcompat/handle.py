@@ -1,0 +1,102 @@
+"""``amp.scale_loss`` and ``amp.disable_casts``: the per-backward state machine (spec §6).
+
+Entering ``scale_loss`` stashes gradients that already exist (so only the new ones get unscaled) and
+yields ``loss.float() * scale``; leaving it unscales the new gradients into FP32 (adding the stashed
+ones back), checks them for inf/NaN with one host sync, updates the scale and, on overflow, makes the
+next ``optimizer.step()`` a skip. Under O1 the backward inside the block runs with autocast off.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, List, Optional
+
+import torch
+
+from .autocast_scope import active_handle
+from .master import mark_skip
+from .state import _amp_state
+
+_NOT_INITIALIZED = (
+    "Invoked 'with amp.scale_loss`, but internal Amp state has not been initialized.  "
+    "model, optimizer = amp.initialize(model, optimizer, opt_level=...) must be called before "
+    "`with amp.scale_loss`."
+)
+
+
+def _as_list(optimizers: Any) -> Any:
+    if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "_amp_stash"):
+        return [optimizers]
+    return optimizers
+
+
+def _casts_off() -> contextlib.AbstractContextManager:
+    handle = active_handle()
+    return handle._disable_casts() if handle is not None else contextlib.nullcontext()
+
+
+def _clear_cast_cache() -> None:
+    if getattr(_amp_state, "handle", None) is not None:
+        torch.clear_autocast_cache()
+
+
+@contextlib.contextmanager
+def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Optional[torch.nn.Module] = None,
+               delay_unscale: bool = False, delay_overflow_check: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the scaled loss for ``backward()``; on exit, unscale, check and update (Apex's sequence).
+
+    Args:
+        loss: the loss tensor.
+        optimizers: every optimizer owning parameters that receive gradients (one or a list).
+        loss_id: which loss scaler to use (``0 <= loss_id < num_losses``).
+        model: unused, as in Apex.
+        delay_unscale: leave gradients scaled (accumulate several backward passes; no step between).
+        delay_overflow_check: unscale but leave ``update_scale()`` (and the skip) to the caller.
+
+    Yields:
+        ``loss.float() * loss_scale``.
+
+    Raises:
+        RuntimeError: if ``amp.initialize`` was never called.
+    """
+    props = getattr(_amp_state, "opt_properties", None)
+    if props is None:
+        raise RuntimeError(_NOT_INITIALIZED)
+    if not props.enabled:
+        yield loss
+        return
+    optimizers = _as_list(optimizers)
+    loss_scaler = _amp_state.loss_scalers[loss_id]
+    loss_scale = loss_scaler.loss_scale()
+
+    if not props.master_weights and not loss_scaler.dynamic and loss_scale == 1.0:
+        with _casts_off():
+            yield loss.float()
+        _clear_cast_cache()
+        return
+
+    if not delay_unscale and isinstance(optimizers, list):
+        for optimizer in optimizers:
+            if not optimizer._amp_stash.params_have_scaled_gradients:
+                optimizer._prepare_amp_backward()
+
+    with _casts_off():
+        yield loss.float() * loss_scale
+
+    if delay_unscale:
+        for optimizer in optimizers:
+            optimizer._amp_stash.params_have_scaled_gradients = True
+    else:
+        loss_scaler.clear_overflow_state()
+        for optimizer in optimizers:
+            optimizer._post_amp_backward(loss_scaler)
+            optimizer._amp_stash.params_have_scaled_gradients = False
+        should_skip = False if delay_overflow_check else loss_scaler.update_scale()
+        if should_skip:
+            for optimizer in optimizers:
+                mark_skip(optimizer, loss_id)
+    _clear_cast_cache()
+
+
+def disable_casts() -> contextlib.AbstractContextManager:
+    """Run a block without O1's casts. Needs an O1 ``initialize`` (Apex raised AttributeError otherwise)."""
+    return _amp_state.handle._disable_casts()

@@ -1,0 +1,377 @@
+"""Optimizer patching: Apex's ``_amp_stash``, FP32 master weights, gradient transfer and step skipping.
+
+``patch_optimizer`` gives an optimizer Apex's private methods (``_prepare_amp_backward``,
+``_post_amp_backward``, ``_lazy_init_maybe_master_weights`` ...) and replaces ``step`` (skip after an
+overflow, autocast off, master -> model copy). With master weights (O2/O5) the half parameters inside
+``param_groups`` are replaced, lazily, by FP32 masters, so LR schedulers, ``amp.master_params`` and the
+optimizer's own state all see the masters. All gradient work is multi-tensor: a fixed number of kernel
+launches per backward pass whatever the number of parameters.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .scaler import LossScaler
+from .state import _amp_state, maybe_print
+
+_CLOSURE_MESSAGE = "Currently, Amp does not support closure use with optimizers."
+_PRIVATE_METHODS = (
+    "_lazy_init_maybe_master_weights",
+    "_master_params_to_model_params",
+    "_prepare_amp_backward",
+    "_post_amp_backward",
+    "_amp_lazy_init",
+)
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+MASTERS_KEY = "amp_master_params"
+
+
+class AmpOptimizerState:
+    """``optimizer._amp_stash``: Apex's per-optimizer bookkeeping, under Apex's attribute names."""
+
+    def __init__(self) -> None:
+        self.lazy_init_called = False
+        self.already_patched = False
+        self.params_have_scaled_gradients = False
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Raise Apex's errors for an optimizer that already went through ``amp.initialize``."""
+    if hasattr(optimizer, "_amp_stash"):
+        raise RuntimeError("A given optimizer should only be passed through amp.initialize once.")
+    for name in _PRIVATE_METHODS:
+        if hasattr(optimizer, name):
+            raise RuntimeError("Incoming optimizer already has {} defined.".format(name))
+
+
+def _type_error(param: torch.Tensor) -> TypeError:
+    return TypeError(
+        "Optimizer's parameters must be either torch.cuda.FloatTensor or torch.cuda.HalfTensor. "
+        "Received {}".format(param.type())
+    )
+
+
+def _all_params(optimizer: Any) -> List[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _class_method(optimizer: Any, name: str) -> Any:
+    """The optimizer class's own method, bound — bypassing the instance attributes amp installs."""
+    return getattr(type(optimizer), name).__get__(optimizer, type(optimizer))
+
+
+# --- lazy initialisation ----------------------------------------------------------------------------
+
+def _lazy_init_maybe_master_weights(self: Any) -> None:
+    stash = self._amp_stash
+    if getattr(stash, "_initialised", False):
+        return  # idempotent: legacy code calls this by hand after amp already did
+    if stash._master_weights:
+        _build_masters(self)
+    else:
+        stash.all_fp16_params, stash.all_fp32_params = [], []
+        for p in _all_params(self):
+            if p.dtype in _HALF_TYPES:
+                stash.all_fp16_params.append(p)
+            elif p.dtype == torch.float32:
+                stash.all_fp32_params.append(p)
+            else:
+                raise _type_error(p)
+        stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+        stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    stash._initialised = True
+
+
+def _build_masters(self: Any) -> None:
+    stash = self._amp_stash
+    stash.fp16_groups, stash.fp32_from_fp16_groups, stash.fp32_from_fp32_groups = [], [], []
+    for group in self.param_groups:
+        fp16, masters, fp32 = _replace_with_masters(self, group["params"])
+        stash.fp16_groups.append(fp16)
+        stash.fp32_from_fp16_groups.append(masters)
+        stash.fp32_from_fp32_groups.append(fp32)
+    stash.all_fp16_params = [p for g in stash.fp16_groups for p in g]
+    stash.all_fp32_from_fp16_params = [p for g in stash.fp32_from_fp16_groups for p in g]
+    stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
+    stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+    stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    if self.state:
+        # Re-cast state moved onto the masters (e.g. momentum created for half params) to FP32.
+        _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())
+
+
+def _replace_with_masters(self: Any, params: List[torch.Tensor]):
+    """Swap each trainable half param in ``params`` (in place) for an FP32 master; move its state."""
+    fp16, masters, fp32 = [], [], []
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            continue
+        if p.dtype in _HALF_TYPES:
+            master = p.detach().clone().float().requires_grad_(True)
+            params[i] = master
+            if p in self.state:
+                self.state[master] = self.state.pop(p)
+            fp16.append(p)
+            masters.append(master)
+        elif p.dtype == torch.float32:
+            fp32.append(p)
+        else:
+            raise _type_error(p)
+    return fp16, masters, fp32
+
+
+def _amp_lazy_init(self: Any) -> None:
+    if not self._amp_stash.lazy_init_called:
+        self._lazy_init_maybe_master_weights()
+        self._amp_stash.lazy_init_called = True
+
+
+# --- per-backward gradient work ---------------------------------------------------------------------
+
+def _stash_and_clear(params: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    stashed = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stashed
+
+
+def _prepare_amp_backward(self: Any) -> None:
+    self._amp_lazy_init()
+    stash = self._amp_stash
+    if stash._master_weights:
+        if getattr(stash, "_refresh_masters_from_model", False):
+            master_params_from_model(self)
+        for p in stash.all_fp16_params:
+            p.grad = None
+        stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
+    else:
+        stash.all_fp16_grad_stash = _stash_and_clear(stash.all_fp16_params)
+        stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
+
+
+def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed: List[Optional[torch.Tensor]]) -> None:
+    """New grads are divided by the scale; where a grad was stashed before backward it is added back."""
+    fresh, accumulating, previous = [], [], []
+    for p, old in zip(params, stashed):
+        if p.grad is not None:
+            if old is None:
+                fresh.append(p.grad)
+            else:
+                accumulating.append(p.grad)
+                previous.append(old)
+        elif old is not None:
+            p.grad = old
+    scaler.unscale_(fresh + accumulating)
+    if accumulating:
+        torch._foreach_add_(accumulating, previous)
+
+
+def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
+    self._amp_lazy_init()
+    stash = self._amp_stash
+    if stash._master_weights:
+        fresh_dst, fresh_src, acc_dst, acc_src = [], [], [], []
+        for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
+            grad = model_p.grad
+            if grad is None:
+                continue
+            if master.grad is None:
+                master.grad = torch.empty_like(master)
+                fresh_dst.append(master.grad)
+                fresh_src.append(grad)
+            else:
+                acc_dst.append(master.grad)
+                acc_src.append(grad)
+        scaler.unscale_into_(fresh_dst, fresh_src)
+        scaler.unscale_add_(acc_dst, acc_src)
+        _unscale_with_stash(scaler, stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
+        stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    else:
+        _unscale_with_stash(scaler, stash.all_fp16_params, stash.all_fp16_grad_stash)
+        _unscale_with_stash(scaler, stash.all_fp32_params, stash.all_fp32_grad_stash)
+        stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+        stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+
+
+def _master_params_to_model_params(self: Any) -> None:
+    stash = self._amp_stash
+    if stash.all_fp16_params:
+        with torch.no_grad():
+            torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
+
+
+def master_params_from_model(self: Any) -> None:
+    """Rebuild the FP32 masters from the (half) model weights."""
+    stash = self._amp_stash
+    if stash.all_fp16_params:
+        with torch.no_grad():
+            torch._foreach_copy_(stash.all_fp32_from_fp16_params, stash.all_fp16_params)
+    stash._refresh_masters_from_model = False
+
+
+def _clear_master_grads(stash: AmpOptimizerState) -> None:
+    for p in getattr(stash, "all_fp32_from_fp16_params", ()):
+        p.grad = None
+
+
+# --- the patched public methods ---------------------------------------------------------------------
+
+def _amp_step(self: Any, closure: Any = None) -> Any:
+    stash = self._amp_stash
+    self._opt_called = True  # what an LR scheduler's step wrapper would have recorded
+    if stash.already_patched:
+        if closure is not None:
+            raise RuntimeError(_CLOSURE_MESSAGE)
+        _skip_step(self)
+        return None
+    if closure is not None and stash._master_weights:
+        raise RuntimeError(_CLOSURE_MESSAGE)
+    from .autocast_scope import active_handle
+
+    handle = active_handle()
+    if stash._master_weights:
+        self._amp_lazy_init()
+    original = stash._original_step or _class_method(self, "step")
+    if handle is not None:
+        with handle._disable_casts():
+            retval = original() if closure is None else original(closure)
+    else:
+        retval = original() if closure is None else original(closure)
+    if stash._master_weights:
+        self._master_params_to_model_params()
+        _clear_master_grads(stash)
+    return retval
+
+
+# LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
+_amp_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def _skip_step(self: Any) -> None:
+    stash = self._amp_stash
+    loss_id = stash._skip_loss_id
+    scaler = _amp_state.loss_scalers[loss_id]
+    if scaler.dynamic:
+        maybe_print("Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}".format(
+            loss_id, scaler.loss_scale()))
+    else:
+        maybe_print("Gradient overflow.  Skipping step, loss scaler {} keeps its static loss scale {}".format(
+            loss_id, scaler.loss_scale()))
+    _clear_master_grads(stash)
+    stash.already_patched = False
+
+
+def mark_skip(optimizer: Any, loss_id: int) -> None:
+    """Make the next ``optimizer.step()`` a skip (Apex's one-shot ``skip_step`` patch)."""
+    stash = optimizer._amp_stash
+    if not stash.already_patched:
+        stash.already_patched = True
+        stash._skip_loss_id = loss_id
+
+
+def _amp_zero_grad(self: Any, set_to_none: bool = True) -> None:
+    self._amp_lazy_init()
+    stash = self._amp_stash
+    model_params = stash.all_fp16_params + stash.all_fp32_from_fp32_params
+    if set_to_none:
+        for p in model_params:
+            p.grad = None
+    else:
+        grads = [p.grad for p in model_params if p.grad is not None]
+        for g in grads:
+            if g.grad_fn is not None:
+                g.detach_()
+            else:
+                g.requires_grad_(False)
+        if grads:
+            torch._foreach_zero_(grads)
+    _clear_master_grads(stash)
+
+
+def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
+    self._amp_lazy_init()
+    assert isinstance(param_group, dict), "param group must be a dict"
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        param_group["params"] = [params]
+    elif isinstance(params, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
+            "in sets will change between runs. Please use a list instead."
+        )
+    else:
+        param_group["params"] = list(params)
+    stash = self._amp_stash
+    if stash._master_weights:
+        fp16, masters, fp32 = _replace_with_masters(self, param_group["params"])
+        stash.fp16_groups.append(fp16)
+        stash.fp32_from_fp16_groups.append(masters)
+        stash.fp32_from_fp32_groups.append(fp32)
+        stash.all_fp16_params += fp16
+        stash.all_fp32_from_fp16_params += masters
+        stash.all_fp32_from_fp32_params += fp32
+        stash.all_fp16_grad_stash += [None] * len(fp16)
+        stash.all_fp32_from_fp32_grad_stash += [None] * len(fp32)
+    else:
+        for p in param_group["params"]:
+            if p.dtype in _HALF_TYPES:
+                stash.all_fp16_params.append(p)
+                stash.all_fp16_grad_stash.append(None)
+            elif p.dtype == torch.float32:
+                stash.all_fp32_params.append(p)
+                stash.all_fp32_grad_stash.append(None)
+            else:
+                raise _type_error(p)
+    _class_method(self, "add_param_group")(param_group)
+
+
+def _amp_state_dict(self: Any) -> Dict[str, Any]:
+    """The optimizer's state dict plus its FP32 masters, so resuming is bitwise exact."""
+    self._amp_lazy_init()
+    state = _class_method(self, "state_dict")()
+    state[MASTERS_KEY] = [m.detach() for m in self._amp_stash.all_fp32_from_fp16_params]
+    return state
+
+
+def _amp_load_state_dict(self: Any, state_dict: Dict[str, Any]) -> None:
+    """Load a state dict; restore saved masters, or rebuild them from the model at the next backward."""
+    masters = state_dict.get(MASTERS_KEY)
+    plain = {k: v for k, v in state_dict.items() if k != MASTERS_KEY}
+    self._amp_lazy_init()
+    stash = self._amp_stash
+    if masters is not None and len(masters) != len(stash.all_fp32_from_fp16_params):
+        raise ValueError(
+            "The optimizer state_dict holds {} FP32 master weights but this optimizer has {}; it was saved "
+            "from a different model or opt_level.".format(len(masters), len(stash.all_fp32_from_fp16_params))
+        )
+    _class_method(self, "load_state_dict")(plain)
+    if masters is None:
+        stash._refresh_masters_from_model = True  # an Apex-era checkpoint: masters come from the model
+    elif masters:
+        with torch.no_grad():
+            torch._foreach_copy_(stash.all_fp32_from_fp16_params, [m.to(stash.all_fp32_from_fp16_params[0].device) for m in masters])
+        stash._refresh_masters_from_model = False
+
+
+def patch_optimizer(optimizer: Any, master_weights: bool) -> None:
+    """Give ``optimizer`` amp's stash and methods in place (call :func:`check_optimizer` first)."""
+    stash = AmpOptimizerState()
+    stash._master_weights = bool(master_weights)
+    stash._skip_loss_id = 0
+    stash._original_step = optimizer.__dict__.get("step")  # e.g. an LR scheduler's wrapper
+    optimizer._amp_stash = stash
+    bind = lambda fn: types.MethodType(fn, optimizer)  # noqa: E731
+    optimizer._lazy_init_maybe_master_weights = bind(_lazy_init_maybe_master_weights)
+    optimizer._prepare_amp_backward = bind(_prepare_amp_backward)
+    optimizer._post_amp_backward = bind(_post_amp_backward)
+    optimizer._amp_lazy_init = bind(_amp_lazy_init)
+    optimizer.add_param_group = bind(_amp_add_param_group)
+    optimizer.step = bind(_amp_step)
+    if master_weights:
+        optimizer._master_params_to_model_params = bind(_master_params_to_model_params)
+        optimizer.zero_grad = bind(_amp_zero_grad)
+        optimizer.state_dict = bind(_amp_state_dict)
+        optimizer.load_state_dict = bind(_amp_load_state_dict)

@@ -1,0 +1,270 @@
+"""``LossScaler``: Apex's loss-scaling rules on PyTorch's fused AMP kernels.
+
+Apex semantics, kept exactly: the scale is a Python float; dynamic scaling starts at
+``min(init_scale, max_loss_scale)``, divides by ``scale_factor`` on every overflowing backward pass
+(floored at ``min_loss_scale`` when one is set), multiplies after ``scale_window`` consecutive clean
+backward passes and never exceeds ``max_loss_scale``.
+
+Two deliberate fixes, both documented in ``migration_guide.md``:
+
+* a *static* scale other than 1.0 still checks gradients for inf/NaN and skips the step
+  (Apex stepped with non-finite gradients);
+* a dynamic scale that falls below 1 warns once, with advice, instead of decaying silently.
+
+Gradients are unscaled and checked with ``torch._amp_foreach_non_finite_check_and_unscale_``, one
+launch per (device, dtype) group, writing an on-device flag; :meth:`LossScaler.update_scale` reads
+that flag with the one host sync of a backward pass.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict, defaultdict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+_BELOW_ONE_ADVICE = (
+    "ampcompat: the dynamic loss scale of loss scaler {} fell below 1 ({}). Gradients overflow even "
+    "unscaled, so every step is being skipped: the model or the data produce inf/NaN. Check the inputs "
+    "and the learning rate, or set min_loss_scale in amp.initialize to bound the scale."
+)
+
+
+def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
+    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[(t.device, t.dtype)].append(t)
+    return groups
+
+
+def _dense(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Views the kernels can work on: sparse gradients are coalesced and their values used."""
+    out = []
+    for g in grads:
+        if g.is_sparse:
+            if not g.is_coalesced():
+                raise RuntimeError(
+                    "ampcompat cannot unscale an uncoalesced sparse gradient in place; "
+                    "call grad.coalesce() in a hook or use a dense embedding."
+                )
+            out.append(g._values())
+        else:
+            out.append(g)
+    return out
+
+
+class LossScaler:
+    """Apex's ``apex.amp.scaler.LossScaler``, field for field.
+
+    Args:
+        loss_scale: ``"dynamic"`` or a static scale (a number).
+        init_scale: the first dynamic scale (capped by ``max_loss_scale``).
+        scale_factor: the factor the dynamic scale is divided or multiplied by.
+        scale_window: clean backward passes before the dynamic scale grows.
+        min_loss_scale: floor of the dynamic scale (``None``: no floor, as Apex).
+        max_loss_scale: ceiling of the dynamic scale.
+    """
+
+    warned_no_fused_kernel = False
+    warned_unscaling_non_fp32_grad = False
+    has_fused_kernel = True
+
+    def __init__(
+        self,
+        loss_scale: Union[str, float],
+        init_scale: float = 2.0 ** 16,
+        scale_factor: float = 2.0,
+        scale_window: int = 2000,
+        min_loss_scale: Optional[float] = None,
+        max_loss_scale: float = 2.0 ** 24,
+    ) -> None:
+        if loss_scale == "dynamic":
+            self.dynamic = True
+            self._loss_scale = min(max_loss_scale, init_scale)
+        else:
+            self.dynamic = False
+            self._loss_scale = loss_scale
+        self._max_loss_scale = max_loss_scale
+        self._min_loss_scale = min_loss_scale
+        self._scale_seq_len = scale_window
+        self._scale_factor = scale_factor
+        self._unskipped = 0
+        self._has_overflow = False
+        self._overflow_buf: Optional[torch.Tensor] = None
+        self._loss_id = 0
+        self._warned_below_one = False
+        self._inv_scale_cache: Dict[Tuple[torch.device, float], torch.Tensor] = {}
+
+    # --- Apex's public surface -------------------------------------------------------------------
+
+    def loss_scale(self) -> float:
+        """The current scale (a method, as in Apex)."""
+        return self._loss_scale
+
+    def clear_overflow_state(self) -> None:
+        """Forget any overflow recorded since the last :meth:`update_scale`."""
+        self._has_overflow = False
+        if self._overflow_buf is not None:
+            self._overflow_buf.zero_()
+
+    def update_scale(self) -> bool:
+        """Read the overflow flag (one host sync), adjust the scale, and say whether to skip the step.
+
+        Returns:
+            True if the gradients of this backward pass held inf/NaN and the step must be skipped.
+        """
+        if not self._has_overflow and self._overflow_buf is not None and self.checks_overflow():
+            self._has_overflow = bool(self._overflow_buf.item())
+        if self._has_overflow and self.checks_overflow():
+            should_skip = True
+            self._unskipped = 0
+            if self.dynamic:
+                new_scale = self._loss_scale / self._scale_factor
+                if self._min_loss_scale:
+                    new_scale = max(self._min_loss_scale, new_scale)
+                self._loss_scale = new_scale
+                self._warn_if_below_one()
+        else:
+            should_skip = False
+            self._unskipped += 1
+        if self._unskipped == self._scale_seq_len and self.dynamic:
+            self._loss_scale = min(self._max_loss_scale, self._loss_scale * self._scale_factor)
+            self._unskipped = 0
+        return should_skip
+
+    # --- ampcompat's multi-tensor work -----------------------------------------------------------
+
+    def checks_overflow(self) -> bool:
+        """Whether gradients are checked for inf/NaN: always when dynamic, and for a static scale != 1."""
+        return self.dynamic or self._loss_scale != 1.0
+
+    def bind_device(self, device: Union[str, torch.device]) -> None:
+        """Allocate the on-device overflow flag (done by ``initialize`` with the model's device)."""
+        device = torch.device(device)
+        if self._overflow_buf is None or self._overflow_buf.device != device:
+            self._overflow_buf = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def _flag_for(self, device: torch.device) -> torch.Tensor:
+        if self._overflow_buf is None:
+            self.bind_device(device)
+        buf = self._overflow_buf
+        if buf.device == device and buf.dtype == torch.float32 and buf.numel() == 1:
+            return buf
+        # Legacy code may swap in its own (e.g. int, all-reduced) buffer; the kernel needs float32.
+        return torch.zeros(1, dtype=torch.float32, device=device)
+
+    def _merge_flag(self, flag: torch.Tensor) -> None:
+        if flag is not self._overflow_buf:
+            self._overflow_buf.add_(flag.to(self._overflow_buf.device, self._overflow_buf.dtype))
+
+    def _inv_scale(self, device: torch.device, scale: float) -> torch.Tensor:
+        key = (device, scale)
+        cached = self._inv_scale_cache.get(key)
+        if cached is None:
+            if len(self._inv_scale_cache) >= 8:
+                self._inv_scale_cache.clear()
+            # torch.full launches a fill kernel: no blocking host-to-device copy.
+            cached = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=device)
+            self._inv_scale_cache[key] = cached
+        return cached
+
+    def unscale_(self, grads: Sequence[torch.Tensor], scale: Optional[float] = None) -> None:
+        """Divide ``grads`` in place by the scale and record inf/NaN in the overflow flag.
+
+        Args:
+            grads: gradient tensors (any floating dtype, any mix of devices).
+            scale: the scale the gradients carry; defaults to the current scale.
+        """
+        scale = self._loss_scale if scale is None else scale
+        if not grads or (scale == 1.0 and not self.checks_overflow()):
+            return
+        for (device, _), group in _group_by_device_and_dtype(_dense(grads)).items():
+            flag = self._flag_for(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, self._inv_scale(device, scale))
+            self._merge_flag(flag)
+
+    def unscale_into_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+        """``dst[i] = src[i] / scale`` (dtype-converting copy, e.g. FP16 grads into FP32 masters)."""
+        if not dst:
+            return
+        torch._foreach_copy_(list(dst), list(src))
+        self.unscale_(dst)
+
+    def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+        """``dst[i] += src[i] / scale``, checking only the incoming ``src`` for inf/NaN (as Apex)."""
+        if not dst:
+            return
+        self.unscale_(src, scale=1.0)  # check the incoming gradients only; values unchanged
+        torch._foreach_add_(list(dst), list(src), alpha=1.0 / self._loss_scale)
+
+    def _warn_if_below_one(self) -> None:
+        if self._loss_scale < 1.0 and not self._warned_below_one:
+            self._warned_below_one = True
+            warnings.warn(_BELOW_ONE_ADVICE.format(self._loss_id, self._loss_scale), RuntimeWarning, stacklevel=3)
+
+    # --- pickling: old Apex pickles and our own --------------------------------------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_inv_scale_cache"] = {}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Apex-era pickles lack ampcompat's fields; fill them with their defaults.
+        self.__dict__.update(
+            dict(_scale_factor=2.0, _loss_id=0, _warned_below_one=False, _inv_scale_cache={}, _overflow_buf=None,
+                 _has_overflow=False, _unskipped=0, _min_loss_scale=None, _max_loss_scale=2.0 ** 24,
+                 _scale_seq_len=2000)
+        )
+        self.__dict__.update(state)
+        self._inv_scale_cache = {}
+
+
+# --- conversion between Apex's amp.state_dict() and torch.amp.GradScaler.state_dict() -------------
+
+def amp_state_to_grad_scaler(amp_state: Mapping[str, Mapping[str, Any]], loss_id: int = 0,
+                             scale_window: int = 2000) -> Dict[str, Any]:
+    """Convert one entry of an Apex ``amp.state_dict()`` into a ``GradScaler.state_dict()``.
+
+    Args:
+        amp_state: ``{"loss_scaler0": {"loss_scale": float, "unskipped": int}, ...}``.
+        loss_id: which loss scaler to convert.
+        scale_window: Apex's growth window (GradScaler's ``growth_interval``).
+
+    Returns:
+        A dict that ``torch.amp.GradScaler().load_state_dict`` accepts.
+
+    Raises:
+        KeyError: if ``amp_state`` has no ``loss_scaler{loss_id}`` entry.
+    """
+    key = "loss_scaler%d" % loss_id
+    if key not in amp_state:
+        raise KeyError("amp state_dict has no entry {!r}; it holds {}".format(key, sorted(amp_state)))
+    entry = amp_state[key]
+    return {
+        "scale": float(entry["loss_scale"]),
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": int(scale_window),
+        "_growth_tracker": int(entry["unskipped"]),
+    }
+
+
+def grad_scaler_to_amp_state(grad_scaler_state: Mapping[str, Any], num_losses: int = 1) -> "OrderedDict[str, Dict[str, Any]]":
+    """Convert a ``GradScaler.state_dict()`` into Apex's ``amp.state_dict()`` format.
+
+    Args:
+        grad_scaler_state: the GradScaler's state dict (must not be empty).
+        num_losses: how many ``loss_scalerN`` entries to produce (each gets the same values).
+
+    Raises:
+        ValueError: for an empty state dict (a disabled GradScaler saves ``{}``).
+    """
+    if not grad_scaler_state:
+        raise ValueError(
+            "The GradScaler state dict is empty, so it was saved from a disabled GradScaler; "
+            "there is no loss scale to convert."
+        )
+    entry = {"loss_scale": float(grad_scaler_state["scale"]),
+             "unskipped": int(grad_scaler_state.get("_growth_tracker", 0))}
+    return OrderedDict(("loss_scaler%d" % i, dict(entry)) for i in range(num_losses))
