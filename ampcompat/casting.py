@@ -63,7 +63,7 @@ def _rebuild_mapping(original: Mapping, items: list) -> Mapping:
 # --- parameter casting ------------------------------------------------------------------------------
 
 def _is_kept_fp32(module: torch.nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) and module.affine
+    return isinstance(module, _BatchNorm) and module.affine is True
 
 
 def convert_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -72,12 +72,13 @@ def convert_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
     Assigning ``.data`` keeps every ``Parameter`` object, so optimizers holding them stay valid.
     """
     for param in module.parameters(recurse=False):
-        if param is not None and param.is_floating_point():
+        if param.is_floating_point():
             param.data = param.data.to(dtype)
-            if param.grad is not None:
-                param.grad.data = param.grad.data.to(dtype)
+        grad = param.grad
+        if grad is not None and grad.is_floating_point():
+            grad.data = grad.data.to(dtype)
     for buf in module.buffers(recurse=False):
-        if buf is not None and buf.is_floating_point():
+        if buf.is_floating_point():
             buf.data = buf.data.to(dtype)
 
 

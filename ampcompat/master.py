@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .autocast_scope import active_handle
 from .scaler import LossScaler
 from .state import _amp_state, maybe_print
 
@@ -229,8 +230,6 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
         return None
     if closure is not None and stash._master_weights:
         raise RuntimeError(_CLOSURE_MESSAGE)
-    from .autocast_scope import active_handle
-
     handle = active_handle()
     if stash._master_weights:
         self._amp_lazy_init()
