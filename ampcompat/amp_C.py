@@ -1,0 +1,331 @@
+"""``amp_C``: Apex's multi-tensor CUDA extension, on ``torch._foreach_*`` and torch's fused AMP kernels.
+
+Same names, arguments, return values, flag semantics and in-place effects as Apex's ``csrc`` kernels,
+on any device. Each op takes ``(chunk_size, noop_flag, tensor_lists, *args)``; ``chunk_size`` is
+accepted and unused (chunking is the foreach kernels' business). ``noop_flag`` is Apex's int tensor:
+ops that detect inf/NaN set it to 1 and never clear it. Tensors are processed in groups of one device
+and dtype, a few kernel launches per group, with no host synchronisation (except ``multi_tensor_sgd``,
+which reads the flag once to skip, as Apex's kernel did). Math runs in FP32 for FP16/BF16 tensors.
+
+Ops of Apex's extension that are not provided raise ``NotImplementedError`` naming the replacement.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .optimizers import _functional
+from .optimizers._tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
+                                       stack_scalars)
+
+TensorLists = Sequence[Sequence[torch.Tensor]]
+
+__all__ = [
+    "multi_tensor_scale", "multi_tensor_axpby", "multi_tensor_l2norm", "multi_tensor_l2norm_mp",
+    "multi_tensor_unscale_l2norm", "update_scale_hysteresis", "multi_tensor_adam", "multi_tensor_sgd",
+    "multi_tensor_adagrad", "multi_tensor_lamb", "multi_tensor_novograd",
+]
+
+
+def _check_lists(tensor_lists: TensorLists, depths: Tuple[int, ...]) -> List[List[torch.Tensor]]:
+    """Apex's ``multi_tensor_apply`` checks (same ``RuntimeError`` texts); returns the lists as lists."""
+    if len(tensor_lists) not in depths:
+        raise RuntimeError("tensor_lists.size() != depth")
+    lists = [list(tensors) for tensors in tensor_lists]
+    if len(lists[0]) == 0:
+        raise RuntimeError("tensor_lists[0].size() is not > 0")
+    for tensors in lists:
+        if len(tensors) != len(lists[0]):
+            raise RuntimeError("Size mismatch among tensor lists")
+        for tensor, first in zip(tensors, lists[0]):
+            if tensor.numel() != first.numel():
+                raise RuntimeError("Size mismatch")
+    return lists
+
+
+def _as_c_float(value: float) -> float:
+    """``value`` rounded to FP32, as Apex's kernels received their ``float`` arguments."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One-element bool tensor: does any of ``tensors`` (one device) hold inf or NaN? Reads only."""
+    device = tensors[0].device
+    max_abs = stack_scalars(torch._foreach_norm(list(tensors), math.inf), device)
+    return ~torch.isfinite(max_abs).all()
+
+
+def _per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device, order: float = 2) -> torch.Tensor:
+    """FP32 norms of ``tensors`` in list order, as one 1-D tensor on ``device`` (no host round trip)."""
+    ordered: List[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for indices in group_indices(tensors).values():
+        members = pick(tensors, indices)
+        extra = {"dtype": torch.float32} if members[0].dtype in LOW_PRECISION else {}
+        for i, norm in zip(indices, torch._foreach_norm(members, order, **extra)):
+            ordered[i] = norm
+    return stack_scalars(ordered, device)
+
+
+@torch.no_grad()
+def multi_tensor_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, scale: float) -> None:
+    """``dst = src * scale`` for ``tensor_lists = [src, dst]`` (dtype converting; in place if ``dst is src``).
+
+    The product is computed in FP32 and stored in ``dst``'s dtype. ``noop_flag`` is set to 1 if any
+    ``src`` element is inf/NaN (the products are written regardless, as Apex did).
+    """
+    sources, destinations = _check_lists(tensor_lists, (2,))
+    pairs = list(zip(sources, destinations))
+    for (device, src_dtype, dst_dtype), indices in group_indices(
+            pairs, key=lambda pair: (pair[0].device, pair[0].dtype, pair[1].dtype)).items():
+        src, dst = pick(sources, indices), pick(destinations, indices)
+        if src_dtype == dst_dtype:
+            if any(s is not d for s, d in zip(src, dst)):
+                torch._foreach_copy_(dst, src)
+            work = dst
+        else:
+            work_dtype = torch.float64 if torch.float64 in (src_dtype, dst_dtype) else torch.float32
+            work = [torch.empty_like(s, dtype=work_dtype) for s in src]
+            torch._foreach_copy_(work, src)
+        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        factor = torch.full((1,), scale, dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
+        if work is not dst:
+            torch._foreach_copy_(dst, work)
+        flag_where(noop_flag, found_inf > 0)
+
+
+@torch.no_grad()
+def multi_tensor_axpby(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, a: float, b: float,
+                       arg_to_check: int) -> None:
+    """``out = a*x + b*y`` for ``tensor_lists = [x, y, out]`` (FP32 math, stored in ``out``'s dtype).
+
+    ``noop_flag`` is set to 1 on inf/NaN in ``x`` and ``y`` (``arg_to_check=-1``), ``x`` only (0) or
+    ``y`` only (1); any other value checks nothing.
+    """
+    xs, ys, outs = _check_lists(tensor_lists, (3,))
+    a, b = _as_c_float(a), _as_c_float(b)
+    for indices in group_indices(xs, key=lambda t: t.device).values():
+        x, y, out = pick(xs, indices), pick(ys, indices), pick(outs, indices)
+        checked = {-1: x + y, 0: x, 1: y}.get(arg_to_check, [])
+        if checked:
+            flag_where(noop_flag, _non_finite(checked))
+        result = torch._foreach_mul(as_fp32(x), a)
+        torch._foreach_add_(result, as_fp32(y), alpha=b)
+        torch._foreach_copy_(out, result)
+
+
+def _norms_and_total(tensors: Sequence[torch.Tensor], per_tensor: Optional[bool],
+                     factor: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    device = tensors[0].device
+    norms = _per_tensor_norms(tensors, device)
+    if factor is not None:
+        norms = norms * factor.to(device=device, dtype=torch.float32).abs().reshape(())
+    total = norms.square().sum().sqrt().reshape(1)
+    per = norms if per_tensor else torch.empty(0, dtype=torch.float32, device=device)
+    return total, per
+
+
+@torch.no_grad()
+def multi_tensor_l2norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists,
+                        per_tensor: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2 norm of all tensors together, and of each when ``per_tensor``.
+
+    Returns:
+        ``(total, per_tensor_norms)``: FP32 on the first tensor's device; ``total`` has shape ``(1,)``,
+        ``per_tensor_norms`` shape ``(len(tensors),)``, or ``(0,)`` without ``per_tensor``. ``noop_flag``
+        is set to 1 if the norm is not finite (an inf/NaN element, or overflow).
+    """
+    (tensors,) = _check_lists(tensor_lists, (1,))
+    total, per = _norms_and_total(tensors, per_tensor)
+    flag_where(noop_flag, ~torch.isfinite(total))
+    return total, per
+
+
+multi_tensor_l2norm_mp = multi_tensor_l2norm  # Apex's mixed-dtype-list variant: this one handles any mix
+
+
+@torch.no_grad()
+def multi_tensor_unscale_l2norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists,
+                                inv_scale: torch.Tensor, per_tensor: Optional[bool] = None,
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`multi_tensor_l2norm` for the tensors multiplied by ``inv_scale`` (a 1-element tensor).
+
+    The tensors themselves are not modified.
+    """
+    (tensors,) = _check_lists(tensor_lists, (1,))
+    total, per = _norms_and_total(tensors, per_tensor, factor=inv_scale)
+    flag_where(noop_flag, ~torch.isfinite(total))
+    return total, per
+
+
+@torch.no_grad()
+def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.Tensor,
+                            hysteresis_tracker: torch.Tensor, found_inf: torch.Tensor, growth_factor: float,
+                            backoff_factor: float, growth_interval: int, hysteresis: int) -> torch.Tensor:
+    """Dynamic loss-scale update with hysteresis (``apex.transformer``'s scaler), in place, no host sync.
+
+    With inf/NaN found (``found_inf > 0``): the hysteresis tracker counts down; while it stays above 0
+    only the growth tracker is reset, once it reaches 0 the scale is multiplied by ``backoff_factor``.
+    Without: after ``growth_interval`` clean steps the scale grows by ``growth_factor`` (unless that
+    overflows FP32) and the hysteresis tracker is reset to ``hysteresis``.
+
+    Returns:
+        ``current_scale`` (updated in place, like the trackers).
+    """
+    positive = found_inf > 0
+    nonzero = found_inf != 0
+    hysteresis_left = torch.where(positive, hysteresis_tracker - 1, hysteresis_tracker)
+    tolerated = positive & (hysteresis_left > 0)
+    back_off = ~tolerated & nonzero
+    clean = ~tolerated & ~nonzero
+    successful = growth_tracker + 1
+    grow = clean & (successful == growth_interval)
+    scale64 = current_scale.double()
+    grown = (scale64 * growth_factor).float()
+    new_scale = torch.where(back_off, (scale64 * backoff_factor).float(),
+                            torch.where(grow & torch.isfinite(grown), grown, current_scale))
+    new_growth = torch.where(clean & ~grow, successful, torch.zeros_like(growth_tracker))
+    new_hysteresis = torch.where(found_inf <= 0, torch.full_like(hysteresis_tracker, hysteresis), hysteresis_left)
+    current_scale.copy_(new_scale)
+    growth_tracker.copy_(new_growth)
+    hysteresis_tracker.copy_(new_hysteresis)
+    return current_scale
+
+
+def _bias_corrections(bias_correction: int, beta1: float, beta2: float, step: int) -> Tuple[float, float]:
+    if bias_correction == 1:
+        return 1 - beta1 ** step, 1 - beta2 ** step
+    return 1.0, 1.0
+
+
+@torch.no_grad()
+def multi_tensor_adam(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, lr: float,
+                      beta1: float, beta2: float, epsilon: float, step: int, mode: int, bias_correction: int,
+                      weight_decay: float) -> None:
+    """Adam step on ``[grads, params, exp_avgs, exp_avg_sqs]`` (mode 0: L2, mode 1: AdamW), in place."""
+    grads, params, exp_avgs, exp_avg_sqs = _check_lists(tensor_lists, (4,))
+    bc1, bc2 = _bias_corrections(bias_correction, beta1, beta2, step)
+    for indices in group_indices(params).values():
+        p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
+        _functional.adam_(p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1,
+                          beta2=beta2, eps=epsilon, weight_decay=weight_decay, adam_w_mode=mode == 1,
+                          bias_correction1=bc1, bias_correction2=bc2)
+        for work in (p, m, v):
+            work.write_back()
+
+
+@torch.no_grad()
+def multi_tensor_sgd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, wd: float,
+                     momentum: float, dampening: float, lr: float, nesterov: bool, first_run: bool,
+                     wd_after_momentum: bool, scale: float = 1.0) -> None:
+    """SGD step on ``[grads, params, momentum_buffers(, half_param_copies)]``, in place.
+
+    Gradients are multiplied by ``scale`` first; with a fourth list the updated parameters are also
+    written into it (Apex's FP16 model copy). Nothing happens when ``noop_flag`` is set (one host read).
+    """
+    lists = _check_lists(tensor_lists, (3, 4))
+    if bool(noop_flag.any()):
+        return
+    grads, params, buffers = lists[:3]
+    for indices in group_indices(params).values():
+        g = as_fp32(pick(grads, indices))
+        if scale != 1.0:
+            g = torch._foreach_mul(g, _as_c_float(scale))
+        p = Fp32Work(pick(params, indices))
+        m = Fp32Work(pick(buffers, indices) if momentum != 0 else [])
+        _functional.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, wd_after_momentum=wd_after_momentum, first_run=first_run)
+        p.write_back()
+        m.write_back()
+        if len(lists) == 4:
+            torch._foreach_copy_(pick(lists[3], indices), p.values)
+
+
+@torch.no_grad()
+def multi_tensor_adagrad(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, lr: float,
+                         epsilon: float, mode: int, weight_decay: float) -> None:
+    """Adagrad step on ``[grads, params, sums]`` (mode 0: L2, mode 1: decoupled decay), in place."""
+    grads, params, sums = _check_lists(tensor_lists, (3,))
+    for indices in group_indices(params).values():
+        p, h = Fp32Work(pick(params, indices)), Fp32Work(pick(sums, indices))
+        _functional.adagrad_(p.values, as_fp32(pick(grads, indices)), h.values, lr=lr, eps=epsilon,
+                             weight_decay=weight_decay, adagrad_w_mode=mode == 1)
+        p.write_back()
+        h.write_back()
+
+
+@torch.no_grad()
+def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, lr: float,
+                      beta1: float, beta2: float, epsilon: float, step: int, bias_correction: int,
+                      weight_decay: float, grad_averaging: int, mode: int, global_grad_norm: torch.Tensor,
+                      max_grad_norm: float, use_nvlamb: Optional[bool] = None) -> None:
+    """LAMB step on ``[grads, params, exp_avgs, exp_avg_sqs]``, in place (mode 0: L2, mode 1: AdamW).
+
+    As Apex's kernel, the gradients are overwritten with the Adam-style update (before the trust ratio).
+    """
+    grads, params, exp_avgs, exp_avg_sqs = _check_lists(tensor_lists, (4,))
+    bc1, bc2 = _bias_corrections(bias_correction, beta1, beta2, step)
+    norm = global_grad_norm.to(torch.float32).reshape(-1)[0]
+    clip_divisor = torch.where(norm > max_grad_norm, norm / max_grad_norm, torch.ones_like(norm))
+    for indices in group_indices(params).values():
+        p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
+        update = _functional.lamb_(
+            p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1, beta2=beta2,
+            beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,
+            adam_w_mode=mode == 1, bias_correction1=bc1, bias_correction2=bc2, grad_clip_divisor=clip_divisor,
+            use_nvlamb=bool(use_nvlamb))
+        for work in (p, m, v):
+            work.write_back()
+        torch._foreach_copy_(pick(grads, indices), update)
+
+
+@torch.no_grad()
+def multi_tensor_novograd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists,
+                          grad_norms: torch.Tensor, lr: float, beta1: float, beta2: float, epsilon: float,
+                          step: int, bias_correction: int, weight_decay: float, grad_averaging: int,
+                          moment_mode: int, norm_type: int) -> None:
+    """NovoGrad step on ``[grads, params, exp_avgs]``; ``grad_norms`` (one FP32 entry per tensor) is blended
+    with this step's gradient norms in place (norm_type 0: infinity norm, else L2)."""
+    grads, params, exp_avgs = _check_lists(tensor_lists, (3,))
+    bc1, bc2 = 1.0, 1.0
+    if bias_correction == 1:
+        bc1, bc2 = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+    current = _per_tensor_norms(grads, grad_norms.device, math.inf if norm_type == 0 else 2)
+    blended = _functional.blend_grad_norms(grad_norms.float(), current, beta2, 0 if norm_type == 0 else 2)
+    grad_norms.copy_(blended)
+    per_tensor = blended.unbind()
+    for indices in group_indices(params).values():
+        device = params[indices[0]].device
+        p, m = Fp32Work(pick(params, indices)), Fp32Work(pick(exp_avgs, indices))
+        _functional.novograd_(
+            p.values, as_fp32(pick(grads, indices)), m.values,
+            stack_scalars(pick(per_tensor, indices), device), lr=lr, beta1=beta1,
+            beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,
+            reg_inside_moment=moment_mode == 0, bias_correction1=bc1, bias_correction2=bc2)
+        p.write_back()
+        m.write_back()
+
+
+def _not_provided(name: str, replacement: str) -> Callable[..., Any]:
+    def op(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("ampcompat.amp_C does not provide {}. {}".format(name, replacement))
+    op.__name__ = name
+    op.__doc__ = "Not provided: raises ``NotImplementedError`` ({})".format(replacement)
+    return op
+
+
+_USE_FUSED_ADAM = "Use ampcompat.optimizers.FusedAdam(capturable=True[, master_weights=True]) instead."
+_USE_FUSED_LAMB = "Use ampcompat.optimizers.FusedLAMB (or amp_C.multi_tensor_lamb) instead."
+
+multi_tensor_adam_capturable = _not_provided("multi_tensor_adam_capturable", _USE_FUSED_ADAM)
+multi_tensor_adam_capturable_master = _not_provided("multi_tensor_adam_capturable_master", _USE_FUSED_ADAM)
+multi_tensor_lamb_mp = _not_provided("multi_tensor_lamb_mp", _USE_FUSED_LAMB)
+multi_tensor_lamb_stage1_cuda = _not_provided("multi_tensor_lamb_stage1_cuda", _USE_FUSED_LAMB)
+multi_tensor_lamb_stage2_cuda = _not_provided("multi_tensor_lamb_stage2_cuda", _USE_FUSED_LAMB)
+multi_tensor_l2norm_scale = _not_provided(
+    "multi_tensor_l2norm_scale",
+    "Use amp_C.multi_tensor_l2norm followed by amp_C.multi_tensor_scale (or torch._foreach_mul_).")
+multi_tensor_lars = _not_provided(
+    "multi_tensor_lars", "Use torch.optim.SGD wrapped in a LARC/LARS trust-ratio step instead.")

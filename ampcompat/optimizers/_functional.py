@@ -1,0 +1,151 @@
+"""Apex's fused-optimizer update rules, written with ``torch._foreach_*`` (a few launches per list).
+
+Each function updates one list of parameters (one device, FP32 or FP64: callers upcast half tensors
+with :class:`~ampcompat.optimizers._tensor_lists.Fp32Work`) and its state in place, following the
+arithmetic of Apex's ``csrc/multi_tensor_{adam,sgd,adagrad,lamb,novograd}*.cu`` kernels. Gradients are
+never modified (where a rule needs a modified gradient it works on a new list).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from ._tensor_lists import stack_scalars
+
+Tensors = Sequence[torch.Tensor]
+
+
+def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
+          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, adam_w_mode: bool,
+          bias_correction1: float, bias_correction2: float) -> None:
+    """Adam (``adam_w_mode=False``: L2 added to the gradient) or AdamW (decay added to the update).
+
+    ``p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) [+ wd * p])`` with ``m``, ``v`` the usual moments.
+    """
+    if not adam_w_mode and weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(update, denom)
+    if adam_w_mode and weight_decay != 0:
+        torch._foreach_add_(update, params, alpha=weight_decay)
+    torch._foreach_add_(params, update, alpha=-lr)
+
+
+def sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, weight_decay: float,
+         momentum: float, dampening: float, nesterov: bool, wd_after_momentum: bool, first_run: bool) -> None:
+    """SGD with momentum as Apex's kernel: ``v = m*v + (1-dampening)*g`` (``v = g`` on the first run).
+
+    ``wd_after_momentum`` adds ``weight_decay * p`` after the momentum instead of to the gradient.
+    ``momentum_buffers`` is ignored (and may be empty) when ``momentum == 0``.
+    """
+    d_p: List[torch.Tensor] = list(grads)
+    if weight_decay != 0 and not wd_after_momentum:
+        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+    if momentum != 0:
+        if first_run:
+            torch._foreach_copy_(momentum_buffers, d_p)
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
+        if nesterov:
+            d_p = torch._foreach_add(d_p, momentum_buffers, alpha=momentum)
+        else:
+            d_p = list(momentum_buffers)
+    if weight_decay != 0 and wd_after_momentum:
+        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+    torch._foreach_add_(params, d_p, alpha=-lr)
+
+
+def adagrad_(params: Tensors, grads: Tensors, sums: Tensors, *, lr: float, eps: float, weight_decay: float,
+             adagrad_w_mode: bool) -> None:
+    """Adagrad: ``h += g*g; p -= lr * (g / (sqrt(h) + eps) [+ wd * p])`` (decay inside ``g`` unless w-mode)."""
+    if not adagrad_w_mode and weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_addcmul_(sums, grads, grads, value=1)
+    std = torch._foreach_sqrt(sums)
+    torch._foreach_add_(std, eps)
+    update = torch._foreach_div(grads, std)
+    if adagrad_w_mode and weight_decay != 0:
+        torch._foreach_add_(update, params, alpha=weight_decay)
+    torch._foreach_add_(params, update, alpha=-lr)
+
+
+def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *, lr: float,
+          beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float, adam_w_mode: bool,
+          bias_correction1: float, bias_correction2: float, grad_clip_divisor: torch.Tensor,
+          use_nvlamb: bool) -> List[torch.Tensor]:
+    """LAMB as Apex's two-stage kernel; returns the per-tensor Adam-style update (before the trust ratio).
+
+    Stage 1: ``g' = g / grad_clip_divisor`` (global-norm clipping), Adam moments on ``g'`` (``beta3``
+    scales the new gradient: ``1 - beta1`` with grad averaging, else 1), update
+    ``u = m/bc1 / (sqrt(v/bc2) + eps)``, with the decay either in ``g'`` (L2) or added to ``u`` (AdamW).
+    Stage 2: ``p -= lr * ratio * u`` where ``ratio = ||p|| / ||u||`` (1 if either norm is 0) for tensors
+    with nonzero weight decay, or all tensors with ``use_nvlamb``; otherwise ``ratio = 1``.
+    """
+    device = params[0].device
+    param_norms = torch._foreach_norm(params) if (use_nvlamb or weight_decay != 0) else None
+    scaled = torch._foreach_div(grads, grad_clip_divisor.to(device))
+    if not adam_w_mode and weight_decay != 0:
+        torch._foreach_add_(scaled, params, alpha=weight_decay)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, scaled, alpha=beta3)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(update, denom)
+    if adam_w_mode and weight_decay != 0:
+        torch._foreach_add_(update, params, alpha=weight_decay)
+    if param_norms is None:
+        torch._foreach_add_(params, update, alpha=-lr)
+        return update
+    p_norm = stack_scalars(param_norms, device)
+    u_norm = stack_scalars(torch._foreach_norm(update), device)
+    trusted = (p_norm != 0) & (u_norm != 0)
+    ratio = torch.where(trusted, p_norm / torch.where(trusted, u_norm, 1.0), 1.0) * lr
+    torch._foreach_sub_(params, torch._foreach_mul(update, list(ratio.unbind())))
+    return update
+
+
+def blend_grad_norms(previous: torch.Tensor, current: torch.Tensor, beta2: float, norm_type: int) -> torch.Tensor:
+    """NovoGrad's per-tensor second moment: ``sqrt(b2*v^2 + (1-b2)*n^2)`` (L2) or ``b2*v + (1-b2)*n`` (inf)."""
+    if norm_type == 0:
+        return beta2 * previous + (1 - beta2) * current
+    return torch.sqrt(beta2 * previous * previous + (1 - beta2) * current * current)
+
+
+def novograd_(params: Tensors, grads: Tensors, exp_avgs: Tensors, grad_norms: torch.Tensor, *, lr: float,
+              beta1: float, beta3: float, eps: float, weight_decay: float, reg_inside_moment: bool,
+              bias_correction1: float, bias_correction2: float) -> None:
+    """NovoGrad with the blended per-tensor gradient norms ``grad_norms`` (1-D, one entry per tensor).
+
+    ``denom = grad_norms / bc2 + eps`` per tensor. With ``reg_inside_moment`` (Apex moment mode 0):
+    ``m = b1*m + beta3*(g/denom + wd*p); p -= lr*m/bc1``; otherwise (mode 1):
+    ``m = b1*m + beta3*g; p -= lr*(m/bc1/denom + wd*p)``.
+    """
+    denom = list((grad_norms / bias_correction2 + eps).unbind())
+    if reg_inside_moment:
+        normalized = torch._foreach_div(grads, denom)
+        if weight_decay != 0:
+            torch._foreach_add_(normalized, params, alpha=weight_decay)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, normalized, alpha=beta3)
+        torch._foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
+        return
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=beta3)
+    update = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(update, denom)
+    if weight_decay != 0:
+        torch._foreach_add_(update, params, alpha=weight_decay)
+    torch._foreach_add_(params, update, alpha=-lr)
