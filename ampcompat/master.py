@@ -143,8 +143,7 @@ def _prepare_amp_backward(self: Any) -> None:
     self._amp_lazy_init()
     stash = self._amp_stash
     if stash._master_weights:
-        if getattr(stash, "_refresh_masters_from_model", False):
-            master_params_from_model(self)
+        refresh_stale_masters(self)
         for p in stash.all_fp16_params:
             p.grad = None
         stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
@@ -153,21 +152,35 @@ def _prepare_amp_backward(self: Any) -> None:
         stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
 
 
-def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed: List[Optional[torch.Tensor]]) -> None:
-    """New grads are divided by the scale; where a grad was stashed before backward it is added back."""
-    fresh, accumulating, previous = [], [], []
+def _split_new_grads(params: List[torch.Tensor], stashed: List[Optional[torch.Tensor]]):
+    """Sort a backward pass's gradients: all new ones, and the (new, stashed) pairs to add up.
+
+    A parameter that got no new gradient gets its stashed one back.
+    """
+    new, accumulating, previous = [], [], []
     for p, old in zip(params, stashed):
         if p.grad is not None:
-            if old is None:
-                fresh.append(p.grad)
-            else:
+            new.append(p.grad)
+            if old is not None:
                 accumulating.append(p.grad)
                 previous.append(old)
         elif old is not None:
             p.grad = old
-    scaler.unscale_(fresh + accumulating)
+    return new, accumulating, previous
+
+
+def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed: List[Optional[torch.Tensor]]) -> None:
+    """New grads are divided by the scale; where a grad was stashed before backward it is added back."""
+    new, accumulating, previous = _split_new_grads(params, stashed)
+    scaler.unscale_(new)
     if accumulating:
         torch._foreach_add_(accumulating, previous)
+
+
+_SPARSE_MASTER_GRAD = (
+    "ampcompat cannot move the sparse gradient of {} into an FP32 master weight (O2/O5). "
+    "Use a dense embedding (sparse=False) with this opt_level, or opt_level O1, which keeps FP32 weights."
+)
 
 
 def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
@@ -179,6 +192,8 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
             grad = model_p.grad
             if grad is None:
                 continue
+            if grad.is_sparse:
+                raise NotImplementedError(_SPARSE_MASTER_GRAD.format(tuple(model_p.shape)))
             if master.grad is None:
                 master.grad = torch.empty_like(master)
                 fresh_dst.append(master.grad)
@@ -186,13 +201,21 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
             else:
                 acc_dst.append(master.grad)
                 acc_src.append(grad)
-        scaler.unscale_into_(fresh_dst, fresh_src)
+        if fresh_dst:
+            torch._foreach_copy_(fresh_dst, fresh_src)
+        new, accumulating, previous = _split_new_grads(
+            stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
+        scaler.unscale_(fresh_dst + new)  # masters and FP32 params together: one launch per device
+        if accumulating:
+            torch._foreach_add_(accumulating, previous)
         scaler.unscale_add_(acc_dst, acc_src)
-        _unscale_with_stash(scaler, stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
         stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
     else:
-        _unscale_with_stash(scaler, stash.all_fp16_params, stash.all_fp16_grad_stash)
-        _unscale_with_stash(scaler, stash.all_fp32_params, stash.all_fp32_grad_stash)
+        new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
+        new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
+        scaler.unscale_(new16 + new32)
+        if acc16 or acc32:
+            torch._foreach_add_(acc16 + acc32, prev16 + prev32)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
 
@@ -204,13 +227,25 @@ def _master_params_to_model_params(self: Any) -> None:
             torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
 
 
-def master_params_from_model(self: Any) -> None:
-    """Rebuild the FP32 masters from the (half) model weights."""
-    stash = self._amp_stash
-    if stash.all_fp16_params:
-        with torch.no_grad():
-            torch._foreach_copy_(stash.all_fp32_from_fp16_params, stash.all_fp16_params)
+def refresh_stale_masters(optimizer: Any) -> None:
+    """After loading a checkpoint without masters, re-derive the masters the model disagrees with.
+
+    A master that rounds to its model weight is kept (it may be a more precise value the user restored,
+    as NVIDIA's BERT recipe does); one that does not is stale and is rebuilt from the model. Runs once
+    per such load, with one host read.
+    """
+    stash = optimizer._amp_stash
+    if not getattr(stash, "_refresh_masters_from_model", False):
+        return
     stash._refresh_masters_from_model = False
+    pairs = list(zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params))
+    if not pairs:
+        return
+    with torch.no_grad():
+        differs = torch.stack([(m.to(p.dtype) != p).any().cpu() for p, m in pairs]).tolist()
+        stale = [(p, m) for (p, m), d in zip(pairs, differs) if d]
+        if stale:
+            torch._foreach_copy_([m for _, m in stale], [p for p, _ in stale])
 
 
 def _clear_master_grads(stash: AmpOptimizerState) -> None:
@@ -271,7 +306,8 @@ def mark_skip(optimizer: Any, loss_id: int) -> None:
         stash._skip_loss_id = loss_id
 
 
-def _amp_zero_grad(self: Any, set_to_none: bool = True) -> None:
+def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:
+    """Apex's default zeroes the model grads in place; ``set_to_none=True`` drops them. Master grads: None."""
     self._amp_lazy_init()
     stash = self._amp_stash
     model_params = stash.all_fp16_params + stash.all_fp32_from_fp32_params
@@ -295,17 +331,29 @@ def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
     assert isinstance(param_group, dict), "param group must be a dict"
     params = param_group["params"]
     if isinstance(params, torch.Tensor):
-        param_group["params"] = [params]
+        params = [params]
     elif isinstance(params, set):
         raise TypeError(
             "optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
             "in sets will change between runs. Please use a list instead."
         )
     else:
-        param_group["params"] = list(params)
+        params = list(params)
     stash = self._amp_stash
+    known = {id(p) for p in _all_params(self)} | {id(p) for p in getattr(stash, "all_fp16_params", ())}
+    if any(id(p) in known for p in params) or len({id(p) for p in params}) != len(params):
+        raise ValueError("some parameters appear in more than one parameter group")
+    group = dict(param_group)
+    group["params"] = params
     if stash._master_weights:
-        fp16, masters, fp32 = _replace_with_masters(self, param_group["params"])
+        fp16, masters, fp32 = _replace_with_masters(self, params)
+    else:
+        for p in params:
+            if p.dtype not in _HALF_TYPES and p.dtype != torch.float32:
+                raise _type_error(p)
+    _class_method(self, "add_param_group")(group)
+    # Only now that the optimizer accepted the group does the stash learn about it.
+    if stash._master_weights:
         stash.fp16_groups.append(fp16)
         stash.fp32_from_fp16_groups.append(masters)
         stash.fp32_from_fp32_groups.append(fp32)
@@ -315,21 +363,19 @@ def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
         stash.all_fp16_grad_stash += [None] * len(fp16)
         stash.all_fp32_from_fp32_grad_stash += [None] * len(fp32)
     else:
-        for p in param_group["params"]:
+        for p in params:
             if p.dtype in _HALF_TYPES:
                 stash.all_fp16_params.append(p)
                 stash.all_fp16_grad_stash.append(None)
-            elif p.dtype == torch.float32:
+            else:
                 stash.all_fp32_params.append(p)
                 stash.all_fp32_grad_stash.append(None)
-            else:
-                raise _type_error(p)
-    _class_method(self, "add_param_group")(param_group)
 
 
 def _amp_state_dict(self: Any) -> Dict[str, Any]:
     """The optimizer's state dict plus its FP32 masters, so resuming is bitwise exact."""
     self._amp_lazy_init()
+    refresh_stale_masters(self)
     state = _class_method(self, "state_dict")()
     state[MASTERS_KEY] = [m.detach() for m in self._amp_stash.all_fp32_from_fp16_params]
     return state

@@ -183,13 +183,6 @@ class LossScaler:
             torch._amp_foreach_non_finite_check_and_unscale_(group, flag, self._inv_scale(device, scale))
             self._merge_flag(flag)
 
-    def unscale_into_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-        """``dst[i] = src[i] / scale`` (dtype-converting copy, e.g. FP16 grads into FP32 masters)."""
-        if not dst:
-            return
-        torch._foreach_copy_(list(dst), list(src))
-        self.unscale_(dst)
-
     def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         """``dst[i] += src[i] / scale``, checking only the incoming ``src`` for inf/NaN (as Apex)."""
         if not dst:

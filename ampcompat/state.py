@@ -63,6 +63,11 @@ def master_params(optimizer: Any) -> Iterator[torch.Tensor]:
     Yields:
         Each parameter of every param group, in order.
     """
+    stash = getattr(optimizer, "_amp_stash", None)
+    if stash is not None and getattr(stash, "_refresh_masters_from_model", False):
+        from .master import refresh_stale_masters
+
+        refresh_stale_masters(optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             yield p
