@@ -1,0 +1,486 @@
+"""Speed benchmark: every precision mode side by side, in one process, on the same workloads.
+
+Modes (see ``_modes.py``): FP32; native fp16 autocast + GradScaler; native bf16 autocast; a pure-fp16
+model with the optimizer stepping its fp16 weights (no masters, no scaler: the floor for O2); and
+ampcompat O1, O2, O3, O5 (O0/O4 on request). Every mode uses AdamW with the fused kernel where the
+device has one, builds its model fresh from the same seed, and is timed after a warm-up.
+
+Workloads:
+    gpt       GPT-style 124M (12 layers, 768 wide, 12 heads, vocab 50304, seq 1024, batch 8, SDPA).
+    resnet    torchvision ResNet-50, channels_last, batch 128, 224x224 (skipped without torchvision).
+    mlp       4 x 256 ReLU MLP, batch 64: host time per step dominates, so per-step overhead shows.
+    overhead  host microseconds spent in loss scaling + ``step()`` (entering/leaving ``amp.scale_loss``
+              vs ``GradScaler.scale/step/update``) on a tiny model; forward and backward excluded.
+
+Per mode: median step time and spread (CUDA events per step, no synchronisation between steps; on
+CPU ``perf_counter``), throughput, peak memory (reset per mode), and host syncs per step (counted on
+separate steps, see ``_syncs.py``). Ratios to native fp16 autocast and to the pure-fp16 floor come from
+the same run. A mode that fails (e.g. out of memory) is recorded with its error and the run goes on.
+
+Examples::
+
+    python benchmarks/speed.py --json out/speed.json --markdown out/speed.md      # GPU, ~2-3 minutes
+    python benchmarks/speed.py --device cpu --tiny                                 # smoke test
+    python benchmarks/speed.py --workloads gpt --modes native_fp16,pure_fp16,O2 --steps 100
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run from a checkout without installing: use the checkout's ampcompat
+    sys.path.insert(1, str(_REPO))
+
+from _env import run_metadata  # noqa: E402
+from _models import GPT, GPT2_124M, GPTConfig, build_mlp, build_resnet, count_parameters, lm_loss  # noqa: E402
+from _models import torchvision_or_none  # noqa: E402
+from _modes import AMPCOMPAT_LEVELS, ALL_MODES, MODE_DESCRIPTIONS, make_adamw_factory, make_recipe  # noqa: E402
+from _modes import parse_modes  # noqa: E402
+from _syncs import count_host_syncs  # noqa: E402
+
+DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "O1", "O2", "O3", "O5")
+WORKLOADS = ("gpt", "resnet", "mlp", "overhead")
+REFERENCE_MODE = "native_fp16"
+FLOOR_MODE = "pure_fp16"
+SIZES = ("full", "small", "tiny")
+
+
+@dataclass
+class Workload:
+    """A model, its synthetic batches and loss, at one size."""
+
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[torch.device, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable
+    items_per_step: int
+    unit: str
+    config: dict
+    channels_last: bool = False
+    default_steps: int = 50
+    default_warmup: int = 10
+
+
+def _classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets)
+
+
+def gpt_workload(size: str) -> Workload:
+    config, batch = {
+        "full": (GPT2_124M, 8),
+        "small": (GPTConfig(vocab_size=256, seq_len=64, n_layer=2, n_head=4, d_model=64), 4),
+        "tiny": (GPTConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=32), 2),
+    }[size]
+
+    def make_batch(device, generator):
+        tokens = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), generator=generator)
+        tokens = tokens.to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    title = (f"GPT-style, {config.n_layer} layers x {config.d_model} wide, {config.n_head} heads, "
+             f"vocab {config.vocab_size}, seq {config.seq_len}, batch {batch}")
+    return Workload("gpt", title, lambda: GPT(config), make_batch, lm_loss, batch * config.seq_len, "tokens/s",
+                    {"model": config.as_dict(), "batch_size": batch})
+
+
+def resnet_workload(size: str) -> Workload:
+    batch, pixels = {"full": (128, 224), "small": (4, 32), "tiny": (2, 32)}[size]
+    tiny = size != "full"
+    classes = 10 if tiny else 1000
+
+    def make_batch(device, generator):
+        images = torch.randn(batch, 3, pixels, pixels, generator=generator)
+        labels = torch.randint(0, classes, (batch,), generator=generator)
+        return images.to(device).contiguous(memory_format=torch.channels_last), labels.to(device)
+
+    name = "ResNet-18 (10 classes)" if tiny else "ResNet-50"
+    return Workload("resnet", f"torchvision {name}, channels_last, batch {batch}, {pixels}x{pixels}",
+                    lambda: build_resnet(tiny), make_batch, _classification_loss, batch, "images/s",
+                    {"model": name, "batch_size": batch, "pixels": pixels}, channels_last=True)
+
+
+def mlp_workload(size: str) -> Workload:
+    width, depth, batch = {"full": (256, 4, 64), "small": (256, 4, 64), "tiny": (32, 4, 8)}[size]
+
+    def make_batch(device, generator):
+        inputs = torch.randn(batch, width, generator=generator)
+        return inputs.to(device), torch.randint(0, 10, (batch,), generator=generator).to(device)
+
+    return Workload("mlp", f"MLP {depth} x {width} (ReLU), batch {batch}: overhead-bound",
+                    lambda: build_mlp(width, depth, width, 10), make_batch, _classification_loss, batch,
+                    "samples/s", {"width": width, "depth": depth, "batch_size": batch},
+                    default_steps=200, default_warmup=20)
+
+
+def overhead_workload(size: str) -> Workload:
+    width, batch = 32, 8
+
+    def make_batch(device, generator):
+        inputs = torch.randn(batch, width, generator=generator)
+        return inputs.to(device), torch.randint(0, 10, (batch,), generator=generator).to(device)
+
+    iterations = 20 if size == "tiny" else 200
+    return Workload("overhead", "Host time of loss scaling + step() (tiny 2 x 32 MLP, batch 8)",
+                    lambda: build_mlp(width, 2, width, 10), make_batch, _classification_loss, batch,
+                    "samples/s", {"width": width, "depth": 2, "batch_size": batch},
+                    default_steps=iterations, default_warmup=5)
+
+
+_WORKLOAD_BUILDERS = {"gpt": gpt_workload, "resnet": resnet_workload, "mlp": mlp_workload,
+                      "overhead": overhead_workload}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one mode
+# --------------------------------------------------------------------------------------------------
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free the previous mode's model and optimizer before the next is built (and its peak measured)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _prepare(workload: Workload, mode: str, device: torch.device, seed: int):
+    torch.manual_seed(seed)
+    with device:  # initialise the weights on the device itself (seconds saved per mode for GPT-124M)
+        model = workload.build()
+    if workload.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer_factory = make_adamw_factory(lr=1e-4, weight_decay=0.01, eps=1e-5)
+    recipe = make_recipe(mode, model, optimizer_factory, device, track_skips=mode in AMPCOMPAT_LEVELS)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [workload.make_batch(device, generator) for _ in range(4)]
+    return recipe, batches, count_parameters(recipe.model)
+
+
+def _time_steps(run_step: Callable[[int], torch.Tensor], steps: int, device: torch.device):
+    """Per-step times in ms (CUDA events, or perf_counter on CPU) and the wall time of all steps."""
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for i in range(steps):
+            starts[i].record()
+            loss = run_step(i)
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - began
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)], wall, loss
+    times = []
+    began = time.perf_counter()
+    for i in range(steps):
+        step_began = time.perf_counter()
+        loss = run_step(i)
+        times.append(1e3 * (time.perf_counter() - step_began))
+    return times, time.perf_counter() - began, loss
+
+
+def measure_training(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int,
+                     sync_steps: int, seed: int) -> dict:
+    """Time ``steps`` training steps of ``mode`` after ``warmup``; count syncs on ``sync_steps`` more."""
+    _release_memory(device)
+    recipe, batches, parameters = _prepare(workload, mode, device, seed)
+    try:
+        def run_step(i: int) -> torch.Tensor:
+            inputs, targets = batches[i % len(batches)]
+            return recipe.train_step(inputs, targets, workload.loss_fn)
+
+        for i in range(warmup):
+            run_step(i)
+        skipped = 0
+
+        def timed_step(i: int) -> torch.Tensor:
+            nonlocal skipped
+            loss = run_step(i)
+            skipped += recipe.last_step_skipped  # a Python bool: reading it costs no sync
+            return loss
+
+        times, wall, last_loss = _time_steps(timed_step, steps, device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        with count_host_syncs(device) as syncs:
+            for i in range(sync_steps):
+                run_step(i)
+        median = statistics.median(times)
+        return {
+            "median_ms": median,
+            "p10_ms": _percentile(times, 0.1),
+            "p90_ms": _percentile(times, 0.9),
+            "min_ms": min(times),
+            "max_ms": max(times),
+            "mean_wall_ms": 1e3 * wall / steps,
+            "throughput": workload.items_per_step / (median / 1e3),
+            "peak_mem_bytes": peak,
+            "syncs_per_step": None if syncs.cuda_syncs is None else syncs.cuda_syncs / sync_steps,
+            "host_reads_per_step": syncs.host_reads / sync_steps,
+            "host_reads_by_kind": syncs.host_reads_by_kind,
+            "skipped_steps": skipped if recipe.track_skips else None,
+            "final_loss": float(last_loss),
+            "parameters": parameters,
+            "param_dtype": str(next(recipe.model.parameters()).dtype).replace("torch.", ""),
+            "optimizer": "AdamW(fused)" if recipe.optimizer.defaults.get("fused") else "AdamW(foreach)",
+            "error": None,
+        }
+    finally:
+        recipe.close()
+
+
+def measure_overhead(workload: Workload, mode: str, device: torch.device, iterations: int, warmup: int,
+                     seed: int) -> dict:
+    """Median host microseconds of each phase of a step around backward (forward excluded)."""
+    _release_memory(device)
+    recipe, batches, parameters = _prepare(workload, mode, device, seed)
+    phases: Dict[str, List[float]] = {"enter_us": [], "backward_us": [], "exit_us": [], "step_us": [],
+                                      "zero_grad_us": []}
+    clock = time.perf_counter
+    try:
+        for i in range(warmup + iterations):
+            inputs, targets = batches[i % len(batches)]
+            with recipe.autocast():
+                loss = workload.loss_fn(recipe.model(recipe.cast_inputs(inputs)), targets)
+            t0 = clock()
+            scaled = recipe.scaled(loss)
+            t1 = clock()
+            scaled.backward()
+            t2 = clock()
+            recipe.after_backward()
+            t3 = clock()
+            recipe.step()
+            t4 = clock()
+            recipe.zero_grad()
+            t5 = clock()
+            if i >= warmup:
+                for key, (a, b) in zip(phases, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+                    phases[key].append(1e6 * (b - a))
+        result = {key: statistics.median(values) for key, values in phases.items()}
+        result["total_us"] = result["enter_us"] + result["exit_us"] + result["step_us"]
+        result["parameters"] = parameters
+        result["error"] = None
+        return result
+    finally:
+        recipe.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The run, the ratios and the report
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_record(error: BaseException) -> dict:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return {"error": f"{type(error).__name__}: {message[:300]}"}
+
+
+def add_ratios(modes: Dict[str, dict]) -> None:
+    """Add ``vs_native_fp16`` and ``vs_floor`` (step time / reference step time) to every timed mode."""
+    def median_of(name):
+        record = modes.get(name) or {}
+        return record.get("median_ms")
+
+    for key, reference in (("vs_native_fp16", median_of(REFERENCE_MODE)), ("vs_floor", median_of(FLOOR_MODE))):
+        for record in modes.values():
+            if record.get("median_ms") is not None:
+                record[key] = record["median_ms"] / reference if reference else None
+
+
+def run_workload(workload: Workload, modes: List[str], device: torch.device, args) -> dict:
+    steps = args.steps or workload.default_steps
+    warmup = workload.default_warmup if args.warmup is None else args.warmup
+    section = {"title": workload.title, "config": workload.config, "unit": workload.unit,
+               "items_per_step": workload.items_per_step, "steps": steps, "warmup": warmup,
+               "skipped": None, "modes": {}}
+    if workload.name == "resnet" and torchvision_or_none() is None:
+        section["skipped"] = "torchvision is not importable"
+        print(f"[{workload.name}] skipped: torchvision is not importable")
+        return section
+    for mode in modes:
+        began = time.perf_counter()
+        try:
+            if workload.name == "overhead":
+                record = measure_overhead(workload, mode, device, steps, warmup, args.seed)
+            else:
+                record = measure_training(workload, mode, device, steps, warmup, args.sync_steps, args.seed)
+        except Exception as error:  # one failing mode (OOM, missing feature) must not stop the others
+            record = _error_record(error)
+        finally:
+            _release_memory(device)
+        record["description"] = MODE_DESCRIPTIONS[mode]
+        section["modes"][mode] = record
+        print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s)")
+    if workload.name != "overhead":
+        add_ratios(section["modes"])
+    counts = [r["parameters"] for r in section["modes"].values() if r.get("parameters")]
+    section["parameters"] = counts[0] if counts else None
+    return section
+
+
+def _one_line(record: dict) -> str:
+    if record.get("error"):
+        return "FAILED " + record["error"]
+    if "total_us" in record:
+        return f"scaling+step {record['total_us']:.0f} us (backward {record['backward_us']:.0f} us)"
+    syncs = record["syncs_per_step"]
+    syncs = f"{syncs:g}" if syncs is not None else f"n/a (host reads {record['host_reads_per_step']:g})"
+    return (f"median {record['median_ms']:.3f} ms (p10 {record['p10_ms']:.3f}, p90 {record['p90_ms']:.3f}); "
+            f"syncs/step {syncs}; loss {record['final_loss']:.4g}")
+
+
+def _cell(value, spec: str = ".2f", suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) + suffix
+
+
+def markdown_report(report: dict) -> str:
+    """All sections as Markdown tables, headed by the command, device, versions and date."""
+    meta = report["meta"]
+    lines = ["# ampcompat speed benchmark", "",
+             f"- command: `{meta['command']}`",
+             f"- device: {meta['device']} ({meta['device_type']}); torch {meta['torch']}"
+             + (f", CUDA {meta['cuda']}, cuDNN {meta['cudnn']}" if meta.get("cuda") else "")
+             + f"; Python {meta['python']}; ampcompat {meta['ampcompat']}",
+             f"- date: {meta['date']}",
+             f"- FP32 matmul precision: {meta['float32_matmul_precision']}; optimizer: AdamW, fused kernel "
+             "where the device has one; ratios are step-time ratios from this one run (lower is faster)",
+             ""]
+    for name, section in report["workloads"].items():
+        lines += [f"## {name}: {section['title']}", ""]
+        if section.get("skipped"):
+            lines += [f"Skipped: {section['skipped']}.", ""]
+            continue
+        if name == "overhead":
+            lines += ["Host microseconds per step (medians), forward excluded. Loss scaling = entering and "
+                      "leaving `amp.scale_loss` (unscale + inf/NaN check + scale update), or "
+                      "`GradScaler.scale`; step = `optimizer.step()` or `GradScaler.step` + `update`.", "",
+                      "| mode | enter (scale) µs | backward µs | exit (unscale) µs | step µs | scaling + step µs |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for mode, r in section["modes"].items():
+                if r.get("error"):
+                    lines.append(f"| {mode} | failed: {r['error']} | | | | |")
+                    continue
+                lines.append(f"| {mode} | {r['enter_us']:.1f} | {r['backward_us']:.1f} | {r['exit_us']:.1f} "
+                             f"| {r['step_us']:.1f} | {r['total_us']:.1f} |")
+            lines.append("")
+            continue
+        on_cuda = meta["device_type"] == "cuda"
+        sync_header = "syncs/step" if on_cuda else "host reads/step"
+        parameters = section.get("parameters")
+        size = f"; {parameters:,} parameters" if parameters else ""
+        lines += [f"{section['steps']} timed steps after {section['warmup']} warm-up steps{size}.", "",
+                  f"| mode | median ms/step | p10-p90 ms | {section['unit']} | peak GiB | {sync_header} "
+                  f"| vs native fp16 | vs pure-fp16 floor |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        notes = []
+        for mode, r in section["modes"].items():
+            if r.get("error"):
+                lines.append(f"| {mode} | failed | | | | | | |")
+                notes.append(f"{mode}: {r['error']}")
+                continue
+            syncs = r["syncs_per_step"] if on_cuda else r["host_reads_per_step"]
+            peak = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
+            lines.append(
+                f"| {mode} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {r['throughput']:,.0f} "
+                f"| {_cell(peak)} | {_cell(syncs, 'g')} | {_cell(r.get('vs_native_fp16'), '.2f', 'x')} "
+                f"| {_cell(r.get('vs_floor'), '.2f', 'x')} |")
+            if r.get("skipped_steps"):
+                notes.append(f"{mode}: {r['skipped_steps']} of the timed steps were skipped (inf/NaN gradients)")
+            if not math.isfinite(r["final_loss"]):
+                notes.append(f"{mode}: loss became {r['final_loss']} (speed only; see convergence.py)")
+        lines.append("")
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    lines += ["Modes: " + "; ".join(f"`{m}` {MODE_DESCRIPTIONS[m]}" for m in report["modes"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated: " + ", ".join(ALL_MODES))
+    parser.add_argument("--steps", type=int, help="timed steps per mode (default: per workload)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: per workload)")
+    parser.add_argument("--sync-steps", type=int, default=3, help="extra steps over which syncs are counted")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="minimal sizes and step counts (CPU tests)")
+    parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--markdown", help="write the tables (for docs/benchmarks.md) here")
+    args = parser.parse_args(argv)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    args.workloads = workloads
+    for flag in ("steps", "sync_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    try:
+        args.modes = parse_modes(args.modes)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.tiny:
+        args.steps = args.steps or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.sync_steps = 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size = "tiny" if args.tiny else ("full" if device.type == "cuda" else "small")
+    report = {"meta": run_metadata(device), "size": size, "modes": args.modes, "workloads": {}}
+    print(f"device: {report['meta']['device']}; torch {torch.__version__}; sizes: {size}; "
+          f"modes: {', '.join(args.modes)}")
+    for name in args.workloads:
+        workload = _WORKLOAD_BUILDERS[name](size)
+        print(f"== {name}: {workload.title}")
+        report["workloads"][name] = run_workload(workload, args.modes, device, args)
+        if args.json:  # keep what is finished if a later workload is cut short
+            _write(args.json, json.dumps(report, indent=1))
+    markdown = markdown_report(report)
+    if args.json:
+        _write(args.json, json.dumps(report, indent=1))
+    if args.markdown:
+        _write(args.markdown, markdown)
+    print()
+    print(markdown)
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""CPU smoke tests of the benchmarks: every mode trains, the reports hold every number they promise.
+
+``benchmarks/convergence.py`` and ``benchmarks/speed.py`` run once each (``--device cpu --tiny``) in a
+subprocess, exactly as documented; their JSON and Markdown are then checked. The shared pieces
+(corpus, model, sync counter, mode recipes) are also tested directly. Benchmark modules are loaded by
+path under private names, since ``tests/`` has modules of the same short names.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+CONVERGENCE_MODES = ["fp32", "native_fp16", "native_bf16", "O0", "O1", "O2", "O3", "O4", "O5"]
+SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "O1", "O2", "O3", "O5"]
+TINY_STEPS = 40  # convergence.py's tiny configuration
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_models = _load("_models")
+bench_modes = _load("_modes")
+bench_syncs = _load("_syncs")
+
+
+def _run(script: str, args, tmp_path: Path):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([sys.executable, str(BENCH / script)] + args, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------
+# convergence.py
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def convergence(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convergence")
+    proc = _run("convergence.py", ["--device", "cpu", "--tiny", "--json", str(out / "conv.json"),
+                                   "--markdown", str(out / "conv.md")], out)
+    return {"stdout": proc.stdout, "report": json.loads((out / "conv.json").read_text()),
+            "markdown": (out / "conv.md").read_text()}
+
+
+def test_convergence_every_mode_learns(convergence):
+    modes = convergence["report"]["modes"]
+    assert sorted(modes) == sorted(CONVERGENCE_MODES)
+    for mode, result in modes.items():
+        assert result["error"] is None, (mode, result["error"])
+        assert math.isfinite(result["final_val_loss"]), mode
+        assert result["final_val_loss"] < result["initial_val_loss"] - 0.5, (mode, result["val_loss"])
+        assert all(math.isfinite(x) for x in result["train_loss"]), mode
+
+
+def test_convergence_json_schema(convergence):
+    report = convergence["report"]
+    meta = report["meta"]
+    for key in ("command", "date", "device", "torch", "python", "config", "corpus", "parameters"):
+        assert key in meta, key
+    assert meta["torch"] == torch.__version__
+    assert "--tiny" in meta["command"]
+    assert meta["config"]["steps"] == TINY_STEPS
+    assert meta["corpus"]["train_files"] > meta["corpus"]["val_files"] > 0
+    interval = meta["config"]["eval_interval"]
+    for mode, result in report["modes"].items():
+        assert len(result["train_loss"]) == TINY_STEPS
+        assert len(result["loss_scale"]) == TINY_STEPS
+        steps = [step for step, _ in result["val_loss"]]
+        assert steps == list(range(0, TINY_STEPS + 1, interval)), mode
+        assert result["initial_val_loss"] == result["val_loss"][0][1]
+        assert result["final_val_loss"] == result["val_loss"][-1][1]
+        assert result["skipped_steps"] == len(result["skipped_at"])
+        assert all(0 <= s < TINY_STEPS for s in result["skipped_at"])
+        assert result["ms_per_step"] > 0
+    summary = {row["mode"]: row for row in report["summary"]}
+    assert [row["mode"] for row in report["summary"]] == CONVERGENCE_MODES
+    assert summary["fp32"]["rel_diff_vs_fp32"] == 0.0
+    fp32_final = report["modes"]["fp32"]["final_val_loss"]
+    for mode, row in summary.items():
+        expected = (report["modes"][mode]["final_val_loss"] - fp32_final) / fp32_final
+        assert row["rel_diff_vs_fp32"] == pytest.approx(expected)
+
+
+def test_convergence_loss_scale_traces_follow_each_mode(convergence):
+    modes = convergence["report"]["modes"]
+    for mode in ("fp32", "native_bf16"):
+        assert set(modes[mode]["loss_scale"]) == {None}, mode
+    for mode in ("O0", "O3", "O4", "O5"):  # static scale of 1: never skips
+        assert set(modes[mode]["loss_scale"]) == {1.0}, mode
+        assert modes[mode]["skipped_steps"] == 0, mode
+    for mode in ("native_fp16", "O1", "O2"):  # dynamic: 2**16 halved once per skipped step
+        scales = modes[mode]["loss_scale"]
+        assert all(math.log2(s).is_integer() and s <= 2.0 ** 16 for s in scales), mode
+        assert scales[-1] == 2.0 ** 16 / 2 ** modes[mode]["skipped_steps"], mode
+
+
+def test_convergence_uses_the_same_data_and_initial_weights_for_every_mode(convergence):
+    modes = convergence["report"]["modes"]
+    initial = {mode: result["initial_val_loss"] for mode, result in modes.items()}
+    for mode, value in initial.items():  # same weights, same validation batches; only the dtype differs
+        assert value == pytest.approx(initial["fp32"], abs=2e-3), mode
+    # O0 is FP32 math: its curve is FP32's up to summation order in the gradient-norm clip.
+    torch.testing.assert_close(torch.tensor(modes["O0"]["train_loss"]), torch.tensor(modes["fp32"]["train_loss"]),
+                               rtol=1e-4, atol=1e-4)
+    # O1 is fp16 autocast + dynamic loss scaling, like native_fp16: the curves agree closely.
+    torch.testing.assert_close(torch.tensor(modes["O1"]["train_loss"]),
+                               torch.tensor(modes["native_fp16"]["train_loss"]), rtol=1e-3, atol=1e-3)
+
+
+def test_convergence_prints_and_writes_the_summary_table(convergence):
+    for text in (convergence["stdout"], convergence["markdown"]):
+        assert "| mode | final val loss | rel. diff vs FP32 | skipped steps |" in text
+        for mode in CONVERGENCE_MODES:
+            assert f"\n| {mode} |" in text, mode
+    markdown, meta = convergence["markdown"], convergence["report"]["meta"]
+    assert f"- command: `{meta['command']}`" in markdown
+    assert meta["device"] in markdown and meta["torch"] in markdown and meta["date"] in markdown
+    assert "O4/O5 are bf16 and use no loss scaling" in markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# speed.py
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    proc = _run("speed.py", ["--device", "cpu", "--tiny", "--json", str(out / "speed.json"),
+                             "--markdown", str(out / "speed.md")], out)
+    return {"stdout": proc.stdout, "report": json.loads((out / "speed.json").read_text()),
+            "markdown": (out / "speed.md").read_text()}
+
+
+def test_speed_json_has_every_workload_and_mode(speed):
+    report = speed["report"]
+    assert report["modes"] == SPEED_MODES
+    assert list(report["workloads"]) == ["gpt", "resnet", "mlp", "overhead"]
+    for name, section in report["workloads"].items():
+        if section["skipped"]:
+            assert name == "resnet" and "torchvision" in section["skipped"]
+            assert bench_models.torchvision_or_none() is None
+            continue
+        assert list(section["modes"]) == SPEED_MODES, name
+        for mode, record in section["modes"].items():
+            assert record["error"] is None, (name, mode, record["error"])
+
+
+def test_speed_training_records(speed):
+    for name in ("gpt", "mlp"):
+        section = speed["report"]["workloads"][name]
+        assert section["parameters"] > 0
+        native = section["modes"]["native_fp16"]["median_ms"]
+        floor = section["modes"]["pure_fp16"]["median_ms"]
+        for mode, r in section["modes"].items():
+            assert 0 < r["min_ms"] <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["max_ms"], (name, mode)
+            assert r["throughput"] == pytest.approx(section["items_per_step"] / (r["median_ms"] / 1e3))
+            assert r["vs_native_fp16"] == pytest.approx(r["median_ms"] / native)
+            assert r["vs_floor"] == pytest.approx(r["median_ms"] / floor)
+            assert r["syncs_per_step"] is None and r["peak_mem_bytes"] is None  # CUDA-only numbers
+            assert r["host_reads_per_step"] >= 0
+            assert math.isfinite(r["final_loss"]), (name, mode)
+        dtypes = {mode: r["param_dtype"] for mode, r in section["modes"].items()}
+        assert dtypes["pure_fp16"] == dtypes["O2"] == dtypes["O3"] == "float16"
+        assert dtypes["O5"] == "bfloat16" and dtypes["O1"] == dtypes["fp32"] == "float32"
+        assert section["modes"]["native_fp16"]["skipped_steps"] is None
+        assert isinstance(section["modes"]["O2"]["skipped_steps"], int)
+
+
+def test_speed_overhead_records(speed):
+    section = speed["report"]["workloads"]["overhead"]
+    for mode, r in section["modes"].items():
+        for key in ("enter_us", "backward_us", "exit_us", "step_us", "zero_grad_us"):
+            assert r[key] > 0, (mode, key)
+        assert r["total_us"] == pytest.approx(r["enter_us"] + r["exit_us"] + r["step_us"])
+
+
+def test_speed_markdown_is_ready_for_the_docs(speed):
+    markdown = speed["markdown"]
+    meta = speed["report"]["meta"]
+    assert f"`{meta['command']}`" in markdown and "--tiny" in meta["command"]
+    assert meta["device"] in markdown and torch.__version__ in markdown and meta["date"] in markdown
+    for name in ("gpt", "mlp", "overhead"):
+        table = markdown.split(f"## {name}:", 1)[1].split("\n## ", 1)[0]
+        for mode in SPEED_MODES:
+            assert f"\n| {mode} |" in table, (name, mode)
+    assert "## resnet:" in markdown
+
+
+_FAIL_ONE_MODE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import {script} as bench
+real = bench.make_recipe
+def make_recipe(name, *args, **kwargs):
+    if name == "O2":
+        raise RuntimeError("CUDA out of memory (injected)")
+    return real(name, *args, **kwargs)
+bench.make_recipe = make_recipe
+sys.exit(bench.main(sys.argv[2:]))
+"""
+
+
+def _run_with_o2_failing(script: str, args, tmp_path: Path):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-c", _FAIL_ONE_MODE.format(script=script), str(BENCH)] + args,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_speed_records_a_failing_mode_and_goes_on(tmp_path):
+    proc = _run_with_o2_failing("speed", ["--device", "cpu", "--tiny", "--workloads", "mlp", "--modes",
+                                          "native_fp16,O2,pure_fp16", "--json", str(tmp_path / "s.json"),
+                                          "--markdown", str(tmp_path / "s.md")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    modes = json.loads((tmp_path / "s.json").read_text())["workloads"]["mlp"]["modes"]
+    assert modes["O2"] == {"error": "RuntimeError: CUDA out of memory (injected)",
+                           "description": bench_modes.MODE_DESCRIPTIONS["O2"]}
+    assert modes["native_fp16"]["error"] is None and modes["pure_fp16"]["error"] is None
+    assert modes["pure_fp16"]["vs_native_fp16"] > 0
+    markdown = (tmp_path / "s.md").read_text()
+    assert "| O2 | failed |" in markdown and "- O2: RuntimeError: CUDA out of memory (injected)" in markdown
+
+
+def test_convergence_records_a_failing_mode_and_exits_nonzero(tmp_path):
+    proc = _run_with_o2_failing("convergence", ["--device", "cpu", "--tiny", "--steps", "4", "--modes",
+                                                "fp32,O2,O5", "--json", str(tmp_path / "c.json")], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["modes"]["O2"]["error"] == "RuntimeError: CUDA out of memory (injected)"
+    assert report["modes"]["fp32"]["error"] is None and report["modes"]["O5"]["error"] is None
+    assert len(report["modes"]["O5"]["train_loss"]) == 4
+    assert "[O2] FAILED: RuntimeError: CUDA out of memory (injected)" in proc.stdout
+    assert [row["mode"] for row in report["summary"]] == ["fp32", "O2", "O5"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def test_corpus_split_is_by_file_and_deterministic():
+    first, second = bench_models.load_stdlib_corpus(max_files=40), bench_models.load_stdlib_corpus(max_files=40)
+    assert not set(first.train_files) & set(first.val_files)
+    assert len(first.val_files) == 4 and len(first.train_files) == 36
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    assert first.train.dtype == torch.uint8
+
+
+def test_byte_batches_are_seeded_and_shifted_by_one():
+    data = torch.arange(1000, dtype=torch.int64) % 251
+    a = bench_models.byte_batches(data.to(torch.uint8), 4, 16, seed=7)
+    b = bench_models.byte_batches(data.to(torch.uint8), 4, 16, seed=7)
+    c = bench_models.byte_batches(data.to(torch.uint8), 4, 16, seed=8)
+    (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and not torch.equal(xa, xc)
+    assert torch.equal(xa[:, 1:], ya[:, :-1])
+    assert xa.shape == (4, 16) and xa.dtype == torch.int64
+
+
+def test_gpt_is_causal_and_ties_its_embeddings():
+    torch.manual_seed(0)
+    config = bench_models.GPTConfig(seq_len=12, n_layer=2, n_head=2, d_model=16)
+    model = bench_models.GPT(config).eval()
+    tokens = torch.randint(0, 256, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert before.shape == (2, 12, 256)
+    torch.testing.assert_close(before[:, :8], after[:, :8])
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+    assert model.head.weight is model.wte.weight
+    untied = bench_models.count_parameters(bench_models.GPT(bench_models.GPTConfig(
+        seq_len=12, n_layer=2, n_head=2, d_model=16, tie_weights=False)))
+    assert untied - bench_models.count_parameters(model) == 256 * 16
+
+
+def test_sync_counter_counts_host_reads_of_tensor_values():
+    t = torch.arange(4.0)
+    with bench_syncs.count_host_syncs(torch.device("cpu")) as count:
+        t.sum().item()
+        if t.any():
+            pass
+        float(t[1])
+        t.tolist()
+        (t * 2).add_(1)  # arithmetic reads nothing back
+    assert count.cuda_syncs is None
+    assert count.host_reads_by_kind == {"item": 1, "__bool__": 1, "__float__": 1, "tolist": 1}
+    assert count.host_reads == 4
+    assert "item" not in vars(torch.Tensor)  # the wrappers are gone again
+    assert torch.Tensor.item is torch._C.TensorBase.item
+
+
+def test_mode_names_are_checked():
+    assert bench_modes.parse_modes(" O2,fp32 ") == ["O2", "fp32"]
+    with pytest.raises(ValueError, match=r"Unknown mode\(s\) \['O9'\]"):
+        bench_modes.parse_modes("O2,O9")
+    with pytest.raises(ValueError, match="Unknown mode 'fp8'"):
+        bench_modes.make_recipe("fp8", torch.nn.Linear(2, 2), bench_modes.make_adamw_factory(1e-3),
+                                torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["native_fp16", "O1", "O2"])
+def test_recipes_report_a_skipped_step_on_inf(mode):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    recipe = bench_modes.make_recipe(mode, model, bench_modes.make_adamw_factory(1e-2),
+                                     torch.device("cpu"), track_skips=True)
+    try:
+        before = [p.detach().float().clone() for p in model.parameters()]
+        targets = torch.zeros(3, dtype=torch.long)
+        recipe.train_step(torch.full((3, 4), float("inf")), targets, torch.nn.functional.cross_entropy)
+        assert recipe.last_step_skipped and recipe.loss_scale() == 2.0 ** 15
+        for old, new in zip(before, model.parameters()):
+            assert torch.equal(old, new.float())
+        recipe.train_step(torch.ones(3, 4), targets, torch.nn.functional.cross_entropy)
+        assert not recipe.last_step_skipped and recipe.loss_scale() == 2.0 ** 15
+        assert not torch.equal(before[0], model.weight.float())
+    finally:
+        recipe.close()
