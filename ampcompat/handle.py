@@ -2,8 +2,13 @@
 
 Entering ``scale_loss`` stashes gradients that already exist (so only the new ones get unscaled) and
 yields ``loss.float() * scale``; leaving it unscales the new gradients into FP32 (adding the stashed
-ones back), checks them for inf/NaN with one host sync, updates the scale and, on overflow, makes the
-next ``optimizer.step()`` a skip. Under O1 the backward inside the block runs with autocast off.
+ones back), checks them for inf/NaN, updates the scale and, on overflow, makes the next
+``optimizer.step()`` a skip. Under O1 the backward inside the block runs with autocast off.
+
+With optimizers whose fused kernel can skip a step itself (``fused=True`` Adam/AdamW/SGD), the scale
+is updated on the device and the skip happens in the kernel, so a training step needs no host sync;
+Apex's host-side fields (``_loss_scale``, ``_unskipped``, ``already_patched``) are brought up to date
+whenever they are read. Otherwise the overflow flag is read once per ``scale_loss`` exit.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any, Iterator, List, Optional
 import torch
 
 from .autocast_scope import active_handle
-from .master import mark_skip
+from .master import defer_skip, mark_skip, skips_on_device
 from .state import _amp_state
 
 _NOT_INITIALIZED = (
@@ -80,7 +85,7 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
                 optimizer._prepare_amp_backward()
 
     with _casts_off():
-        yield loss.float() * loss_scale
+        yield loss_scaler.scaled(loss)
 
     if delay_unscale:
         for optimizer in optimizers:
@@ -90,8 +95,15 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         for optimizer in optimizers:
             optimizer._post_amp_backward(loss_scaler)
             optimizer._amp_stash.params_have_scaled_gradients = False
-        should_skip = False if delay_overflow_check else loss_scaler.update_scale()
-        if should_skip:
+        if delay_overflow_check:
+            pass
+        elif loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
+            # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
+            record = loss_scaler.update_scale_on_device()
+            for optimizer in optimizers:
+                defer_skip(optimizer, loss_scaler._overflow_buf, record)
+            loss_scaler.resolve(block=False)
+        elif loss_scaler.update_scale():
             for optimizer in optimizers:
                 mark_skip(optimizer, loss_id)
     _clear_cast_cache()

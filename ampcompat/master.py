@@ -9,8 +9,10 @@ launches per backward pass whatever the number of parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Dict, List, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional
 
 import torch
 
@@ -35,8 +37,20 @@ class AmpOptimizerState:
 
     def __init__(self) -> None:
         self.lazy_init_called = False
-        self.already_patched = False
+        self._already_patched = False
         self.params_have_scaled_gradients = False
+        self._found_inf = None  # on-device overflow flags of the backward passes since the last step
+        self._deferred_records: list = []
+        self._pending_steps: Deque[list] = deque()
+
+    @property
+    def already_patched(self) -> bool:
+        """Whether the next ``step()`` will be skipped (reads any on-device overflow flag: a host sync)."""
+        return self._already_patched or any(r.values()[0] for r in self._deferred_records)
+
+    @already_patched.setter
+    def already_patched(self, value: bool) -> None:
+        self._already_patched = value
 
 
 def check_optimizer(optimizer: Any) -> None:
@@ -258,7 +272,7 @@ def _clear_master_grads(stash: AmpOptimizerState) -> None:
 def _amp_step(self: Any, closure: Any = None) -> Any:
     stash = self._amp_stash
     self._opt_called = True  # what an LR scheduler's step wrapper would have recorded
-    if stash.already_patched:
+    if stash._already_patched:
         if closure is not None:
             raise RuntimeError(_CLOSURE_MESSAGE)
         _skip_step(self)
@@ -269,14 +283,23 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
     if stash._master_weights:
         self._amp_lazy_init()
     original = stash._original_step or _class_method(self, "step")
-    if handle is not None:
-        with handle._disable_casts():
+    found_inf = stash._found_inf
+    if found_inf is not None:
+        self.found_inf = found_inf.reshape(())  # the fused kernel leaves params and state alone where it is set
+    try:
+        with handle._disable_casts() if handle is not None else contextlib.nullcontext():
             retval = original() if closure is None else original(closure)
-    else:
-        retval = original() if closure is None else original(closure)
+    finally:
+        if found_inf is not None:
+            del self.found_inf
     if stash._master_weights:
         self._master_params_to_model_params()
         _clear_master_grads(stash)
+    if found_inf is not None:
+        stash._found_inf = None
+        stash._pending_steps.append(stash._deferred_records)
+        stash._deferred_records = []
+    report_deferred_skips(self, block=False)
     return retval
 
 
@@ -295,14 +318,46 @@ def _skip_step(self: Any) -> None:
         maybe_print("Gradient overflow.  Skipping step, loss scaler {} keeps its static loss scale {}".format(
             loss_id, scaler.loss_scale()))
     _clear_master_grads(stash)
-    stash.already_patched = False
+    stash._already_patched = False
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not getattr(
+        optimizer._amp_stash, "_already_patched", False)
+
+
+def defer_skip(optimizer: Any, overflow_buf: torch.Tensor, record: Any) -> None:
+    """Let the next ``step()`` skip on the device if this backward pass overflowed."""
+    stash = optimizer._amp_stash
+    if stash._found_inf is None:
+        stash._found_inf = overflow_buf.clone()
+    else:
+        stash._found_inf.add_(overflow_buf)
+    stash._deferred_records.append(record)
+
+
+def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
+    """Print Apex's overflow message for steps the fused kernel skipped, once their flags are on the host."""
+    stash = optimizer._amp_stash
+    while stash._pending_steps:
+        records = stash._pending_steps[0]
+        if not block and not all(r.ready() for r in records):
+            return
+        stash._pending_steps.popleft()
+        overflowed = [r for r in records if r.values()[0]]
+        if overflowed:
+            loss_id = overflowed[0].loss_id
+            scale = [r for r in records if r.loss_id == loss_id][-1].values()[1]
+            maybe_print("Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}".format(
+                loss_id, scale))
 
 
 def mark_skip(optimizer: Any, loss_id: int) -> None:
     """Make the next ``optimizer.step()`` a skip (Apex's one-shot ``skip_step`` patch)."""
     stash = optimizer._amp_stash
-    if not stash.already_patched:
-        stash.already_patched = True
+    if not stash._already_patched:
+        stash._already_patched = True
         stash._skip_loss_id = loss_id
 
 

@@ -18,8 +18,8 @@ that flag with the one host sync of a backward pass.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict, defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections import OrderedDict, defaultdict, deque
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -53,6 +53,37 @@ def _dense(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
+class _ScaleRecord:
+    """One on-device scale update, read back to the host without stalling the GPU.
+
+    The values (overflow flag, new scale, new unskipped count) are copied into pinned host memory
+    asynchronously; reading them waits only for this copy, which by then has normally finished.
+    """
+
+    def __init__(self, values: torch.Tensor, loss_id: int) -> None:
+        self.loss_id = loss_id
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+        self._values: Optional[Tuple[bool, float, float]] = None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def values(self) -> Tuple[bool, float, float]:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            found, scale, unskipped = self._host.tolist()
+            self._values = (found != 0.0, scale, unskipped)
+        return self._values
+
+
 class LossScaler:
     """Apex's ``apex.amp.scaler.LossScaler``, field for field.
 
@@ -78,22 +109,51 @@ class LossScaler:
         min_loss_scale: Optional[float] = None,
         max_loss_scale: float = 2.0 ** 24,
     ) -> None:
+        self._records: Deque[_ScaleRecord] = deque()
+        self._scale_t: Optional[torch.Tensor] = None
+        self._tracker_t: Optional[torch.Tensor] = None
         if loss_scale == "dynamic":
             self.dynamic = True
-            self._loss_scale = min(max_loss_scale, init_scale)
+            self._scale_host = min(max_loss_scale, init_scale)
         else:
             self.dynamic = False
-            self._loss_scale = loss_scale
+            self._scale_host = loss_scale
         self._max_loss_scale = max_loss_scale
         self._min_loss_scale = min_loss_scale
         self._scale_seq_len = scale_window
         self._scale_factor = scale_factor
-        self._unskipped = 0
+        self._unskipped_host = 0
         self._has_overflow = False
         self._overflow_buf: Optional[torch.Tensor] = None
         self._loss_id = 0
         self._warned_below_one = False
         self._inv_scale_cache: Dict[Tuple[torch.device, float], torch.Tensor] = {}
+
+    # --- Apex's fields: exact whenever read ------------------------------------------------------
+
+    @property
+    def _loss_scale(self) -> float:
+        self.resolve()
+        return self._scale_host
+
+    @_loss_scale.setter
+    def _loss_scale(self, value: float) -> None:
+        self.resolve()
+        self._scale_host = value
+        if self._scale_t is not None:
+            self._scale_t.fill_(value)
+
+    @property
+    def _unskipped(self) -> int:
+        self.resolve()
+        return self._unskipped_host
+
+    @_unskipped.setter
+    def _unskipped(self, value: int) -> None:
+        self.resolve()
+        self._unskipped_host = value
+        if self._tracker_t is not None:
+            self._tracker_t.fill_(value)
 
     # --- Apex's public surface -------------------------------------------------------------------
 
@@ -113,24 +173,71 @@ class LossScaler:
         Returns:
             True if the gradients of this backward pass held inf/NaN and the step must be skipped.
         """
+        self.resolve()
         if not self._has_overflow and self._overflow_buf is not None and self.checks_overflow():
             self._has_overflow = bool(self._overflow_buf.item())
+        scale, unskipped = self._scale_host, self._unskipped_host
         if self._has_overflow and self.checks_overflow():
             should_skip = True
-            self._unskipped = 0
+            unskipped = 0
             if self.dynamic:
-                new_scale = self._loss_scale / self._scale_factor
+                scale = scale / self._scale_factor
                 if self._min_loss_scale:
-                    new_scale = max(self._min_loss_scale, new_scale)
-                self._loss_scale = new_scale
-                self._warn_if_below_one()
+                    scale = max(self._min_loss_scale, scale)
         else:
             should_skip = False
-            self._unskipped += 1
-        if self._unskipped == self._scale_seq_len and self.dynamic:
-            self._loss_scale = min(self._max_loss_scale, self._loss_scale * self._scale_factor)
-            self._unskipped = 0
+            unskipped += 1
+        if unskipped == self._scale_seq_len and self.dynamic:
+            scale = min(self._max_loss_scale, scale * self._scale_factor)
+            unskipped = 0
+        self._loss_scale, self._unskipped = scale, unskipped
+        self._warn_if_below_one(scale)
         return should_skip
+
+    # --- the deferred path: no host sync per backward pass ----------------------------------------
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss.float() * scale``, using the on-device scale when there is one (same bits)."""
+        if self._scale_t is not None:
+            return loss.float() * self._scale_t.clone()  # a snapshot: the scale is updated in place later
+        return loss.float() * self._scale_host
+
+    def can_defer(self) -> bool:
+        """Whether this scaler can update itself on the device (dynamic, with a bound device)."""
+        return self.dynamic and self._overflow_buf is not None and self._overflow_buf.dtype == torch.float32
+
+    def update_scale_on_device(self) -> "_ScaleRecord":
+        """Apex's :meth:`update_scale` without the host sync: the scale and counter change on the device.
+
+        The overflow flag of this backward pass stays in ``_overflow_buf`` for the optimizers' fused
+        kernels to skip on; the host copies of the fields catch up when they are next read.
+
+        Returns:
+            The record of this update (its overflow flag and resulting scale, read back lazily).
+        """
+        buf = self._overflow_buf
+        if self._scale_t is None:
+            self._scale_t = torch.full((1,), float(self._scale_host), dtype=torch.float32, device=buf.device)
+            self._tracker_t = torch.full((1,), int(self._unskipped_host), dtype=torch.int32, device=buf.device)
+        torch._amp_update_scale_(self._scale_t, self._tracker_t, buf, self._scale_factor,
+                                 1.0 / self._scale_factor, self._scale_seq_len)
+        self._scale_t.clamp_(min=self._min_loss_scale or None, max=self._max_loss_scale)
+        record = _ScaleRecord(torch.cat([buf, self._scale_t, self._tracker_t.float()]), self._loss_id)
+        self._records.append(record)
+        return record
+
+    def resolve(self, block: bool = True) -> None:
+        """Bring the host fields up to date with the device updates made so far (reads finished ones only
+        when ``block`` is False)."""
+        while self._records:
+            record = self._records[0]
+            if not block and not record.ready():
+                return
+            self._records.popleft()
+            found, scale, unskipped = record.values()
+            self._scale_host, self._unskipped_host = scale, int(unskipped)
+            if found:
+                self._warn_if_below_one(scale)
 
     # --- ampcompat's multi-tensor work -----------------------------------------------------------
 
@@ -175,42 +282,62 @@ class LossScaler:
             grads: gradient tensors (any floating dtype, any mix of devices).
             scale: the scale the gradients carry; defaults to the current scale.
         """
-        scale = self._loss_scale if scale is None else scale
-        if not grads or (scale == 1.0 and not self.checks_overflow()):
+        if not grads:
             return
+        if scale is None and self._scale_t is not None:
+            inv_on_device = torch.reciprocal(self._scale_t.double()).float()
+        else:
+            inv_on_device = None
+            scale = self._scale_host if scale is None else scale
+            if scale == 1.0 and not self.checks_overflow():
+                return
         for (device, _), group in _group_by_device_and_dtype(_dense(grads)).items():
             flag = self._flag_for(device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, self._inv_scale(device, scale))
+            if inv_on_device is not None:
+                inv = inv_on_device.to(device)
+            else:
+                inv = self._inv_scale(device, scale)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
             self._merge_flag(flag)
 
     def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         """``dst[i] += src[i] / scale``, checking only the incoming ``src`` for inf/NaN (as Apex)."""
         if not dst:
             return
-        self.unscale_(src, scale=1.0)  # check the incoming gradients only; values unchanged
-        torch._foreach_add_(list(dst), list(src), alpha=1.0 / self._loss_scale)
+        incoming = [torch.empty_like(d) for d in dst]
+        torch._foreach_copy_(incoming, list(src))
+        self.unscale_(incoming)
+        torch._foreach_add_(list(dst), incoming)
 
-    def _warn_if_below_one(self) -> None:
-        if self._loss_scale < 1.0 and not self._warned_below_one:
+    def _warn_if_below_one(self, scale: float) -> None:
+        if self.dynamic and scale < 1.0 and not self._warned_below_one:
             self._warned_below_one = True
-            warnings.warn(_BELOW_ONE_ADVICE.format(self._loss_id, self._loss_scale), RuntimeWarning, stacklevel=3)
+            warnings.warn(_BELOW_ONE_ADVICE.format(self._loss_id, scale), RuntimeWarning, stacklevel=3)
 
     # --- pickling: old Apex pickles and our own --------------------------------------------------
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
+        self.resolve()
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_records", "_scale_t", "_tracker_t", "_scale_host", "_unskipped_host")}
+        state["_loss_scale"] = self._scale_host  # Apex's field names, so Apex-era readers still work
+        state["_unskipped"] = self._unskipped_host
         state["_inv_scale_cache"] = {}
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # Apex-era pickles lack ampcompat's fields; fill them with their defaults.
+        state = dict(state)
+        scale = state.pop("_loss_scale", 1.0)
+        unskipped = state.pop("_unskipped", 0)
         self.__dict__.update(
-            dict(_scale_factor=2.0, _loss_id=0, _warned_below_one=False, _inv_scale_cache={}, _overflow_buf=None,
-                 _has_overflow=False, _unskipped=0, _min_loss_scale=None, _max_loss_scale=2.0 ** 24,
-                 _scale_seq_len=2000)
+            dict(_scale_factor=2.0, _loss_id=0, _warned_below_one=False, _overflow_buf=None,
+                 _has_overflow=False, _min_loss_scale=None, _max_loss_scale=2.0 ** 24, _scale_seq_len=2000,
+                 dynamic=False)
         )
         self.__dict__.update(state)
-        self._inv_scale_cache = {}
+        self.__dict__.update(_records=deque(), _scale_t=None, _tracker_t=None, _inv_scale_cache={},
+                             _scale_host=scale, _unskipped_host=unskipped)
 
 
 # --- conversion between Apex's amp.state_dict() and torch.amp.GradScaler.state_dict() -------------
