@@ -1,0 +1,62 @@
+"""Carries ampcompat's ``apex`` alias into the Python processes a ``python -m ampcompat run`` script starts.
+
+``python -m ampcompat run`` sets ``AMPCOMPAT_APEX_ALIAS=1`` and puts this directory first on
+``PYTHONPATH``, so every child interpreter (multiprocessing ``spawn`` workers, ``torchrun`` workers,
+plain ``subprocess`` calls of ``python``) runs this file at start-up through :mod:`site`.
+
+It costs next to nothing: ampcompat (and torch) are imported only when the child first imports
+``apex`` or ``amp_C``. The ``sitecustomize`` this file shadows, if any, still runs.
+"""
+import os
+import sys
+
+_ENV_VAR = "AMPCOMPAT_APEX_ALIAS"  # ampcompat.alias.ALIAS_ENV_VAR
+_TRIGGERS = ("apex", "amp_C")
+_HERE = os.path.dirname(os.path.realpath(__file__))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(_HERE))  # the directory that holds ``ampcompat``
+
+
+class _InstallAliasOnFirstUse:
+    """``sys.meta_path`` entry that installs the real alias finder when ``apex``/``amp_C`` is first imported."""
+
+    _ampcompat_alias = True
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _TRIGGERS:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        alias = _import_alias_module()
+        alias.install_apex_alias()
+        # The import system is iterating sys.meta_path: answer for the finder that took our place.
+        return alias._FINDER.find_spec(fullname, path, target)
+
+
+def _import_alias_module():
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("ampcompat") is None:
+        # The parent ran an ampcompat that is not installed (a source checkout): use that one.
+        sys.path.append(_PACKAGE_PARENT)
+    return importlib.import_module("ampcompat.alias")
+
+
+def _run_shadowed_sitecustomize():
+    """Run the ``sitecustomize`` that would have been imported without this directory on the path."""
+    from importlib.machinery import PathFinder
+    import importlib.util
+
+    others = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != _HERE]
+    spec = PathFinder.find_spec("sitecustomize", others)
+    if spec is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    # It replaces this module once this file finishes: ``import sitecustomize`` then names it.
+    sys.modules["sitecustomize"] = module
+    spec.loader.exec_module(module)
+
+
+if os.environ.get(_ENV_VAR) == "1" and not any(getattr(f, "_ampcompat_alias", False) for f in sys.meta_path):
+    sys.meta_path.insert(0, _InstallAliasOnFirstUse())
+_run_shadowed_sitecustomize()

@@ -1,0 +1,216 @@
+"""The command line: ``python -m ampcompat --help/--version``, usage errors, and ``run``.
+
+``run`` must look to the script exactly like ``python script.py`` / ``python -m module`` (argv,
+``__name__``, ``__file__``, ``sys.path[0]``, exit status, tracebacks) with the ``apex`` alias installed,
+in the script and in every Python process it starts: a multiprocessing ``spawn`` worker, a plain
+``subprocess`` child, and ``torchrun`` workers. Scripts live in ``fixtures/alias``.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ampcompat import __version__
+from ampcompat.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alias"
+
+
+def ampcompat_cli(*args: str, cwd: Path = FIXTURES, path_entries=(REPO,), timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m ampcompat ARGS`` in ``cwd`` with ``path_entries`` as PYTHONPATH."""
+    env = {key: value for key, value in os.environ.items() if key not in ("AMPCOMPAT_APEX_ALIAS", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join(map(str, path_entries))
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "ampcompat", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- top level (in-process: these paths touch no global state) -----------------------------------
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m ampcompat [-h] [--version] {run,migrate,doctor} ...\n")
+    for command in ("run", "migrate", "doctor"):
+        assert f"\n  {command} " in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ampcompat {__version__}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "argument command: invalid choice: 'frobnicate' (choose from 'run', 'migrate', 'doctor')"),
+    ([], "the following arguments are required: command"),
+    (["run"], "the following arguments are required: SCRIPT or -m MODULE"),
+    (["run", "-m"], "argument -m: expected one argument"),
+    (["run", "--bogus", "x.py"], "unrecognized option: --bogus"),
+])
+def test_usage_errors_exit_2_with_usage(capsys, args, message):
+    meta_path, environ = list(sys.meta_path), dict(os.environ)
+    assert main(args) == 2
+    assert (sys.meta_path, dict(os.environ)) == (meta_path, environ)  # a usage error installs nothing
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    usage, error = captured.err.splitlines()
+    assert usage.startswith("usage: python -m ampcompat ")
+    assert error == "python -m ampcompat: error: " + message
+
+
+def test_run_help(capsys):
+    assert main(["run", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m ampcompat run [-h] (SCRIPT | -m MODULE) [ARGS ...]\n")
+
+
+@pytest.mark.parametrize("command", ["migrate", "doctor"])
+def test_migrate_and_doctor_get_the_arguments_after_their_name(monkeypatch, command):
+    received = []
+    stand_in = types.ModuleType("ampcompat." + command)
+    stand_in.main = lambda argv: received.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "ampcompat." + command, stand_in)
+    assert main([command, "--check", "src", "--version"]) == 7
+    assert received == [["--check", "src", "--version"]]
+
+
+def test_console_entry_point_reads_sys_argv(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ampcompat", "--version"])
+    assert main() == 0
+    assert capsys.readouterr().out == f"ampcompat {__version__}\n"
+
+
+# --- run SCRIPT / run -m MODULE ---------------------------------------------------------------------
+
+def shown(stdout: str) -> dict:
+    """The JSON line ``show_main.py`` prints."""
+    return json.loads(stdout.splitlines()[0])
+
+
+@pytest.mark.parametrize("cwd, script", [(FIXTURES, "show_main.py"), (REPO, "tests/fixtures/alias/show_main.py")])
+def test_script_sees_what_python_gives_it(cwd, script):
+    seen = shown(succeeded(ampcompat_cli("run", script, "a", "--flag", "-m", cwd=cwd)))
+    assert seen == {
+        "argv": [script, "a", "--flag", "-m"],
+        "name": "__main__",
+        "file": str(FIXTURES / "show_main.py"),
+        "path0": str(FIXTURES),
+        "spec": None,
+        "is_sys_main": True,
+        "amp_is_ampcompat_amp": True,
+    }
+
+
+def test_module_sees_what_python_dash_m_gives_it():
+    seen = shown(succeeded(ampcompat_cli("run", "-m", "show_main", "x", "y")))
+    assert seen == {
+        "argv": [str(FIXTURES / "show_main.py"), "x", "y"],
+        "name": "__main__",
+        "file": str(FIXTURES / "show_main.py"),
+        "path0": str(FIXTURES),
+        "spec": "show_main",
+        "is_sys_main": True,
+        "amp_is_ampcompat_amp": True,
+    }
+
+
+@pytest.mark.parametrize("exit_arg, status, stderr", [
+    ("3", 3, ""),
+    ("none", 0, ""),
+    ("bad input file", 1, "bad input file\n"),
+])
+def test_exit_status_is_the_scripts(exit_arg, status, stderr):
+    result = ampcompat_cli("run", "show_main.py", "--exit", exit_arg)
+    assert (result.returncode, result.stderr) == (status, stderr)
+    assert shown(result.stdout)["name"] == "__main__"  # the script did run
+
+
+@pytest.mark.parametrize("target", [["raise_error.py"], ["-m", "raise_error"]])
+def test_uncaught_exception_prints_the_scripts_traceback_and_exits_1(target):
+    result = ampcompat_cli("run", *target)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    script = str(FIXTURES / "raise_error.py")
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1] == f'  File "{script}", line 12, in <module>'  # starts at the script: no runner frames
+    assert f'  File "{script}", line 5, in inner' in lines
+    assert lines[-1] == "ValueError: boom from the script"
+
+
+def test_missing_script_and_module():
+    result = ampcompat_cli("run", "no_such_script.py")
+    assert result.returncode == 2
+    assert result.stderr == (f"python -m ampcompat run: can't open file {str(FIXTURES / 'no_such_script.py')!r}: "
+                             "[Errno 2] No such file or directory\n")
+    result = ampcompat_cli("run", "-m", "no_such_module")
+    assert (result.returncode, result.stderr) == (1, "python -m ampcompat run: No module named no_such_module\n")
+
+
+# --- child processes --------------------------------------------------------------------------------
+
+def test_spawn_worker_imports_apex():
+    out = succeeded(ampcompat_cli("run", "spawn_child.py"))
+    assert "worker saw: [True, 'ampcompat.scaler'] exit code: 0" in out
+
+
+def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():
+    result = ampcompat_cli("run", str(FIXTURES / "subprocess_child.py"), cwd=REPO,
+                           path_entries=(FIXTURES / "user_sitecustomize",))
+    seen = json.loads(succeeded(result))
+    assert seen["uses_apex"] == {
+        "alias": True,
+        "user_sitecustomize_ran": True,  # the sitecustomize ampcompat's start-up hook shadows still runs
+        "sitecustomize": str(FIXTURES / "user_sitecustomize" / "sitecustomize.py"),
+    }
+    # A child that cannot import ampcompat by itself uses the parent's.
+    assert seen["not_installed"] == {"alias": True, "ampcompat": str(REPO / "ampcompat" / "__init__.py")}
+    # A child that never imports apex does not pay for ampcompat or torch.
+    assert seen["idle"] == {"ampcompat_imported": False, "torch_imported": False}
+
+
+def test_torchrun_workers_import_apex():
+    port = str(free_port())
+    out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                  f"--master_port={port}", "torchrun_worker.py"))
+    for rank in (0, 1):
+        assert f"rank {rank}/2: apex alias ok, all_reduce ok" in out
+
+
+# --- unchanged legacy Apex scripts ------------------------------------------------------------------
+
+def test_legacy_training_script_matches_the_same_script_on_ampcompat(tmp_path):
+    """Twin run: via the alias (``from apex import amp``) and directly (``from ampcompat import amp``)."""
+    through_alias = json.loads(succeeded(ampcompat_cli("run", "apex_style_train.py", str(tmp_path / "a.pt"))))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("AMPCOMPAT_APEX_ALIAS", None)
+    direct = subprocess.run([sys.executable, "apex_style_train.py", str(tmp_path / "b.pt"), "--import-from",
+                             "ampcompat"], cwd=FIXTURES, env=env, capture_output=True, text=True, timeout=300)
+    assert through_alias == json.loads(succeeded(direct))
+    # The script's write to the private scaler field reached the one shared state: 4 clean steps at 2**10.
+    assert through_alias["amp_state"] == {"loss_scaler0": {"loss_scale": 1024.0, "unskipped": 4}}
+    assert through_alias["loss_scale_seen_through_amp_state"] == 1024.0
+    assert through_alias["model_dtype"] == "torch.float16"  # O2 really cast the model
+
+
+def test_torchrun_legacy_apex_ddp_script():
+    port = str(free_port())
+    out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                  f"--master_port={port}", "torchrun_apex_ddp.py"))
+    for rank in (0, 1):
+        assert f"rank {rank}/2: apex DDP + amp O1 replicas identical" in out
