@@ -80,7 +80,7 @@ def multi_tensor_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
     for (device, src_dtype, dst_dtype), indices in group_indices(
             pairs, key=lambda pair: (pair[0].device, pair[0].dtype, pair[1].dtype)).items():
         src, dst = pick(sources, indices), pick(destinations, indices)
-        if src_dtype == dst_dtype:
+        if src_dtype == dst_dtype and src_dtype != torch.bfloat16:  # no bf16 kernel for the check on CUDA
             if any(s is not d for s, d in zip(src, dst)):
                 torch._foreach_copy_(dst, src)
             work = dst

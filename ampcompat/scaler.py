@@ -297,7 +297,13 @@ class LossScaler:
                 inv = inv_on_device.to(device)
             else:
                 inv = self._inv_scale(device, scale)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
+            if group[0].dtype == torch.bfloat16:
+                # The fused check has no bf16 kernel on CUDA: work on FP32 copies (bf16 -> FP32 is exact).
+                work = [g.float() for g in group]
+                torch._amp_foreach_non_finite_check_and_unscale_(work, flag, inv)
+                torch._foreach_copy_(group, work)
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
             self._merge_flag(flag)
 
     def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:

@@ -491,7 +491,7 @@ def _larc_groups(model, weight_decay):
 
 
 def _loss(model, x):
-    return model(x).pow(2).sum() + (model.extra * torch.arange(3.0)).sum()
+    return model(x).pow(2).sum() + (model.extra * torch.arange(3.0, device=x.device)).sum()
 
 
 @pytest.mark.parametrize("clip", [True, False])

@@ -340,3 +340,19 @@ def test_loss_scaler_pickles_and_legacy_private_fields():
     legacy = LossScaler.__new__(LossScaler)
     legacy.__setstate__({"_loss_scale": 128.0, "dynamic": False, "_unskipped": 2})  # an Apex-era pickle
     assert legacy.loss_scale() == 128.0 and legacy._scale_seq_len == 2000 and legacy.update_scale() is False
+
+
+def test_dynamic_scaling_of_bf16_grads(device):
+    """A bf16 model with a dynamic scale: the check has no bf16 kernel on CUDA, so FP32 copies are used."""
+    model = make_mlp(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp.initialize(model, opt, opt_level="O3", cast_model_type=torch.bfloat16, loss_scale="dynamic", verbosity=0)
+    (x, y), = batches(1, device)
+    with amp.scale_loss(F.cross_entropy(model(x), y), opt) as scaled:
+        scaled.backward()
+    grad = model.fc1.weight.grad
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+    assert grad.abs().max() < 100  # unscaled: a 2**16-scaled gradient would be far larger
+    with amp.scale_loss(F.cross_entropy(model(x), y) * float("inf"), opt) as scaled:
+        scaled.backward()
+    assert amp._amp_state.loss_scalers[0].loss_scale() == 2.0 ** 15
