@@ -180,7 +180,7 @@ def test_speed_training_records(speed):
         dtypes = {mode: r["param_dtype"] for mode, r in section["modes"].items()}
         assert dtypes["pure_fp16"] == dtypes["O2"] == dtypes["O3"] == "float16"
         assert dtypes["O5"] == "bfloat16" and dtypes["O1"] == dtypes["fp32"] == "float32"
-        assert section["modes"]["native_fp16"]["skipped_steps"] is None
+        assert isinstance(section["modes"]["native_fp16"]["skipped_steps"], int)  # from the optimizer step count
         assert isinstance(section["modes"]["O2"]["skipped_steps"], int)
 
 
