@@ -1,0 +1,143 @@
+"""``python -m ampcompat migrate PATH...``: find Apex uses, and move code to ampcompat or to plain PyTorch.
+
+Three modes, all static (user code is parsed, never run):
+
+* default -- report every Apex use with its verdict under ampcompat (``--format json`` for tools;
+  ``--check`` exits 1 when something is not supported or a file could not be read, for CI);
+* ``--write`` -- point Apex imports at ampcompat, changing no other byte of the file;
+* ``--to-native`` -- rewrite the common patterns to ``torch.autocast`` / ``torch.amp.GradScaler`` /
+  ``torch.optim`` / ``torch.nn``, leaving ``# TODO(ampcompat): ...`` where a rewrite is not mechanical.
+
+``--diff`` shows what ``--write`` / ``--to-native`` would change instead of writing it. Files that
+cannot be read, decoded or parsed are reported and skipped; a file is only ever replaced as a whole
+by a rewrite that parses.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import Optional, Sequence
+
+from .edits import split_lines
+from .report import FileChange, FileNote, Report, render_json, render_text
+from .rewrite_imports import rewrite_imports
+from .scanner import ScanResult, scan
+from .sources import SkippedFile, SourceFile, parses, read_all, write_source
+from .to_native import to_native
+
+__all__ = ["main", "scan", "rewrite_imports", "to_native"]
+
+_INTERNAL_ERROR = "not processed: internal error in ampcompat migrate (please report it)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ampcompat migrate",
+        description="Find NVIDIA Apex uses and migrate them to ampcompat (--write) or to plain PyTorch (--to-native).",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="Python files or folders (searched recursively)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help="rewrite Apex imports to ampcompat in place")
+    action.add_argument("--to-native", action="store_true",
+                        help="rewrite common Apex patterns to plain PyTorch in place, leaving TODO(ampcompat) comments")
+    parser.add_argument("--diff", action="store_true",
+                        help="with --write/--to-native: print a unified diff instead of writing")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if any use is not supported or any file could not be scanned")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``migrate`` command.
+
+    Args:
+        argv: the arguments after ``migrate`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success; 1 with ``--check`` when something is not supported or could not be scanned, or
+        when a rewrite could not be written; 2 for a usage error.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.diff and not (args.write or args.to_native):
+        parser.print_usage(sys.stderr)
+        print("python -m ampcompat migrate: error: --diff needs --write or --to-native", file=sys.stderr)
+        return 2
+    mode = "write" if args.write else "to-native" if args.to_native else "report"
+    report = Report(mode)
+    write_failed = False
+    for item in read_all(args.paths):
+        if isinstance(item, SkippedFile):
+            report.skipped.append(item)
+            continue
+        try:
+            result = scan(item)
+        except Exception as exc:  # a scanner bug must not end the run for every other file
+            report.skipped.append(SkippedFile(item.path, f"{_INTERNAL_ERROR} while scanning: {exc!r}"))
+            continue
+        report.scanned.append(item.path)
+        report.uses.extend(result.uses)
+        if mode != "report":
+            change = _migrate_file(result, mode, args.diff, report)
+            write_failed |= change is None
+            if change is not None:
+                report.changes.append(change)
+    output = render_json(report) if args.format == "json" else render_text(report, args.diff)
+    sys.stdout.write(output)
+    if write_failed:
+        return 1
+    if args.check and (report.has_unsupported or report.skipped):
+        return 1
+    return 0
+
+
+def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report) -> Optional[FileChange]:
+    """Rewrite one file; ``None`` (with the reason in ``report.skipped``) if it could not be written."""
+    source = result.source
+    try:
+        if mode == "write":
+            rewrite = rewrite_imports(result)
+            new_text, notes, converted = rewrite.text, rewrite.notes, 0
+        else:
+            native = to_native(result)
+            new_text, notes, converted = native.text, native.notes, native.converted
+    except Exception as exc:  # a rewriter bug leaves this file alone and the run going
+        report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while rewriting: {exc!r}"))
+        return None
+    file_notes = [FileNote(source.path, note.line, note.col, note.message) for note in notes]
+    changed = new_text != source.text
+    diff = _unified_diff(source, new_text) if changed else ""
+    written = False
+    if changed and not show_diff:
+        reason = _write(source, new_text)
+        if reason is not None:
+            report.skipped.append(SkippedFile(source.path, reason))
+            return None
+        written = True
+    return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted)
+
+
+def _write(source: SourceFile, new_text: str) -> Optional[str]:
+    """Write ``new_text`` over the file; the reason it was not written, or ``None``."""
+    if not source.round_trips:
+        return f"not rewritten: re-encoding the file as {source.encoding} would change bytes the rewrite did not touch"
+    if not parses(new_text):
+        return "not rewritten: the rewritten text does not parse (please report this as an ampcompat bug)"
+    try:
+        write_source(source, new_text)
+    except (OSError, UnicodeEncodeError) as exc:
+        return f"could not write the file: {exc}"
+    return None
+
+
+def _unified_diff(source: SourceFile, new_text: str) -> str:
+    old_lines, new_lines = split_lines(source.text), split_lines(new_text)
+    relative = not os.path.isabs(source.path)
+    old_name, new_name = (f"a/{source.path}", f"b/{source.path}") if relative else (source.path, source.path)
+    return "".join(difflib.unified_diff(old_lines, new_lines, old_name, new_name))

@@ -1,0 +1,429 @@
+"""The table of Apex names: what each does under ampcompat, and its native PyTorch equivalent.
+
+This is the single source for the verdicts ``ampcompat migrate`` reports and for the status tables
+in ``migration_guide.md`` (``tests/test_migration_guide.py`` checks the guide against it, and
+``markdown_tables()`` renders them).
+
+Three verdicts, from the point of view of code that keeps calling the Apex name through ampcompat:
+
+* runs unchanged -- same behaviour as Apex (a note may still point at something worth knowing);
+* runs with a noted difference -- works, but something observable differs from Apex; the note
+  says what and why;
+* not supported -- ampcompat does not provide it; the note says what to use instead.
+"""
+from __future__ import annotations
+
+import ast
+import enum
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .callargs import NOT_LITERAL, argument, literal_value
+
+
+class Verdict(enum.Enum):
+    """How an Apex name fares under ampcompat (ordered from best to worst)."""
+
+    SUPPORTED = "runs unchanged"
+    DIFFERENCE = "runs with a noted difference"
+    UNSUPPORTED = "not supported"
+
+    @property
+    def key(self) -> str:
+        """The machine-readable name used in JSON output (``supported``, ...)."""
+        return self.name.lower()
+
+    @property
+    def rank(self) -> int:
+        return list(Verdict).index(self)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Apex name.
+
+    Attributes:
+        name: the dotted name as Apex spelled it (``apex.amp.initialize``; ``amp_C.multi_tensor_scale``;
+            ``optimizer._amp_stash`` for attributes amp adds to the user's objects).
+        kind: ``module``, ``function``, ``class``, ``object`` or ``attribute``.
+        verdict: the verdict for an ordinary use.
+        native: the plain-PyTorch equivalent (Markdown; backticks around code).
+        note: why the verdict is what it is / what differs / what to do.
+    """
+
+    name: str
+    kind: str
+    verdict: Verdict
+    native: str
+    note: str = ""
+
+
+_S, _D, _U = Verdict.SUPPORTED, Verdict.DIFFERENCE, Verdict.UNSUPPORTED
+
+_O1_NOTE = (
+    "O1 casts through PyTorch's autocast instead of patching torch functions, so the op lists are "
+    "PyTorch's: einsum, scaled_dot_product_attention and gelu run in FP16, `.cpu()` keeps FP16, "
+    "in-place FP32-list ops on FP16 tensors do not raise, and binary_cross_entropy raises RuntimeError "
+    "for any input; autocast is per thread (Apex patched the whole process)"
+)
+_STATIC_SCALE_NOTE = (
+    "a static loss_scale above 1 now detects inf/NaN gradients and skips the step "
+    "(Apex applied such steps)"
+)
+_REGISTRY_NOTE = (
+    "the wrapped function gets inputs cast as before and its body runs with autocast off "
+    "(under Apex, ops inside the body were still cast)"
+)
+_NO_CUSTOM_FWD = (
+    "cast the inputs yourself and run the body under `torch.autocast(device_type, enabled=False)`; "
+    "for an `autograd.Function` use `torch.amp.custom_fwd(device_type=..., cast_inputs=...)`"
+)
+_MASTER_COPY_NATIVE = "FP32 model + `torch.autocast`; or keep FP32 copies by hand (`torch._foreach_copy_`)"
+
+_ENTRIES: Tuple[Entry, ...] = (
+    # --- apex / amp -------------------------------------------------------------------------------
+    Entry("apex", "module", _S, "—",
+          "`import apex` becomes `import ampcompat as apex`; the removed submodules are attributes of ampcompat"),
+    Entry("apex.amp", "module", _S, "`torch.amp`",
+          "a real module, so `'state_dict' in amp.__dict__` checks (timm) still pass"),
+    Entry("apex.amp.initialize", "function", _D,
+          "O1: `torch.autocast(device_type, dtype=torch.float16)` around forward and loss, plus "
+          "`torch.amp.GradScaler(device_type)`; O0: nothing; O2/O3: no native equivalent (FP16 weights)",
+          "O0, O2 and O3 behave as in Apex; O1 casts with PyTorch's autocast op lists, per thread (see "
+          "Behaviour that differs); CPU models are accepted; O4/O5 are ROCm Apex's bf16 levels"),
+    Entry("apex.amp.scale_loss", "function", _S,
+          "`scaler.scale(loss).backward()`, then `scaler.step(optimizer)` and `scaler.update()`",
+          "grads are unscaled when the `with` block exits; the scale is updated once per backward pass"),
+    Entry("apex.amp.master_params", "function", _S,
+          "`scaler.unscale_(optimizer)`, then the tensors in `optimizer.param_groups`"),
+    Entry("apex.amp.state_dict", "function", _S,
+          "`scaler.state_dict()` (different keys: see Checkpoints)",
+          "plain Python numbers in Apex's format; loads with `torch.load(weights_only=True)`"),
+    Entry("apex.amp.load_state_dict", "function", _S,
+          "`scaler.load_state_dict(...)` after converting Apex's format (see Checkpoints)"),
+    Entry("apex.amp.disable_casts", "function", _S, "`torch.autocast(device_type, enabled=False)`"),
+    Entry("apex.amp.half_function", "function", _D, _NO_CUSTOM_FWD, _REGISTRY_NOTE),
+    Entry("apex.amp.float_function", "function", _D, _NO_CUSTOM_FWD, _REGISTRY_NOTE),
+    Entry("apex.amp.promote_function", "function", _D,
+          "cast the inputs to their widest floating type, then call the function", _REGISTRY_NOTE),
+    Entry("apex.amp.register_half_function", "function", _D, _NO_CUSTOM_FWD,
+          _REGISTRY_NOTE + "; still call it before `amp.initialize`"),
+    Entry("apex.amp.register_float_function", "function", _D, _NO_CUSTOM_FWD,
+          _REGISTRY_NOTE + "; still call it before `amp.initialize`"),
+    Entry("apex.amp.register_promote_function", "function", _D,
+          "cast the inputs to their widest floating type, then call the function",
+          _REGISTRY_NOTE + "; still call it before `amp.initialize`"),
+    Entry("apex.amp.init", "function", _D, "as for O1: `torch.autocast` + `torch.amp.GradScaler`",
+          "the pre-2019 handle API: the handle is kept, and casting is O1's (native autocast op lists)"),
+    Entry("apex.amp.init().scale_loss", "function", _U, "`amp.scale_loss(loss, optimizer)`",
+          "the old handle's scale_loss: Apex itself raised RuntimeError (\"The old Amp API is no longer supported\")"),
+    Entry("apex.amp._amp_state", "object", _S,
+          "the GradScaler's public API: `scaler.get_scale()`, `scaler.update(new_scale=...)`",
+          "private state kept under Apex's names (`loss_scalers[i]._loss_scale`, `opt_properties`, ...)"),
+    Entry("apex.amp.scaler", "module", _S, "`torch.amp.grad_scaler`"),
+    Entry("apex.amp.scaler.LossScaler", "class", _S, "`torch.amp.GradScaler`",
+          "old pickles naming `apex.amp.scaler.LossScaler` load through the import alias"),
+    Entry("optimizer._amp_stash", "attribute", _S, "none (GradScaler keeps no per-optimizer stash)",
+          "kept under Apex's name with Apex's fields"),
+    Entry("optimizer._lazy_init_maybe_master_weights", "attribute", _S, "none",
+          "kept: creates O2's FP32 master weights early"),
+    Entry("optimizer._master_params_to_model_params", "attribute", _S, "none", "kept"),
+    Entry("optimizer._amp_lazy_init", "attribute", _S, "none", "kept"),
+    Entry("optimizer._prepare_amp_backward", "attribute", _S, "none", "kept"),
+    Entry("optimizer._post_amp_backward", "attribute", _S, "none", "kept"),
+    # --- apex.fp16_utils ------------------------------------------------------------------------
+    Entry("apex.fp16_utils", "module", _S, "—"),
+    Entry("apex.fp16_utils.FP16_Optimizer", "class", _S,
+          "FP32 model + `torch.autocast` + `torch.amp.GradScaler` (torch has no FP16-weights wrapper)",
+          "`state_dict()` holds only tensors and numbers, so it loads with `torch.load(weights_only=True)`"),
+    Entry("apex.fp16_utils.FP16Model", "class", _S, "`model.half()` with affine BatchNorm kept FP32; or autocast",
+          "state_dict keys keep Apex's `network.` prefix"),
+    Entry("apex.fp16_utils.network_to_half", "function", _S, "`model.half()` with affine BatchNorm kept FP32",
+          "state_dict keys keep Apex's `1.` prefix"),
+    Entry("apex.fp16_utils.BN_convert_float", "function", _S, "`m.float()` for every affine `_BatchNorm`"),
+    Entry("apex.fp16_utils.convert_module", "function", _S, "`module.to(dtype)`"),
+    Entry("apex.fp16_utils.convert_network", "function", _S, "`module.to(dtype)` (affine BatchNorm skipped)"),
+    Entry("apex.fp16_utils.prep_param_lists", "function", _S, _MASTER_COPY_NATIVE),
+    Entry("apex.fp16_utils.model_grads_to_master_grads", "function", _S, _MASTER_COPY_NATIVE),
+    Entry("apex.fp16_utils.master_params_to_model_params", "function", _S, _MASTER_COPY_NATIVE),
+    Entry("apex.fp16_utils.to_python_float", "function", _S, "`t.item()`"),
+    Entry("apex.fp16_utils.tofp16", "class", _S, "`x.half()`"),
+    Entry("apex.fp16_utils.clip_grad_norm", "function", _S, "`torch.nn.utils.clip_grad_norm_`"),
+    Entry("apex.fp16_utils.LossScaler", "class", _S, "`torch.amp.GradScaler`",
+          "the legacy static scaler: `loss_scale` is a property here, a method on `apex.amp.scaler.LossScaler`"),
+    Entry("apex.fp16_utils.DynamicLossScaler", "class", _S,
+          "`torch.amp.GradScaler(init_scale=2**32, growth_interval=1000)`"),
+    Entry("apex.fp16_utils.fp16_optimizer", "module", _S, "—"),
+    Entry("apex.fp16_utils.fp16util", "module", _S, "—"),
+    Entry("apex.fp16_utils.loss_scaler", "module", _S, "—"),
+    # --- apex.parallel --------------------------------------------------------------------------
+    Entry("apex.parallel", "module", _S, "`torch.nn.parallel`, `torch.distributed`"),
+    Entry("apex.parallel.DistributedDataParallel", "class", _D,
+          "`torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)`",
+          "built on torch's DDP: buffers are not broadcast (as in Apex), `message_size` sets the bucket size, "
+          "`delay_allreduce`, `gradient_predivide_factor` and `allreduce_always_fp32` go through comm hooks; "
+          "the object is a torch DDP, so `isinstance` checks against torch's class now pass"),
+    Entry("apex.parallel.Reducer", "class", _S,
+          "`torch.distributed.all_reduce` over the grads, divided by the world size"),
+    Entry("apex.parallel.SyncBatchNorm", "class", _S, "`torch.nn.SyncBatchNorm`"),
+    Entry("apex.parallel.convert_syncbn_model", "function", _S,
+          "`torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`"),
+    Entry("apex.parallel.create_syncbn_process_group", "function", _S, "`torch.distributed.new_subgroups(group_size)`"),
+    Entry("apex.parallel.ReduceOp", "class", _S, "`torch.distributed.ReduceOp`"),
+    Entry("apex.parallel.LARC", "module", _S, "—"),
+    Entry("apex.parallel.LARC.LARC", "class", _S, "none in torch (ampcompat keeps the wrapper)"),
+    Entry("apex.parallel.distributed", "module", _S, "—"),
+    Entry("apex.parallel.distributed.flat_dist_call", "function", _S,
+          "`torch.distributed.all_reduce` on `torch._utils._flatten_dense_tensors(tensors)`"),
+    Entry("apex.parallel.sync_batchnorm", "module", _S, "—"),
+    Entry("apex.parallel.optimized_sync_batchnorm", "module", _S, "`torch.nn.SyncBatchNorm`"),
+    Entry("apex.parallel.multiproc", "module", _S, "`torchrun --nproc_per_node=N script.py`",
+          "Apex's one-process-per-GPU launcher, run as `python -m ampcompat.parallel.multiproc`"),
+    # --- apex.optimizers ------------------------------------------------------------------------
+    Entry("apex.optimizers", "module", _S, "`torch.optim`"),
+    Entry("apex.optimizers.FusedAdam", "class", _S,
+          "`torch.optim.AdamW(params, weight_decay=0.0, fused=True)` (`adam_w_mode=False`: `torch.optim.Adam`); "
+          "pass `weight_decay` explicitly: AdamW's default is 0.01, FusedAdam's 0.0",
+          "runs torch's fused Adam/AdamW kernels; `optimizer.state_dict()` has torch's layout (a `step` per "
+          "parameter) and Apex-era checkpoints are converted when loaded"),
+    Entry("apex.optimizers.FusedLAMB", "class", _S, "none in torch"),
+    Entry("apex.optimizers.FusedSGD", "class", _S, "`torch.optim.SGD(params, lr, fused=True)`",
+          "runs torch's fused SGD kernel; momentum buffers are created on the first step and only when momentum != 0"),
+    Entry("apex.optimizers.FusedNovoGrad", "class", _S, "none in torch"),
+    Entry("apex.optimizers.FusedAdagrad", "class", _S, "`torch.optim.Adagrad`"),
+    Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", _S, "none in torch"),
+    # --- apex.normalization ---------------------------------------------------------------------
+    Entry("apex.normalization", "module", _S, "`torch.nn`"),
+    Entry("apex.normalization.FusedLayerNorm", "class", _S,
+          "`torch.nn.LayerNorm` (same parameters and state_dict; under autocast its output is FP32, "
+          "not the autocast dtype)",
+          "as in Apex, under autocast the output has the autocast dtype"),
+    Entry("apex.normalization.FusedRMSNorm", "class", _S, "`torch.nn.RMSNorm(shape, eps=1e-5)`",
+          "pass `eps=1e-5` explicitly when moving to torch: `torch.nn.RMSNorm`'s default eps is the dtype's epsilon"),
+    Entry("apex.normalization.MixedFusedLayerNorm", "class", _S,
+          "`torch.nn.LayerNorm`, output cast to the parameter dtype"),
+    Entry("apex.normalization.MixedFusedRMSNorm", "class", _S,
+          "`torch.nn.RMSNorm`, output cast to the parameter dtype"),
+    # --- apex.multi_tensor_apply / amp_C ---------------------------------------------------------
+    Entry("apex.multi_tensor_apply", "module", _S, "`torch._foreach_*`"),
+    Entry("apex.multi_tensor_apply.multi_tensor_applier", "object", _S, "call the `torch._foreach_*` op directly",
+          "always available: every op runs on `torch._foreach_*` kernels on any device"),
+    Entry("apex.multi_tensor_apply.MultiTensorApply", "class", _S, "call the `torch._foreach_*` op directly"),
+    Entry("amp_C", "module", _S, "`torch._foreach_*` and the fused AMP kernels",
+          "a Python module of the same name: `import amp_C` becomes `import ampcompat.amp_C as amp_C`"),
+    Entry("amp_C.multi_tensor_scale", "function", _S,
+          "`torch._foreach_mul(src, scale)` + copy; inf/NaN check: `torch._amp_foreach_non_finite_check_and_unscale_`"),
+    Entry("amp_C.multi_tensor_axpby", "function", _S, "`torch._foreach_add(torch._foreach_mul(x, a), y, alpha=b)`"),
+    Entry("amp_C.multi_tensor_l2norm", "function", _S,
+          "`torch._foreach_norm(tensors)` (+ `torch.linalg.vector_norm` of those)"),
+    Entry("amp_C.multi_tensor_unscale_l2norm", "function", _S,
+          "`torch._foreach_norm(torch._foreach_mul(tensors, inv_scale))`"),
+    Entry("amp_C.multi_tensor_l2norm_mp", "function", _S, "`torch._foreach_norm` on FP32 copies"),
+    Entry("amp_C.update_scale_hysteresis", "function", _S, "`torch._amp_update_scale_` (no hysteresis)"),
+    Entry("amp_C.multi_tensor_adam", "function", _S, "`torch.optim.Adam(W)(fused=True)`"),
+    Entry("amp_C.multi_tensor_sgd", "function", _S, "`torch.optim.SGD(fused=True)`"),
+    Entry("amp_C.multi_tensor_adagrad", "function", _S, "`torch.optim.Adagrad`"),
+    Entry("amp_C.multi_tensor_lamb", "function", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)"),
+    Entry("amp_C.multi_tensor_novograd", "function", _S, "none in torch (`ampcompat.optimizers.FusedNovoGrad`)"),
+    Entry("amp_C.multi_tensor_adam_capturable", "function", _U, "`torch.optim.Adam(capturable=True)`",
+          "not provided (raises NotImplementedError): use `FusedAdam(capturable=True)`"),
+    Entry("amp_C.multi_tensor_adam_capturable_master", "function", _U, "`torch.optim.Adam(capturable=True)`",
+          "not provided (raises NotImplementedError): use `FusedAdam(capturable=True, master_weights=True)`"),
+    Entry("amp_C.multi_tensor_lamb_mp", "function", _U, "none in torch",
+          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
+    Entry("amp_C.multi_tensor_lamb_stage1_cuda", "function", _U, "none in torch",
+          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
+    Entry("amp_C.multi_tensor_lamb_stage2_cuda", "function", _U, "none in torch",
+          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
+    Entry("amp_C.multi_tensor_l2norm_scale", "function", _U, "`torch._foreach_norm` + `torch._foreach_mul_`",
+          "not provided (raises NotImplementedError): use `multi_tensor_l2norm` then `multi_tensor_scale`"),
+    Entry("amp_C.multi_tensor_lars", "function", _U, "`torch.optim.SGD` with a LARS trust ratio",
+          "not provided (raises NotImplementedError): use SGD inside `apex.parallel.LARC.LARC`"),
+    # --- outside ampcompat's scope ----------------------------------------------------------------
+    Entry("apex_C", "module", _U, "`torch._utils._flatten_dense_tensors` / `_unflatten_dense_tensors`",
+          "Apex's compiled flatten/unflatten helpers are not part of ampcompat"),
+    Entry("apex.contrib", "module", _U, "—",
+          "apex.contrib is still part of current Apex (build Apex for it); ampcompat does not provide it"),
+    Entry("apex.transformer", "module", _U, "—",
+          "apex.transformer is still part of current Apex; ampcompat does not provide it"),
+    Entry("apex.mlp", "module", _U, "a stack of `torch.nn.Linear`", "still part of current Apex; not in ampcompat"),
+    Entry("apex.fused_dense", "module", _U, "`torch.nn.Linear`", "still part of current Apex; not in ampcompat"),
+    Entry("apex.RNN", "module", _U, "`torch.nn.LSTM` / `GRU` / `RNN`", "removed from Apex with amp; not in ampcompat"),
+)
+
+ENTRIES: Dict[str, Entry] = {entry.name: entry for entry in _ENTRIES}
+"""Every catalogued name, keyed by its dotted Apex name."""
+
+MAPPED_PACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply")
+"""``apex.<name>`` subpackages that ampcompat provides as ``ampcompat.<name>``."""
+
+MAPPED_TOP_LEVEL = {"amp_C": "ampcompat.amp_C"}
+"""Apex's top-level extension modules that ampcompat provides."""
+
+PRIVATE_ATTRIBUTES = tuple(name.split(".", 1)[1] for name in ENTRIES if name.startswith("optimizer."))
+"""Attribute names amp adds to the user's optimizers; distinctive enough to find by name alone."""
+
+GROUPS: Tuple[Tuple[str, str], ...] = (
+    ("apex.amp", "`apex.amp`"),
+    ("apex.fp16_utils", "`apex.fp16_utils`"),
+    ("apex.parallel", "`apex.parallel`"),
+    ("apex.optimizers", "`apex.optimizers`"),
+    ("apex.normalization", "`apex.normalization`"),
+    ("apex.multi_tensor_apply", "`apex.multi_tensor_apply` and `amp_C`"),
+    ("other", "Other Apex modules"),
+)
+"""Sections of the guide's status tables: (group key, heading)."""
+
+
+def group_of(name: str) -> str:
+    """The :data:`GROUPS` key a catalogued name is listed under."""
+    if name.startswith("optimizer.") or name == "apex.amp" or name.startswith("apex.amp."):
+        return "apex.amp"
+    if name == "amp_C" or name.startswith("amp_C."):
+        return "apex.multi_tensor_apply"
+    for key, _ in GROUPS:
+        if name == key or name.startswith(key + "."):
+            return key
+    return "other"
+
+
+def ampcompat_module(apex_module: str) -> Optional[str]:
+    """The ampcompat module that stands in for an Apex module path, or ``None`` if there is none.
+
+    ``apex`` -> ``ampcompat``; ``apex.parallel.LARC`` -> ``ampcompat.parallel.LARC``;
+    ``amp_C`` -> ``ampcompat.amp_C``; ``apex.contrib`` -> ``None``.
+    """
+    if apex_module == "apex":
+        return "ampcompat"
+    parts = apex_module.split(".")
+    if parts[0] == "apex" and parts[1] in MAPPED_PACKAGES:
+        return "ampcompat." + ".".join(parts[1:])
+    if parts[0] in MAPPED_TOP_LEVEL:
+        return ".".join([MAPPED_TOP_LEVEL[parts[0]]] + parts[1:])
+    return None
+
+
+def apex_module(module: str) -> Optional[Tuple[str, str]]:
+    """Inverse of :func:`ampcompat_module` that also accepts Apex's own paths.
+
+    Returns:
+        ``(apex_path, via)`` where ``via`` is ``"apex"`` or ``"ampcompat"``, or ``None`` for a module
+        that is neither Apex nor an ampcompat stand-in for it.
+    """
+    parts = module.split(".")
+    if parts[0] in ("apex", "apex_C") or parts[0] in MAPPED_TOP_LEVEL:
+        return module, "apex"
+    if parts[0] != "ampcompat":
+        return None
+    if len(parts) == 1:
+        return "apex", "ampcompat"
+    if parts[1] in MAPPED_PACKAGES:
+        return "apex." + ".".join(parts[1:]), "ampcompat"
+    if parts[1] in MAPPED_TOP_LEVEL:
+        return ".".join(parts[1:]), "ampcompat"
+    return None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a dotted Apex name resolves to: the catalogued ``api`` and the verdict for this use."""
+
+    api: str
+    entry: Optional[Entry]
+    verdict: Verdict
+    note: str
+    native: str
+
+
+def resolve(qualname: str, call: Optional[ast.Call] = None) -> Resolution:
+    """Look up a dotted name, refining the verdict from the call's arguments when given.
+
+    The longest catalogued prefix wins, so ``apex.amp._amp_state.loss_scalers`` resolves to
+    ``apex.amp._amp_state``. A name below a catalogued *module* that is not itself catalogued is not
+    one of Apex's public names, and ampcompat does not promise it.
+
+    Args:
+        qualname: e.g. ``apex.amp.initialize``.
+        call: the call made with exactly this name, if any (``amp.initialize(...)``).
+    """
+    parts = qualname.split(".")
+    for length in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:length])
+        entry = ENTRIES.get(prefix)
+        if entry is not None:
+            break
+    else:
+        return Resolution(qualname, None, _U, "not an Apex name ampcompat knows", "—")
+    if length < len(parts) and entry.kind == "module":
+        if entry.verdict is _U:
+            return Resolution(qualname, entry, _U, entry.note, entry.native)
+        missing = ".".join(parts[length:])
+        return Resolution(qualname, None, _U,
+                          f"`{missing}` is not one of Apex's public names in `{prefix}`; ampcompat does not provide it",
+                          "—")
+    verdict, note = entry.verdict, entry.note
+    refine = _REFINERS.get(entry.name)
+    if refine is not None and call is not None and length == len(parts):
+        verdict, note = refine(call)
+    return Resolution(entry.name, entry, verdict, note, entry.native)
+
+
+# --- verdicts that depend on the arguments -----------------------------------------------------------
+def _refine_initialize(call: ast.Call) -> Tuple[Verdict, str]:
+    if literal_value(argument(call, "enabled", 2)) is False:
+        return _S, "enabled=False: the arguments are returned untouched, as in Apex"
+    level_node = argument(call, "opt_level", 3)
+    level = "O1" if level_node is None else literal_value(level_node)
+    if level == "O1":
+        verdict, notes = _D, [_O1_NOTE]
+    elif level in ("O0", "O2", "O3"):
+        verdict, notes = _S, []
+    elif level in ("O4", "O5"):
+        verdict, notes = _D, [f"{level} is ROCm Apex's bf16 level; NVIDIA Apex raised RuntimeError for it"]
+    elif level is NOT_LITERAL:
+        verdict, notes = _D, ["opt_level is chosen at run time; if it is O1: " + _O1_NOTE]
+    else:
+        return _U, f"opt_level {level!r} is not an optimization level: Apex and ampcompat raise RuntimeError"
+    scale = literal_value(argument(call, "loss_scale", 8))
+    if _is_static_scale_above_one(scale):
+        verdict, notes = _D, notes + [_STATIC_SCALE_NOTE]
+    return verdict, "; ".join(notes)
+
+
+def _is_static_scale_above_one(value: object) -> bool:
+    if value is None or value is NOT_LITERAL or value == "dynamic" or isinstance(value, bool):
+        return False
+    try:
+        return float(value) > 1.0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+_REFINERS: Dict[str, Callable[[ast.Call], Tuple[Verdict, str]]] = {
+    "apex.amp.initialize": _refine_initialize,
+}
+
+
+# --- the guide's tables ------------------------------------------------------------------------------
+def entries_in(group: str) -> List[Entry]:
+    """The catalogued names of one :data:`GROUPS` section, in catalogue order."""
+    return [entry for entry in _ENTRIES if group_of(entry.name) == group]
+
+
+def markdown_row(entry: Entry) -> str:
+    """The guide's table row for ``entry``: name | status | native equivalent | notes."""
+    suffix = " (attribute amp adds)" if entry.name.startswith("optimizer.") else ""
+    cells = [f"`{entry.name}`{suffix}", entry.verdict.value, entry.native, entry.note]
+    return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
+
+
+def markdown_tables() -> str:
+    """All status tables, one per :data:`GROUPS` section, as they appear in ``migration_guide.md``."""
+    blocks = []
+    for group, heading in GROUPS:
+        rows = [markdown_row(entry) for entry in entries_in(group)]
+        blocks.append(
+            "\n".join([f"### {heading}", "", "| Apex name | ampcompat | native PyTorch | notes |",
+                       "| --- | --- | --- | --- |"] + rows)
+        )
+    return "\n\n".join(blocks) + "\n"

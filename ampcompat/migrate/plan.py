@@ -1,0 +1,184 @@
+"""The edit plan of one ``--to-native`` rewrite: source edits, TODO comments, and what was converted.
+
+The converters in :mod:`native_amp` and :mod:`native_calls` describe their changes through this
+object; nothing touches the text until :meth:`RewritePlan.render`, which places every TODO comment
+on its own line above the statement it concerns.
+"""
+from __future__ import annotations
+
+import ast
+import bisect
+import textwrap
+from typing import Dict, List, Set, Tuple
+
+from .edits import Edit, apply_edits
+from .rewrite_imports import Note
+from .scanner import ScanResult, Use
+from .syntax import statement_of
+
+TODO_PREFIX = "# TODO(ampcompat): "
+_TODO_WIDTH = 100
+
+
+class RewritePlan:
+    """Accumulates the changes for one file.
+
+    Attributes:
+        result: the scan the plan is based on.
+        edits: source edits (non-overlapping).
+        converted: ids of the use nodes now expressed in plain PyTorch.
+        uses_torch: whether generated code refers to ``torch``.
+    """
+
+    def __init__(self, result: ScanResult) -> None:
+        self.result = result
+        self.text = result.text
+        self.parents = result.parents
+        self.edits: List[Edit] = []
+        self.converted: Set[int] = set()
+        self.uses_torch = False
+        self._todos: List[Tuple[ast.stmt, str]] = []
+        self._wrapped: List[Tuple[int, int]] = []
+        self._taken = set(_identifiers(result.source.tree))
+        self._fresh: Dict[str, str] = {}
+
+    # -- names ---------------------------------------------------------------------------------
+    def fresh_name(self, wanted: str) -> str:
+        """``wanted``, or ``wanted_native``, ... -- a name the file does not use yet (stable per file)."""
+        if wanted not in self._fresh:
+            name, counter = wanted, 1
+            while name in self._taken:
+                name = f"{wanted}_native" if counter == 1 else f"{wanted}_native{counter}"
+                counter += 1
+            self._taken.add(name)
+            self._fresh[wanted] = name
+        return self._fresh[wanted]
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def mark_converted(self, use: Use) -> None:
+        self.converted.add(id(use.node))
+
+    def is_converted(self, use: Use) -> bool:
+        return id(use.node) in self.converted
+
+    def statement(self, node: ast.AST) -> ast.stmt:
+        return statement_of(node, self.parents)
+
+    # -- edits ---------------------------------------------------------------------------------
+    def replace(self, node: ast.AST, replacement: str) -> None:
+        """Replace the exact source text of ``node``."""
+        start, end = self.text.span(node)
+        self.edits.append(Edit(start, end, replacement))
+
+    def replace_statement(self, statement: ast.stmt, lines: List[str]) -> None:
+        """Replace the whole lines of a statement that owns them with ``lines`` (indented like it).
+
+        Comments inside the replaced lines are kept, each on its own line above the new code.
+        """
+        text = self.text
+        indent = text.indentation(statement.lineno)
+        newline = text.newline(statement.lineno)
+        start = text.line_start(statement.lineno)
+        end = text.line_end(statement.end_lineno)  # type: ignore[arg-type]
+        body = newline.join(indent + line for line in text.comments_in(start, end) + lines)
+        if text.text[start:end].endswith(("\n", "\r")):
+            body += newline
+        self.edits.append(Edit(start, end, body))
+
+    def wrap_in_block(self, first: ast.stmt, last: ast.stmt, header: str) -> None:
+        """Put the lines from ``first`` to ``last`` under ``header`` (e.g. ``with torch.autocast(...):``).
+
+        Only zero-width insertions are made (the header line, one indentation unit per line), so
+        rewrites inside the wrapped lines stay independent of the wrapping.
+        """
+        indent = self.text.indentation(first.lineno)
+        unit = "\t" if "\t" in indent else "    "
+        start = self.text.line_start(first.lineno)
+        self.edits.append(Edit(start, start, indent + header + self.text.newline(first.lineno)))
+        for lineno in range(first.lineno, last.end_lineno + 1):  # type: ignore[operator]
+            if self.text.line(lineno).strip():
+                self.edits.append(Edit(self.text.line_start(lineno), self.text.line_start(lineno), unit))
+        self._wrapped.append((first.lineno, last.end_lineno))  # type: ignore[arg-type]
+
+    def insert_lines_before(self, statement: ast.stmt, lines: List[str]) -> None:
+        """Insert ``lines`` above ``statement``, at its indentation."""
+        indent = self.text.indentation(statement.lineno)
+        newline = self.text.newline(statement.lineno)
+        start = self.text.line_start(statement.lineno)
+        self.edits.append(Edit(start, start, "".join(indent + line + newline for line in lines)))
+
+    def todo(self, node: ast.AST, message: str) -> None:
+        """Leave ``# TODO(ampcompat): message`` above the statement holding ``node``."""
+        anchor = self._line_owning_statement(self.statement(node))
+        if (anchor, message) not in self._todos:
+            self._todos.append((anchor, message))
+
+    def todo_notes(self) -> List[Note]:
+        """The TODOs as notes positioned in the original file."""
+        notes = []
+        for anchor, message in self._todos:
+            start = self.text.offset(anchor.lineno, anchor.col_offset)
+            col = start - self.text.line_start(anchor.lineno) + 1
+            notes.append(Note(anchor.lineno, col, "TODO(ampcompat): " + message))
+        return sorted(notes, key=lambda note: (note.line, note.col))
+
+    def render(self) -> str:
+        """The new text: every edit applied and every TODO comment inserted."""
+        comments = []
+        for anchor, message in self._todos:
+            position, indent = self._comment_position(anchor)
+            newline = self.text.newline(anchor.lineno)
+            lines = textwrap.wrap(message, _TODO_WIDTH - len(indent), initial_indent=TODO_PREFIX,
+                                  subsequent_indent="#   ", break_on_hyphens=False)
+            comment = "".join(indent + line + newline for line in lines)
+            comments.append(Edit(position, position, comment))
+        # Comments first: at a shared offset they then land above whatever else is inserted there.
+        return apply_edits(self.text.text, comments + self.edits)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _line_owning_statement(self, statement: ast.stmt) -> ast.stmt:
+        """The innermost statement, from ``statement`` outwards, that starts its own line.
+
+        A statement after ``;`` on a module's top level has no such parent: a comment line above its
+        line is still valid there, so it is its own anchor.
+        """
+        current = statement
+        while not self.text.starts_line(current):
+            parent = self.parents.get(current)
+            while parent is not None and not isinstance(parent, ast.stmt):
+                parent = self.parents.get(parent)
+            if parent is None:
+                return current
+            current = parent
+        return current
+
+    def _comment_position(self, anchor: ast.stmt) -> Tuple[int, str]:
+        """Where a comment line above ``anchor`` goes, and its indentation.
+
+        That is the anchor's line start, unless the line lies in lines that are rewritten as a whole
+        or wrapped in a new block: then the comment goes above those lines.
+        """
+        lineno = anchor.lineno
+        while True:
+            position = self.text.line_start(lineno)
+            covering = [edit.start for edit in self.edits if edit.start < position < edit.end]
+            covering += [self.text.line_start(first) for first, last in self._wrapped if first < lineno <= last]
+            if not covering:
+                return position, self.text.indentation(lineno)
+            lineno = bisect.bisect_right(self.text.line_starts, min(covering))
+
+
+def _identifiers(tree: ast.AST) -> Set[str]:
+    found: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.arg):
+            found.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+        elif isinstance(node, ast.alias):
+            found.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+    return found

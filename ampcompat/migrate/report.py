@@ -1,0 +1,161 @@
+"""What ``ampcompat migrate`` prints: the list of Apex uses, the files changed, and a summary.
+
+Text is for people (``path:line:col: api — verdict: reason``, as compilers print diagnostics);
+``--format json`` gives tools the same facts in one JSON object.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+from .catalogue import Verdict
+from .scanner import Use
+from .sources import SkippedFile
+
+
+@dataclass(frozen=True)
+class FileNote:
+    """A remark about one place in a file (an import left alone, a TODO left by ``--to-native``)."""
+
+    path: str
+    line: int
+    col: int
+    message: str
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """The outcome of ``--write`` / ``--to-native`` for one file."""
+
+    path: str
+    changed: bool
+    written: bool
+    diff: str
+    notes: Sequence[FileNote] = ()
+    converted: int = 0
+
+
+@dataclass
+class Report:
+    """Everything one run found and did.
+
+    Attributes:
+        mode: ``report``, ``write`` or ``to-native``.
+        uses: every Apex use in the files that could be read.
+        skipped: files that could not be read, parsed or written.
+        changes: per-file outcomes (``write`` and ``to-native`` only).
+        scanned: the files that were read and scanned.
+    """
+
+    mode: str
+    uses: List[Use] = field(default_factory=list)
+    skipped: List[SkippedFile] = field(default_factory=list)
+    changes: List[FileChange] = field(default_factory=list)
+    scanned: List[str] = field(default_factory=list)
+
+    def count(self, verdict: Verdict) -> int:
+        return sum(1 for use in self.uses if use.verdict is verdict)
+
+    @property
+    def has_unsupported(self) -> bool:
+        return self.count(Verdict.UNSUPPORTED) > 0
+
+    def summary(self) -> Dict[str, int]:
+        """Counts of files and uses, by verdict."""
+        counts = {
+            "files": len(set(self.scanned) | {s.path for s in self.skipped}),
+            "scanned": len(self.scanned),
+            "skipped": len(self.skipped),
+            "uses": len(self.uses),
+        }
+        counts.update({verdict.key: self.count(verdict) for verdict in Verdict})
+        if self.mode != "report":
+            counts["changed"] = sum(1 for change in self.changes if change.changed)
+        return counts
+
+
+def _plural(count: int, singular: str, plural: str = "") -> str:
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def summary_line(report: Report) -> str:
+    """One sentence with the totals."""
+    counts = report.summary()
+    verdicts = ", ".join(
+        f"{counts[v.key]} {text}"
+        for v, text in (
+            (Verdict.SUPPORTED, "run unchanged"),
+            (Verdict.DIFFERENCE, "run with a noted difference"),
+            (Verdict.UNSUPPORTED, "not supported"),
+        )
+    )
+    line = (
+        f"{_plural(counts['files'], 'file')}: {counts['scanned']} scanned, {counts['skipped']} skipped; "
+        f"{_plural(counts['uses'], 'Apex use')}: {verdicts}."
+    )
+    if report.mode == "write":
+        line += f" Imports rewritten in {_plural(counts['changed'], 'file')}."
+    elif report.mode == "to-native":
+        line += f" Rewritten to plain PyTorch: {_plural(counts['changed'], 'file')}."
+    return line
+
+
+def render_text(report: Report, with_diff: bool) -> str:
+    """The human-readable report (``with_diff``: the diffs instead of the list of uses)."""
+    lines: List[str] = []
+    if report.mode == "report":
+        for use in report.uses:
+            reason = f": {use.reason}" if use.reason else ""
+            lines.append(f"{use.path}:{use.line}:{use.col}: {use.api} — {use.verdict.value}{reason}")
+    for change in report.changes:
+        if with_diff:
+            if change.diff:
+                lines.append(change.diff.rstrip("\n"))
+        elif change.written:
+            if report.mode == "write":
+                lines.append(f"{change.path}: imports rewritten")
+            else:
+                lines.append(f"{change.path}: {_plural(change.converted, 'use')} rewritten to plain PyTorch")
+        for note in change.notes:
+            lines.append(f"{note.path}:{note.line}:{note.col}: {note.message}")
+    for skipped in report.skipped:
+        lines.append(f"{skipped.path}: skipped: {skipped.reason}")
+    lines.append(summary_line(report))
+    return "\n".join(lines) + "\n"
+
+
+def render_json(report: Report) -> str:
+    """The report as one JSON object (keys: mode, uses, skipped, files, summary)."""
+    payload = {
+        "mode": report.mode,
+        "uses": [
+            {
+                "path": use.path,
+                "line": use.line,
+                "col": use.col,
+                "api": use.api,
+                "verdict": use.verdict.key,
+                "verdict_text": use.verdict.value,
+                "reason": use.reason,
+                "native": use.native,
+                "via": use.via,
+                "kind": use.kind,
+            }
+            for use in report.uses
+        ],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
+        "files": [
+            {
+                "path": change.path,
+                "changed": change.changed,
+                "written": change.written,
+                "converted": change.converted,
+                "diff": change.diff,
+                "notes": [{"line": n.line, "col": n.col, "message": n.message} for n in change.notes],
+            }
+            for change in report.changes
+        ],
+        "summary": report.summary(),
+    }
+    return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
