@@ -77,7 +77,7 @@ class _ScaleRecord:
 
     def values(self) -> Tuple[bool, float, float]:
         if self._values is None:
-            if self._event is not None:
+            if self._event is not None and not self._event.query():
                 self._event.synchronize()
             found, scale, unskipped = self._host.tolist()
             self._values = (found != 0.0, scale, unskipped)

@@ -43,9 +43,11 @@ def test_fused_adamw_twin_with_overflow_matches_host_path(device, opt_level, cap
     host_params, host_amp, host_skips, host_opt, _ = results[False]
     assert fused_skips == host_skips == [False, False, True, True, False, False, False, False]
     assert fused_amp == host_amp == {"loss_scaler0": {"loss_scale": 2.0 ** 14, "unskipped": 4}}
-    # fused and foreach AdamW kernels round differently (one fp16 ulp under O2): close, not bitwise
+    # fused and foreach AdamW kernels round differently; Adam's normalised update turns that into up to
+    # ~lr per element on near-zero gradients, so the twin is tight on CPU and within lr on CUDA.
+    tol = dict(rtol=1e-3, atol=1e-3) if device == "cpu" else dict(rtol=0, atol=2e-2)
     for p, q in zip(fused_params, host_params):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(p, q, **tol)
     steps = [s["step"] for s in fused_opt["state"].values()]
     assert all(float(s) == 6.0 for s in steps)  # the two skipped steps did not count
     assert fused_out == ("Gradient overflow.  Skipping step, loss scaler 0 reducing loss scale to 32768.0\n"

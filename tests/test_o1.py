@@ -11,9 +11,15 @@ from ampcompat import amp
 from _models import batches, make_mlp
 
 
-def _native_run(device, steps):
+def _make_optimizer(model, kind):
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _native_run(device, steps, kind="sgd"):
     model = make_mlp(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = _make_optimizer(model, kind)
     scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16)
     losses, scales = [], []
     for x, y in batches(steps, device):
@@ -28,9 +34,9 @@ def _native_run(device, steps):
     return model, losses, scales
 
 
-def _amp_run(device, steps, opt_level="O1"):
+def _amp_run(device, steps, opt_level="O1", kind="sgd"):
     model = make_mlp(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = _make_optimizer(model, kind)
     model, opt = amp.initialize(model, opt, opt_level=opt_level, verbosity=0)
     losses, scales = [], []
     for x, y in batches(steps, device):
@@ -44,9 +50,11 @@ def _amp_run(device, steps, opt_level="O1"):
     return model, losses, scales
 
 
-def test_o1_twin_run_equals_native_autocast_and_grad_scaler(device):
-    ref_model, ref_losses, ref_scales = _native_run(device, 20)
-    model, losses, scales = _amp_run(device, 20)
+@pytest.mark.parametrize("kind", ["sgd", "adamw_fused"])
+def test_o1_twin_run_equals_native_autocast_and_grad_scaler(device, kind):
+    """SGD takes the host-sync path, fused AdamW the on-device one; both equal GradScaler bitwise."""
+    ref_model, ref_losses, ref_scales = _native_run(device, 20, kind)
+    model, losses, scales = _amp_run(device, 20, kind=kind)
     assert scales == ref_scales
     for a, b in zip(losses, ref_losses):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
