@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import sys
@@ -310,6 +311,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plots", default=None,
                         help="path prefix for the PNG plots (default: the JSON path without .json)")
     parser.add_argument("--markdown", default=None, help="also write the summary table here")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels (e.g. embedding backward without atomics), so modes that "
+                             "do the same arithmetic give the same curve bit for bit; slower")
     args = parser.parse_args(argv)
     try:
         args.modes = sorted(parse_modes(args.modes, CONVERGENCE_MODES), key=_RUN_ORDER.index)
@@ -334,6 +338,10 @@ def build_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     device = torch.device(args.device)
     modes = args.modes
     config = build_config(args, device)
