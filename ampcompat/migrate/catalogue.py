@@ -191,7 +191,9 @@ _ENTRIES: Tuple[Entry, ...] = (
           "runs torch's fused SGD kernel; momentum buffers are created on the first step and only when momentum != 0"),
     Entry("apex.optimizers.FusedNovoGrad", "class", _S, "none in torch"),
     Entry("apex.optimizers.FusedAdagrad", "class", _S, "`torch.optim.Adagrad`"),
-    Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", _S, "none in torch"),
+    Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", Verdict.UNSUPPORTED, "none in torch",
+          "constructing it raises NotImplementedError: use ampcompat.optimizers.FusedLAMB with amp O2 master "
+          "weights or torch.amp.GradScaler"),
     # --- apex.normalization ---------------------------------------------------------------------
     Entry("apex.normalization", "module", _S, "`torch.nn`"),
     Entry("apex.normalization.FusedLayerNorm", "class", _S,
