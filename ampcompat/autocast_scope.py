@@ -197,6 +197,8 @@ def _region_stack() -> list:
 
 
 def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():
+        return  # traced code runs under the thread's autocast state, which dynamo records and guards on
     handle = active_handle()
     region = (
         torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
@@ -208,6 +210,8 @@ def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
 
 
 def _exit_forward_region(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = _region_stack()
     if stack:
         stack.pop().__exit__(None, None, None)

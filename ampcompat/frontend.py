@@ -134,6 +134,26 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
     Raises:
         RuntimeError, TypeError, ValueError, AssertionError: Apex's errors for bad options or inputs.
     """
+    saved = {key: _amp_state.__dict__[key] for key in _SET_BY_INITIALIZE if key in _amp_state.__dict__}
+    try:
+        return _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
+                                   patch_torch_functions, keep_batchnorm_fp32, master_weights, loss_scale,
+                                   cast_model_outputs, num_losses, verbosity, min_loss_scale, max_loss_scale,
+                                   patch_torch_functions_type)
+    except BaseException:
+        # A refused call leaves the state of the previous initialize (or of none) as it was.
+        for key in _SET_BY_INITIALIZE:
+            _amp_state.__dict__.pop(key, None)
+        _amp_state.__dict__.update(saved)
+        raise
+
+
+_SET_BY_INITIALIZE = ("opt_properties", "verbosity", "min_loss_scale", "max_loss_scale")
+
+
+def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type, patch_torch_functions,
+                        keep_batchnorm_fp32, master_weights, loss_scale, cast_model_outputs, num_losses,
+                        verbosity, min_loss_scale, max_loss_scale, patch_torch_functions_type):
     _amp_state.opt_properties = Properties()
     _amp_state.verbosity = verbosity
     if not enabled:
@@ -190,7 +210,9 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
                                    device_type)
             casting.add_fp32_state_dict_hooks(model)
         for optimizer in optimizer_list:
-            if optimizer.state:
+            # Only O3-like levels step the half params themselves; with masters the state moves onto
+            # the FP32 masters at lazy init, and a round trip through FP16/BF16 here would lose precision.
+            if optimizer.state and not props.master_weights:
                 optimizer.load_state_dict(optimizer.state_dict())
     elif cast_model_outputs is not None:
         for model in model_list:

@@ -13,12 +13,12 @@ whenever they are read. Otherwise the overflow flag is read once per ``scale_los
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .autocast_scope import active_handle
-from .master import defer_skip, mark_skip, skips_on_device
+from .master import check_param_groups_unchanged, defer_skip, mark_skip, restore_amp_backward, skips_on_device
 from .state import _amp_state
 
 _NOT_INITIALIZED = (
@@ -26,6 +26,26 @@ _NOT_INITIALIZED = (
     "model, optimizer = amp.initialize(model, optimizer, opt_level=...) must be called before "
     "`with amp.scale_loss`."
 )
+
+
+_NESTED = (
+    "amp.scale_loss blocks cannot be nested for the same optimizer: finish the first block (call "
+    "scaled_loss.backward() inside it) before opening another one."
+)
+
+
+def _check_loss(loss: Any) -> None:
+    if not (isinstance(loss, torch.Tensor) and loss.is_floating_point()):
+        got = "a tensor of dtype {}".format(loss.dtype) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError("amp.scale_loss needs a floating-point loss tensor, got {}.".format(got))
+
+
+def _check_loss_id(loss_id: int) -> None:
+    num_losses = len(_amp_state.loss_scalers)
+    if not 0 <= loss_id < num_losses:
+        raise IndexError(
+            "loss_id {} is out of range: amp.initialize was called with num_losses={}, so loss_id must be "
+            "between 0 and {}.".format(loss_id, num_losses, num_losses - 1))
 
 
 def _as_list(optimizers: Any) -> Any:
@@ -69,6 +89,8 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
     if not props.enabled:
         yield loss
         return
+    _check_loss(loss)
+    _check_loss_id(loss_id)
     optimizers = _as_list(optimizers)
     loss_scaler = _amp_state.loss_scalers[loss_id]
     loss_scale = loss_scaler.loss_scale()
@@ -79,13 +101,33 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         _clear_cast_cache()
         return
 
+    # Validate every optimizer before changing any (Apex's AttributeError for one that skipped initialize).
+    stashes = [optimizer._amp_stash for optimizer in optimizers]
+    if any(getattr(stash, "_in_scale_loss", False) for stash in stashes):
+        raise RuntimeError(_NESTED)
+    for optimizer in optimizers:
+        check_param_groups_unchanged(optimizer)
+    prepared = []
     if not delay_unscale and isinstance(optimizers, list):
         for optimizer in optimizers:
             if not optimizer._amp_stash.params_have_scaled_gradients:
                 optimizer._prepare_amp_backward()
-
-    with _casts_off():
-        yield loss_scaler.scaled(loss)
+                prepared.append(optimizer)
+    for stash in stashes:
+        stash._in_scale_loss = True
+        stash._stale_overflow_grads = False
+        stash._last_found_inf = None
+        stash._empty_exit = False
+    try:
+        with _casts_off():
+            yield loss_scaler.scaled(loss)
+    except BaseException:
+        for optimizer in prepared:
+            restore_amp_backward(optimizer)
+        raise
+    finally:
+        for stash in stashes:
+            stash._in_scale_loss = False
 
     if delay_unscale:
         for optimizer in optimizers:
@@ -95,6 +137,9 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         for optimizer in optimizers:
             optimizer._post_amp_backward(loss_scaler)
             optimizer._amp_stash.params_have_scaled_gradients = False
+        empty = not any(optimizer._amp_stash._produced_grads for optimizer in optimizers)
+        for optimizer in optimizers:
+            optimizer._amp_stash._empty_exit = empty
         if delay_overflow_check:
             pass
         elif loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):

@@ -97,7 +97,22 @@ def _lazy_init_maybe_master_weights(self: Any) -> None:
                 raise _type_error(p)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    stash._param_count = _param_counts(self)
     stash._initialised = True
+
+
+def _param_counts(optimizer: Any) -> List[int]:
+    return [len(group["params"]) for group in optimizer.param_groups]
+
+
+def check_param_groups_unchanged(optimizer: Any) -> None:
+    """Raise if ``param_groups`` were edited by hand after amp's lazy init (amp would not see the new params)."""
+    expected = getattr(optimizer._amp_stash, "_param_count", None)
+    if expected is not None and _param_counts(optimizer) != expected:
+        raise RuntimeError(
+            "The parameters of this optimizer changed after amp set it up (param group sizes {} became {}). "
+            "Add parameters with optimizer.add_param_group(...), which amp handles, instead of editing "
+            "optimizer.param_groups directly.".format(expected, _param_counts(optimizer)))
 
 
 def _build_masters(self: Any) -> None:
@@ -118,10 +133,18 @@ def _build_masters(self: Any) -> None:
         _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())
 
 
-def _replace_with_masters(self: Any, params: List[torch.Tensor]):
-    """Swap each trainable half param in ``params`` (in place) for an FP32 master; move its state."""
+def _replace_with_masters(self: Any, params: List[torch.Tensor], known: Optional[Dict[int, torch.Tensor]] = None):
+    """Swap each trainable half param in ``params`` (in place) for an FP32 master; move its state.
+
+    ``known`` maps ``id(master)`` to its model param for masters already in ``params`` (a rebuild).
+    """
+    known = known or {}
     fp16, masters, fp32 = [], [], []
     for i, p in enumerate(params):
+        if id(p) in known:
+            fp16.append(known[id(p)])
+            masters.append(p)
+            continue
         if not p.requires_grad:
             continue
         if p.dtype in _HALF_TYPES:
@@ -136,6 +159,31 @@ def _replace_with_masters(self: Any, params: List[torch.Tensor]):
         else:
             raise _type_error(p)
     return fp16, masters, fp32
+
+
+def _masters_for_unfrozen_params(self: Any) -> None:
+    """Give FP32 masters to half params that were frozen at lazy init and have been unfrozen since.
+
+    Without this the optimizer would step the half param itself, with its still-scaled gradient.
+    """
+    stash = self._amp_stash
+    seen = {id(p) for g in stash.fp32_from_fp16_groups for p in g}
+    seen.update(id(p) for g in stash.fp32_from_fp32_groups for p in g)
+    if not any(p.requires_grad and p.dtype in _HALF_TYPES and id(p) not in seen
+               for group in self.param_groups for p in group["params"]):
+        return
+    known = {id(m): p for g16, g32 in zip(stash.fp16_groups, stash.fp32_from_fp16_groups) for p, m in zip(g16, g32)}
+    for index, group in enumerate(self.param_groups):
+        fp16, masters, fp32 = _replace_with_masters(self, group["params"], known)
+        stash.fp16_groups[index], stash.fp32_from_fp16_groups[index] = fp16, masters
+        stash.fp32_from_fp32_groups[index] = fp32
+    stash.all_fp16_params = [p for g in stash.fp16_groups for p in g]
+    stash.all_fp32_from_fp16_params = [p for g in stash.fp32_from_fp16_groups for p in g]
+    stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
+    stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+    stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    if self.state:
+        _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())  # moved state to FP32
 
 
 def _amp_lazy_init(self: Any) -> None:
@@ -157,7 +205,9 @@ def _prepare_amp_backward(self: Any) -> None:
     self._amp_lazy_init()
     stash = self._amp_stash
     if stash._master_weights:
+        _masters_for_unfrozen_params(self)
         refresh_stale_masters(self)
+        stash._fp16_grads_before = [p.grad for p in stash.all_fp16_params]
         for p in stash.all_fp16_params:
             p.grad = None
         stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
@@ -166,11 +216,37 @@ def _prepare_amp_backward(self: Any) -> None:
         stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
 
 
+def restore_amp_backward(self: Any) -> None:
+    """Undo :func:`_prepare_amp_backward` after the ``scale_loss`` block raised: grads as before the block."""
+    stash = self._amp_stash
+    if stash._master_weights:
+        pairs = [(stash.all_fp16_params, stash._fp16_grads_before),
+                 (stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)]
+        stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    else:
+        pairs = [(stash.all_fp16_params, stash.all_fp16_grad_stash),
+                 (stash.all_fp32_params, stash.all_fp32_grad_stash)]
+        stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+        stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    for params, stashed in pairs:
+        for p, old in zip(params, stashed):
+            p.grad = old
+
+
+def _coalesce_sparse(params: List[torch.Tensor]) -> None:
+    # Duplicate indices are summed in the grad's dtype when coalescing: do it before the inf/NaN
+    # check (an FP16 sum can overflow), as torch.amp.GradScaler does.
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+
+
 def _split_new_grads(params: List[torch.Tensor], stashed: List[Optional[torch.Tensor]]):
     """Sort a backward pass's gradients: all new ones, and the (new, stashed) pairs to add up.
 
     A parameter that got no new gradient gets its stashed one back.
     """
+    _coalesce_sparse(params)
     new, accumulating, previous = [], [], []
     for p, old in zip(params, stashed):
         if p.grad is not None:
@@ -191,24 +267,21 @@ def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed:
         torch._foreach_add_(accumulating, previous)
 
 
-_SPARSE_MASTER_GRAD = (
-    "ampcompat cannot move the sparse gradient of {} into an FP32 master weight (O2/O5). "
-    "Use a dense embedding (sparse=False) with this opt_level, or opt_level O1, which keeps FP32 weights."
-)
 
 
 def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
     self._amp_lazy_init()
     stash = self._amp_stash
     if stash._master_weights:
-        fresh_dst, fresh_src, acc_dst, acc_src = [], [], [], []
+        _coalesce_sparse(stash.all_fp16_params)
+        fresh_dst, fresh_src, acc_dst, acc_src, sparse = [], [], [], [], []
         for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
             grad = model_p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise NotImplementedError(_SPARSE_MASTER_GRAD.format(tuple(model_p.shape)))
-            if master.grad is None:
+                sparse.append((master, grad.float()))
+            elif master.grad is None:
                 master.grad = torch.empty_like(master)
                 fresh_dst.append(master.grad)
                 fresh_src.append(grad)
@@ -219,19 +292,24 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
             torch._foreach_copy_(fresh_dst, fresh_src)
         new, accumulating, previous = _split_new_grads(
             stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
-        scaler.unscale_(fresh_dst + new)  # masters and FP32 params together: one launch per device
+        scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
         if accumulating:
             torch._foreach_add_(accumulating, previous)
         scaler.unscale_add_(acc_dst, acc_src)
+        for master, grad in sparse:
+            master.grad = grad if master.grad is None else master.grad + grad
+        produced = bool(fresh_dst or acc_dst or sparse or new)
         stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
     else:
         new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
         new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
         scaler.unscale_(new16 + new32)
+        produced = bool(new16 or new32)
         if acc16 or acc32:
             torch._foreach_add_(acc16 + acc32, prev16 + prev32)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    stash._produced_grads = produced
 
 
 def _master_params_to_model_params(self: Any) -> None:
@@ -279,6 +357,13 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
         return None
     if closure is not None and stash._master_weights:
         raise RuntimeError(_CLOSURE_MESSAGE)
+    last_found_inf = getattr(stash, "_last_found_inf", None)
+    if getattr(stash, "_stale_overflow_grads", False) or (
+            last_found_inf is not None and stash._found_inf is None and bool(last_found_inf)):
+        # The fused path's flag is read (one sync) only on this suspicious second step.
+        raise RuntimeError(_STEP_AFTER_SKIP)
+    if getattr(stash, "_empty_exit", False) and any(p.grad is not None for p in _model_side_params(stash)):
+        raise RuntimeError(_GRADS_OUTSIDE_SCALE_LOSS)
     handle = active_handle()
     if stash._master_weights:
         self._amp_lazy_init()
@@ -295,6 +380,7 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
     if stash._master_weights:
         self._master_params_to_model_params()
         _clear_master_grads(stash)
+    stash._last_found_inf = found_inf
     if found_inf is not None:
         stash._found_inf = None
         stash._pending_steps.append(stash._deferred_records)
@@ -305,6 +391,24 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
 
 # LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
 _amp_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+_STEP_AFTER_SKIP = (
+    "optimizer.step() was called again after a step skipped for gradient overflow, with no amp.scale_loss "
+    "backward pass in between: the gradients still hold inf/NaN. Call optimizer.zero_grad() and compute new "
+    "gradients inside `with amp.scale_loss(...)` first."
+)
+_GRADS_OUTSIDE_SCALE_LOSS = (
+    "optimizer.step() found gradients that were not produced inside `with amp.scale_loss(...)`: the last "
+    "scale_loss block ended without a backward pass, so these gradients are still multiplied by the loss "
+    "scale. Call scaled_loss.backward() inside the with block."
+)
+
+
+def _model_side_params(stash: AmpOptimizerState) -> List[torch.Tensor]:
+    if stash._master_weights:
+        return stash.all_fp16_params + stash.all_fp32_from_fp32_params
+    return stash.all_fp16_params + stash.all_fp32_params
 
 
 def _skip_step(self: Any) -> None:
@@ -319,21 +423,28 @@ def _skip_step(self: Any) -> None:
             loss_id, scaler.loss_scale()))
     _clear_master_grads(stash)
     stash._already_patched = False
+    stash._stale_overflow_grads = True
 
 
 def skips_on_device(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not getattr(
-        optimizer._amp_stash, "_already_patched", False)
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or optimizer._amp_stash._already_patched:
+        return False
+    # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
+    # when found_inf skips that step: take the host-synced path until every buffer exists.
+    return not any(group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
+                   for group in optimizer.param_groups if "dampening" in group for p in group["params"])
 
 
 def defer_skip(optimizer: Any, overflow_buf: torch.Tensor, record: Any) -> None:
     """Let the next ``step()`` skip on the device if this backward pass overflowed."""
     stash = optimizer._amp_stash
     if stash._found_inf is None:
-        stash._found_inf = overflow_buf.clone()
+        stash._found_inf = overflow_buf.clamp(max=1.0)
     else:
-        stash._found_inf.add_(overflow_buf)
+        # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
+        # the step counts they restore by subtracting found_inf).
+        torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
     stash._deferred_records.append(record)
 
 
@@ -425,6 +536,7 @@ def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
             else:
                 stash.all_fp32_params.append(p)
                 stash.all_fp32_grad_stash.append(None)
+    stash._param_count = _param_counts(self)
 
 
 def _amp_state_dict(self: Any) -> Dict[str, Any]:
@@ -456,6 +568,32 @@ def _amp_load_state_dict(self: Any, state_dict: Dict[str, Any]) -> None:
         stash._refresh_masters_from_model = False
 
 
+def _amp_getstate(self: Any) -> Dict[str, Any]:
+    """What deepcopy/pickle keep of an amp optimizer: torch's state, the stash, and a re-binder.
+
+    torch.optim.Optimizer.__getstate__ keeps only defaults/state/param_groups, which would make the copy
+    a plain optimizer; the bound methods themselves do not pickle, so they are re-bound instead.
+    """
+    state = dict(_class_method(self, "__getstate__")())
+    state["_amp_stash"] = self._amp_stash
+    state["_amp_rebind"] = _Rebind(self)
+    return state
+
+
+class _Rebind:
+    """Unpickles (and deep-copies) into a call that re-binds amp's methods on the optimizer's copy."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def __reduce__(self):
+        return (_rebind, (self.optimizer, self.optimizer._amp_stash._master_weights))
+
+
+def _rebind(optimizer: Any, master_weights: bool) -> None:
+    _bind_amp_methods(optimizer, master_weights)
+
+
 def patch_optimizer(optimizer: Any, master_weights: bool) -> None:
     """Give ``optimizer`` amp's stash and methods in place (call :func:`check_optimizer` first)."""
     stash = AmpOptimizerState()
@@ -463,7 +601,12 @@ def patch_optimizer(optimizer: Any, master_weights: bool) -> None:
     stash._skip_loss_id = 0
     stash._original_step = optimizer.__dict__.get("step")  # e.g. an LR scheduler's wrapper
     optimizer._amp_stash = stash
+    _bind_amp_methods(optimizer, bool(master_weights))
+
+
+def _bind_amp_methods(optimizer: Any, master_weights: bool) -> None:
     bind = lambda fn: types.MethodType(fn, optimizer)  # noqa: E731
+    optimizer.__getstate__ = bind(_amp_getstate)
     optimizer._lazy_init_maybe_master_weights = bind(_lazy_init_maybe_master_weights)
     optimizer._prepare_amp_backward = bind(_prepare_amp_backward)
     optimizer._post_amp_backward = bind(_post_amp_backward)

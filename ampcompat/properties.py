@@ -7,7 +7,7 @@ NVIDIA Apex's levels exactly; O4 (bf16 O1) and O5 (bf16 O2) are ROCm Apex's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import torch
@@ -172,7 +172,6 @@ class Properties:
         return self.options["opt_level"] in _FUNCTION_CASTING_LEVELS
 
     def _validated(self, name: str, value: Any) -> Any:
-        opt_level = self.options["opt_level"]
         if name == "cast_model_type":
             if self._casts_functions() and value not in (None, False, torch.float32):
                 warn_or_err(

@@ -84,6 +84,11 @@ class _ScaleRecord:
         return self._values
 
 
+#: The dynamic scale never halves below this: its inverse, the unscale factor, must stay a finite
+#: float32 (Apex decayed to 1e-205 and, here, torch.full would fail near 2**-128).
+_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+
+
 class LossScaler:
     """Apex's ``apex.amp.scaler.LossScaler``, field for field.
 
@@ -184,6 +189,7 @@ class LossScaler:
                 scale = scale / self._scale_factor
                 if self._min_loss_scale:
                     scale = max(self._min_loss_scale, scale)
+                scale = max(scale, _SMALLEST_SCALE)
         else:
             should_skip = False
             unskipped += 1
@@ -221,7 +227,7 @@ class LossScaler:
             self._tracker_t = torch.full((1,), int(self._unskipped_host), dtype=torch.int32, device=buf.device)
         torch._amp_update_scale_(self._scale_t, self._tracker_t, buf, self._scale_factor,
                                  1.0 / self._scale_factor, self._scale_seq_len)
-        self._scale_t.clamp_(min=self._min_loss_scale or None, max=self._max_loss_scale)
+        self._scale_t.clamp_(min=self._min_loss_scale or _SMALLEST_SCALE, max=self._max_loss_scale)
         record = _ScaleRecord(torch.cat([buf, self._scale_t, self._tracker_t.float()]), self._loss_id)
         self._records.append(record)
         return record

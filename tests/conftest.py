@@ -1,10 +1,8 @@
 """Shared fixtures: a clean amp state around every test, and the `cuda` marker's skip."""
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # the tests use tiny tensors: threading only adds overhead
 
 
 def pytest_collection_modifyitems(config, items):
