@@ -132,7 +132,7 @@ class LossScaler:
         self._overflow_buf: Optional[torch.Tensor] = None
         self._loss_id = 0
         self._warned_below_one = False
-        self._inv_scale_cache: Dict[Tuple[torch.device, float], torch.Tensor] = {}
+        self._inv_scale_cache: Dict[Tuple[torch.device, bool], list] = {}
 
     # --- Apex's fields: exact whenever read ------------------------------------------------------
 
@@ -271,15 +271,19 @@ class LossScaler:
             self._overflow_buf.add_(flag.to(self._overflow_buf.device, self._overflow_buf.dtype))
 
     def _inv_scale(self, device: torch.device, scale: float) -> torch.Tensor:
-        key = (device, scale)
+        """``1/scale`` as a one-element device tensor, refilled in place when the scale changes.
+
+        Refilling (a fill kernel, no host-to-device copy) instead of allocating keeps device memory flat.
+        """
+        key = (device, scale == 1.0)
         cached = self._inv_scale_cache.get(key)
         if cached is None:
-            if len(self._inv_scale_cache) >= 8:
-                self._inv_scale_cache.clear()
-            # torch.full launches a fill kernel: no blocking host-to-device copy.
-            cached = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=device)
+            cached = [scale, torch.full((1,), 1.0 / scale, dtype=torch.float32, device=device)]
             self._inv_scale_cache[key] = cached
-        return cached
+        elif cached[0] != scale:
+            cached[0] = scale
+            cached[1].fill_(1.0 / scale)
+        return cached[1]
 
     def unscale_(self, grads: Sequence[torch.Tensor], scale: Optional[float] = None) -> None:
         """Divide ``grads`` in place by the scale and record inf/NaN in the overflow flag.

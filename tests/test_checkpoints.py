@@ -115,7 +115,7 @@ def test_every_state_dict_loads_with_weights_only(level, device):
     if level in ("O2", "O5"):
         assert [m.dtype for m in masters] == [torch.float32] * len(masters) and masters
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        assert torch.equal(checkpoint["model"][name], tensor.detach().cpu().to(checkpoint["model"][name].dtype))
+        assert torch.equal(checkpoint["model"][name].cpu(), tensor.detach().cpu().to(checkpoint["model"][name].dtype))
 
 
 def test_fp16_optimizer_state_dict_loads_with_weights_only_and_resumes_bitwise(capsys):
