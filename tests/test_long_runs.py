@@ -116,7 +116,8 @@ def _long_run(level: str, device: str, capsys) -> None:
         assert skipped_steps == sorted(overflow_steps)
     want = expected_scales(LONG_STEPS, set(skipped_steps), MAX_SCALE, MAX_SCALE, WINDOW)
     assert scales == want
-    assert scales[BURSTS[1].start - 1] == MAX_SCALE  # recovered from the first burst
+    if set(skipped_steps) == overflow_steps:  # (a real FP16 overflow in between delays the recovery)
+        assert scales[BURSTS[1].start - 1] == MAX_SCALE  # recovered from the first burst
     assert all(bool(torch.isfinite(p).all()) for p in list(model.parameters()) + list(amp.master_params(opt)))
 
     out = capsys.readouterr().out.splitlines()
