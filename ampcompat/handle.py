@@ -93,9 +93,8 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
     _check_loss_id(loss_id)
     optimizers = _as_list(optimizers)
     loss_scaler = _amp_state.loss_scalers[loss_id]
-    loss_scale = loss_scaler.loss_scale()
-
-    if not props.master_weights and not loss_scaler.dynamic and loss_scale == 1.0:
+    # A dynamic scale is never read on the host here: reading it would wait for the GPU.
+    if not props.master_weights and not loss_scaler.dynamic and loss_scaler.loss_scale() == 1.0:
         with _casts_off():
             yield loss.float()
         _clear_cast_cache()

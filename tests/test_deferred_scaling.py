@@ -95,3 +95,29 @@ def test_setting_private_scale_reaches_the_device():
         assert scaled.item() == pytest.approx(F.cross_entropy(model(x), y).item() * 2.0 ** 20, rel=1e-3)
         scaled.backward()
     assert amp._amp_state.loss_scalers[0].loss_scale() == 2.0 ** 20
+
+
+def test_training_loop_never_waits_for_the_device(monkeypatch):
+    """With fused optimizers nothing in scale_loss/step may block on an unfinished on-device update."""
+    from ampcompat import scaler as scaler_module
+
+    def not_yet(self):
+        return False
+
+    def must_not_block(self):
+        raise AssertionError("a blocking read of the overflow flag inside the training loop")
+
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    amp.initialize(model, opt, opt_level="O2", verbosity=0)
+    data = batches(4)
+    monkeypatch.setattr(scaler_module._ScaleRecord, "ready", not_yet)
+    monkeypatch.setattr(scaler_module._ScaleRecord, "values", must_not_block)
+    for x, y in data:
+        with amp.scale_loss(F.cross_entropy(model(x), y), opt) as scaled:
+            scaled.backward()
+        torch.nn.utils.clip_grad_norm_(amp.master_params(opt), 1.0)
+        opt.step()
+        opt.zero_grad()
+    monkeypatch.undo()
+    assert amp._amp_state.loss_scalers[0]._unskipped == 4  # and everything is exact once read
