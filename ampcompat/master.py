@@ -115,14 +115,16 @@ def check_param_groups_unchanged(optimizer: Any) -> None:
             "optimizer.param_groups directly.".format(expected, _param_counts(optimizer)))
 
 
-def _build_masters(self: Any) -> None:
+def _build_masters(self: Any, known: Optional[Dict[int, torch.Tensor]] = None) -> None:
+    """Put FP32 masters in place of the trainable half params of every group, and record them in the stash.
+
+    ``known`` (``id(master) -> model param``) lets a rebuild keep the masters that already exist.
+    """
     stash = self._amp_stash
-    stash.fp16_groups, stash.fp32_from_fp16_groups, stash.fp32_from_fp32_groups = [], [], []
-    for group in self.param_groups:
-        fp16, masters, fp32 = _replace_with_masters(self, group["params"])
-        stash.fp16_groups.append(fp16)
-        stash.fp32_from_fp16_groups.append(masters)
-        stash.fp32_from_fp32_groups.append(fp32)
+    groups = [_replace_with_masters(self, group["params"], known) for group in self.param_groups]
+    stash.fp16_groups = [fp16 for fp16, _, _ in groups]
+    stash.fp32_from_fp16_groups = [masters for _, masters, _ in groups]
+    stash.fp32_from_fp32_groups = [fp32 for _, _, fp32 in groups]
     stash.all_fp16_params = [p for g in stash.fp16_groups for p in g]
     stash.all_fp32_from_fp16_params = [p for g in stash.fp32_from_fp16_groups for p in g]
     stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
@@ -173,17 +175,7 @@ def _masters_for_unfrozen_params(self: Any) -> None:
                for group in self.param_groups for p in group["params"]):
         return
     known = {id(m): p for g16, g32 in zip(stash.fp16_groups, stash.fp32_from_fp16_groups) for p, m in zip(g16, g32)}
-    for index, group in enumerate(self.param_groups):
-        fp16, masters, fp32 = _replace_with_masters(self, group["params"], known)
-        stash.fp16_groups[index], stash.fp32_from_fp16_groups[index] = fp16, masters
-        stash.fp32_from_fp32_groups[index] = fp32
-    stash.all_fp16_params = [p for g in stash.fp16_groups for p in g]
-    stash.all_fp32_from_fp16_params = [p for g in stash.fp32_from_fp16_groups for p in g]
-    stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
-    stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
-    stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
-    if self.state:
-        _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())  # moved state to FP32
+    _build_masters(self, known)
 
 
 def _amp_lazy_init(self: Any) -> None:

@@ -33,12 +33,6 @@ STEPS, SAVE_AT = 8, 4
 OVERFLOWS = (1, 6)  # one before the checkpoint, one after
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _build(level: str, optimizer: str = "adam", seed: int = 0, device: str = "cpu", initialize: bool = True, **kw):

@@ -371,13 +371,6 @@ def check_case(case: Case, device: str, faults: Optional[List[Fault]] = None) ->
             assert all(int(st["step"]) == trained for st in o.state.values())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """The cases are tiny: intra-op threads only add synchronisation (8x slower on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _case_id(c: Case) -> str:

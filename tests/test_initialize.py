@@ -261,8 +261,9 @@ def test_private_state_attributes_exist():
     assert state.handle.is_active() and state.handle._is_active
     assert opt._amp_stash.lazy_init_called is False and opt._amp_stash.already_patched is False
     assert opt._amp_stash.params_have_scaled_gradients is False
-    from ampcompat.amp._amp_state import _amp_state, maybe_print, master_params, warn_or_err  # noqa: F401
-    assert _amp_state is amp._amp_state
+    from ampcompat.amp._amp_state import _amp_state, maybe_print, master_params, warn_or_err
+    assert _amp_state is amp._amp_state and callable(maybe_print) and callable(warn_or_err)
+    assert master_params is amp.master_params
     assert "state_dict" in amp.__dict__ and "load_state_dict" in amp.__dict__
     state.handle._deactivate()
     assert not torch.is_autocast_enabled("cpu")

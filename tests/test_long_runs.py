@@ -34,12 +34,6 @@ WINDOW = 2000  # Apex's scale_window: the default, untouched
 BURSTS = (range(600, 602), range(4700, 4703))  # overflowing steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_scales(steps: int, overflow_steps: set, start: float, ceiling: float, window: int) -> List[float]:

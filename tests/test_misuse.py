@@ -28,12 +28,6 @@ from _models import batches, make_mlp
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup(level: str = "O1", device: str = "cpu", seed: int = 0, optimizer=None, **kw):

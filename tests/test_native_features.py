@@ -25,12 +25,6 @@ LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tolerance(level: str) -> Dict[str, float]:
