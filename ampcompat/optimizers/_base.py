@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,35 @@ class FusedOptimizerBase(torch.optim.Optimizer):
             set_to_none: overrides ``set_grad_none`` for this call (torch's keyword).
         """
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else bool(set_to_none))
+
+    #: Whether ``step`` accepts sparse gradients (Apex's FusedSGD did; the others raise).
+    _allows_sparse = False
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = self._closure_loss(closure)
+        groups = [(group, self._params_with_grads(group, self._allows_sparse)) for group in self.param_groups]
+        self._step_groups(groups)
+        return loss
+
+    def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
+        """Update every ``(param_group, params that have a gradient)`` pair; the subclass's algorithm."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _closure_loss(closure: Optional[Callable[[], Any]]) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _params_with_grads(self, group: Mapping[str, Any], allow_sparse: bool = False) -> List[torch.Tensor]:
         """The group's parameters that have a gradient, after Apex's checks on them."""

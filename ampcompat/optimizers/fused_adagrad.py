@@ -1,7 +1,7 @@
 """``FusedAdagrad``: Apex's Adagrad optimizer, computed by torch's fused (or foreach) Adagrad kernels."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -36,29 +36,14 @@ class FusedAdagrad(FusedOptimizerBase):
         super().__init__(params, defaults, set_grad_none)
         self.adagrad_w_mode = 1 if adagrad_w_mode else 0
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = self._params_with_grads(group)
+    def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
+        for group, params in groups:
             if not params:
                 continue
             if self.adagrad_w_mode:
                 self._own_step(group, params)
             else:
                 self._native_step(group, params)
-        return loss
 
     def _init_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
         state = self.state[p]

@@ -85,10 +85,7 @@ class FusedAdam(FusedOptimizerBase):
         """
         if any(arg is not None for arg in (grads, output_params, scale, grad_norms)):
             raise RuntimeError(_LEGACY_STEP_MESSAGE)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         if grad_scaler is not None:
             grad_scale, found_inf = _scaler_tensors(self, grad_scaler)
         else:  # torch's newer protocol: GradScaler (or amp) sets these attributes around step()

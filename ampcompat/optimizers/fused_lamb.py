@@ -1,7 +1,7 @@
 """``FusedLAMB``: Apex's LAMB optimizer (global-norm clipping, Adam moments, per-tensor trust ratio)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -54,28 +54,13 @@ class FusedLAMB(FusedOptimizerBase):
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.use_nvlamb = use_nvlamb
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        per_group = [self._params_with_grads(group) for group in self.param_groups]
-        all_params = [p for params in per_group for p in params]
+    def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
+        all_params = [p for _, params in groups for p in params]
         clip_divisor = _clip_divisor(all_params, self.defaults["max_grad_norm"]) if all_params else None
-        for group, params in zip(self.param_groups, per_group):
+        for group, params in groups:
             group["step"] = group.get("step", 0) + 1
             if params:
                 self._update_group(group, params, clip_divisor)
-        return loss
 
     def _update_group(self, group: Dict[str, Any], params: List[torch.Tensor], clip_divisor: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]

@@ -74,16 +74,13 @@ class FusedNovoGrad(FusedOptimizerBase):
         """
         if any(group["norm_type"] not in (0, 2) for group in self.param_groups):
             raise RuntimeError(_NORM_MESSAGE)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = self._params_with_grads(group)
+        return super().step(closure)
+
+    def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
+        for group, params in groups:
             group["step"] = group.get("step", 0) + 1
             if params:
                 self._update_group(group, params)
-        return loss
 
     def _update_group(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

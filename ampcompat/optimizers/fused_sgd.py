@@ -1,7 +1,7 @@
 """``FusedSGD``: Apex's SGD optimizer, computed by torch's fused (or foreach) SGD kernels."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim.optimizer import required
@@ -61,30 +61,15 @@ class FusedSGD(FusedOptimizerBase):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform one optimization step.
+    _allows_sparse = True
 
-        Args:
-            closure: re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = self._params_with_grads(group, allow_sparse=True)
-            if not params:
-                continue
+    def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
+        for group, params in groups:
             # Parameters seeing their first gradient start their momentum from it; keep them apart so
             # each call has one consistent notion of "first step".
             for members in split(params, lambda p: "momentum_buffer" in self.state[p]):
                 if members:
                     self._update(group, members)
-        return loss
 
     def _update(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         if self.wd_after_momentum and group["weight_decay"] != 0:
