@@ -13,12 +13,19 @@ whenever they are read. Otherwise the overflow flag is read once per ``scale_los
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 
 from .autocast_scope import active_handle
-from .master import check_param_groups_unchanged, defer_skip, mark_skip, restore_amp_backward, skips_on_device
+from .master import (
+    begin_backward,
+    check_param_groups_unchanged,
+    defer_skip,
+    mark_skip,
+    restore_amp_backward,
+    skips_on_device,
+)
 from .state import _amp_state
 
 _NOT_INITIALIZED = (
@@ -100,7 +107,32 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         _clear_cast_cache()
         return
 
-    # Validate every optimizer before changing any (Apex's AttributeError for one that skipped initialize).
+    prepared = _prepare(optimizers, delay_unscale)
+    try:
+        with _casts_off():
+            yield loss_scaler.scaled(loss)
+    except BaseException:
+        for optimizer in prepared:
+            restore_amp_backward(optimizer)
+        raise
+    finally:
+        for optimizer in optimizers:
+            optimizer._amp_stash._in_scale_loss = False
+
+    if delay_unscale:
+        for optimizer in optimizers:
+            optimizer._amp_stash.params_have_scaled_gradients = True
+    else:
+        _unscale_and_update(loss_scaler, optimizers, loss_id, delay_overflow_check)
+    _clear_cast_cache()
+
+
+def _prepare(optimizers: List[Any], delay_unscale: bool) -> List[Any]:
+    """Check every optimizer, then stash their existing grads; returns the ones whose grads were stashed.
+
+    Every optimizer is checked before any is changed (Apex's AttributeError for one that skipped
+    ``initialize``), so a refused call leaves them all as they were.
+    """
     stashes = [optimizer._amp_stash for optimizer in optimizers]
     if any(getattr(stash, "_in_scale_loss", False) for stash in stashes):
         raise RuntimeError(_NESTED)
@@ -113,44 +145,30 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
                 optimizer._prepare_amp_backward()
                 prepared.append(optimizer)
     for stash in stashes:
-        stash._in_scale_loss = True
-        stash._stale_overflow_grads = False
-        stash._last_found_inf = None
-        stash._empty_exit = False
-    try:
-        with _casts_off():
-            yield loss_scaler.scaled(loss)
-    except BaseException:
-        for optimizer in prepared:
-            restore_amp_backward(optimizer)
-        raise
-    finally:
-        for stash in stashes:
-            stash._in_scale_loss = False
+        begin_backward(stash)
+    return prepared
 
-    if delay_unscale:
+
+def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_overflow_check: bool) -> None:
+    """Leaving the block: unscale the new grads, then update the scale and arrange the skip on overflow."""
+    loss_scaler.clear_overflow_state()
+    for optimizer in optimizers:
+        optimizer._post_amp_backward(loss_scaler)
+        optimizer._amp_stash.params_have_scaled_gradients = False
+    empty = not any(optimizer._amp_stash._produced_grads for optimizer in optimizers)
+    for optimizer in optimizers:
+        optimizer._amp_stash._empty_exit = empty
+    if delay_overflow_check:
+        return
+    if loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
+        # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
+        record = loss_scaler.update_scale_on_device()
         for optimizer in optimizers:
-            optimizer._amp_stash.params_have_scaled_gradients = True
-    else:
-        loss_scaler.clear_overflow_state()
+            defer_skip(optimizer, loss_scaler._overflow_buf, record)
+        loss_scaler.resolve(block=False)
+    elif loss_scaler.update_scale():
         for optimizer in optimizers:
-            optimizer._post_amp_backward(loss_scaler)
-            optimizer._amp_stash.params_have_scaled_gradients = False
-        empty = not any(optimizer._amp_stash._produced_grads for optimizer in optimizers)
-        for optimizer in optimizers:
-            optimizer._amp_stash._empty_exit = empty
-        if delay_overflow_check:
-            pass
-        elif loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
-            # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
-            record = loss_scaler.update_scale_on_device()
-            for optimizer in optimizers:
-                defer_skip(optimizer, loss_scaler._overflow_buf, record)
-            loss_scaler.resolve(block=False)
-        elif loss_scaler.update_scale():
-            for optimizer in optimizers:
-                mark_skip(optimizer, loss_id)
-    _clear_cast_cache()
+            mark_skip(optimizer, loss_id)
 
 
 def disable_casts() -> contextlib.AbstractContextManager:

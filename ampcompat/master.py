@@ -208,6 +208,14 @@ def _prepare_amp_backward(self: Any) -> None:
         stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
 
 
+def begin_backward(stash: AmpOptimizerState) -> None:
+    """Mark the start of a ``scale_loss`` block (for the nesting, stale-gradient and empty-block checks)."""
+    stash._in_scale_loss = True
+    stash._stale_overflow_grads = False
+    stash._last_found_inf = None
+    stash._empty_exit = False
+
+
 def restore_amp_backward(self: Any) -> None:
     """Undo :func:`_prepare_amp_backward` after the ``scale_loss`` block raised: grads as before the block."""
     stash = self._amp_stash
