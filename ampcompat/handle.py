@@ -134,7 +134,7 @@ def _prepare(optimizers: List[Any], delay_unscale: bool) -> List[Any]:
     ``initialize``), so a refused call leaves them all as they were.
     """
     stashes = [optimizer._amp_stash for optimizer in optimizers]
-    if any(getattr(stash, "_in_scale_loss", False) for stash in stashes):
+    if any(stash._in_scale_loss for stash in stashes):
         raise RuntimeError(_NESTED)
     for optimizer in optimizers:
         check_param_groups_unchanged(optimizer)

@@ -42,6 +42,14 @@ class AmpOptimizerState:
         self._found_inf = None  # on-device overflow flags of the backward passes since the last step
         self._deferred_records: list = []
         self._pending_steps: Deque[list] = deque()
+        self._initialised = False  # lazy init done (masters built / params classified)
+        self._param_count: Optional[List[int]] = None  # group sizes amp knows about
+        self._refresh_masters_from_model = False  # loaded a checkpoint without masters
+        self._in_scale_loss = False
+        self._stale_overflow_grads = False  # the last step was skipped and nothing new was computed since
+        self._last_found_inf = None  # the flag the last fused step skipped on
+        self._empty_exit = False  # the last scale_loss block produced no gradient
+        self._produced_grads = False
 
     @property
     def already_patched(self) -> bool:
@@ -82,7 +90,7 @@ def _class_method(optimizer: Any, name: str) -> Any:
 
 def _lazy_init_maybe_master_weights(self: Any) -> None:
     stash = self._amp_stash
-    if getattr(stash, "_initialised", False):
+    if stash._initialised:
         return  # idempotent: legacy code calls this by hand after amp already did
     if stash._master_weights:
         _build_masters(self)
@@ -107,7 +115,7 @@ def _param_counts(optimizer: Any) -> List[int]:
 
 def check_param_groups_unchanged(optimizer: Any) -> None:
     """Raise if ``param_groups`` were edited by hand after amp's lazy init (amp would not see the new params)."""
-    expected = getattr(optimizer._amp_stash, "_param_count", None)
+    expected = optimizer._amp_stash._param_count
     if expected is not None and _param_counts(optimizer) != expected:
         raise RuntimeError(
             "The parameters of this optimizer changed after amp set it up (param group sizes {} became {}). "
@@ -327,7 +335,7 @@ def refresh_stale_masters(optimizer: Any) -> None:
     per such load, with one host read.
     """
     stash = optimizer._amp_stash
-    if not getattr(stash, "_refresh_masters_from_model", False):
+    if not stash._refresh_masters_from_model:
         return
     stash._refresh_masters_from_model = False
     pairs = list(zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params))
@@ -357,12 +365,12 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
         return None
     if closure is not None and stash._master_weights:
         raise RuntimeError(_CLOSURE_MESSAGE)
-    last_found_inf = getattr(stash, "_last_found_inf", None)
-    if getattr(stash, "_stale_overflow_grads", False) or (
+    last_found_inf = stash._last_found_inf
+    if stash._stale_overflow_grads or (
             last_found_inf is not None and stash._found_inf is None and bool(last_found_inf)):
         # The fused path's flag is read (one sync) only on this suspicious second step.
         raise RuntimeError(_STEP_AFTER_SKIP)
-    if getattr(stash, "_empty_exit", False) and any(p.grad is not None for p in _model_side_params(stash)):
+    if stash._empty_exit and any(p.grad is not None for p in _model_side_params(stash)):
         raise RuntimeError(_GRADS_OUTSIDE_SCALE_LOSS)
     handle = active_handle()
     if stash._master_weights:

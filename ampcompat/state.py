@@ -64,7 +64,7 @@ def master_params(optimizer: Any) -> Iterator[torch.Tensor]:
         Each parameter of every param group, in order.
     """
     stash = getattr(optimizer, "_amp_stash", None)
-    if stash is not None and getattr(stash, "_refresh_masters_from_model", False):
+    if stash is not None and stash._refresh_masters_from_model:
         from .master import refresh_stale_masters
 
         refresh_stale_masters(optimizer)
