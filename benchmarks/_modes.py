@@ -127,7 +127,8 @@ class Recipe:
         pass
 
     def clip_params(self) -> Iterable[torch.Tensor]:
-        return self.model.parameters()
+        # The optimizer's order (as amp.master_params gives it), so every mode sums the norm alike.
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def clip(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.clip_params(), max_norm)
