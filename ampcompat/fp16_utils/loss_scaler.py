@@ -52,7 +52,26 @@ def _any_inf_or_nan(grads: Iterable[torch.Tensor]) -> bool:
     return bool(total.item())
 
 
-class LossScaler:
+class _ScaledBackward:
+    """What both legacy scalers share: ``loss_scale`` (a property over ``cur_scale``) and the backward."""
+
+    cur_scale: float
+
+    @property
+    def loss_scale(self) -> float:
+        """The current scale (a property, unlike amp's ``LossScaler.loss_scale()``)."""
+        return self.cur_scale
+
+    def scale_gradient(self, module: torch.nn.Module, grad_in, grad_out) -> tuple:
+        """A backward hook body that multiplies every incoming gradient by the scale."""
+        return tuple(self.loss_scale * g for g in grad_in)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Backpropagate ``loss * loss_scale``."""
+        (loss * self.loss_scale).backward(retain_graph=retain_graph)
+
+
+class LossScaler(_ScaledBackward):
     """A static loss scale for the pre-amp ``FP16_Optimizer`` workflow.
 
     Args:
@@ -73,21 +92,8 @@ class LossScaler:
     def update_scale(self, overflow: bool) -> None:
         """No-op: the static scale never changes."""
 
-    @property
-    def loss_scale(self) -> float:
-        """The current scale (a property, unlike amp's ``LossScaler.loss_scale()``)."""
-        return self.cur_scale
 
-    def scale_gradient(self, module: torch.nn.Module, grad_in, grad_out) -> tuple:
-        """A backward hook body that multiplies every incoming gradient by the scale."""
-        return tuple(self.loss_scale * g for g in grad_in)
-
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """Backpropagate ``loss * loss_scale``."""
-        (loss * self.loss_scale).backward(retain_graph=retain_graph)
-
-
-class DynamicLossScaler:
+class DynamicLossScaler(_ScaledBackward):
     """The pre-amp dynamic loss scale: shrink on overflow, grow after a clean window.
 
     ``update_scale(True)`` divides the scale by ``scale_factor`` (never below 1) and records the
@@ -131,15 +137,3 @@ class DynamicLossScaler:
             self.cur_scale *= self.scale_factor
         self.cur_iter += 1
 
-    @property
-    def loss_scale(self) -> float:
-        """The current scale (a property, unlike amp's ``LossScaler.loss_scale()``)."""
-        return self.cur_scale
-
-    def scale_gradient(self, module: torch.nn.Module, grad_in, grad_out) -> tuple:
-        """A backward hook body that multiplies every incoming gradient by the scale."""
-        return tuple(self.loss_scale * g for g in grad_in)
-
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """Backpropagate ``loss * loss_scale``."""
-        (loss * self.loss_scale).backward(retain_graph=retain_graph)
