@@ -5,8 +5,8 @@ the same loss-scaling rules, by fault injection, and by state_dict round trips; 
 their dtype tables, key prefixes and copy semantics; the legacy scalers by their closed-form
 scale sequences.
 """
-import inspect
 import copy
+import inspect
 import io
 import pickle
 
