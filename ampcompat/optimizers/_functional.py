@@ -23,10 +23,24 @@ def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
 
     ``p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) [+ wd * p])`` with ``m``, ``v`` the usual moments.
     """
+    update = _adam_direction(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=1 - beta1,
+                             beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
+                             bias_correction1=bias_correction1, bias_correction2=bias_correction2)
+    torch._foreach_add_(params, update, alpha=-lr)
+
+
+def _adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
+                    beta1: float, new_grad_weight: float, beta2: float, eps: float, weight_decay: float,
+                    adam_w_mode: bool, bias_correction1: float, bias_correction2: float) -> List[torch.Tensor]:
+    """Update the moments in place and return ``m/bc1 / (sqrt(v/bc2) + eps)`` (+ ``wd * p`` in AdamW mode).
+
+    ``m = beta1*m + new_grad_weight*g``; in L2 mode the decay is added to (a copy of) the gradient first.
+    Shared by Adam and LAMB's first stage.
+    """
     if not adam_w_mode and weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=new_grad_weight)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
@@ -36,7 +50,7 @@ def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     torch._foreach_div_(update, denom)
     if adam_w_mode and weight_decay != 0:
         torch._foreach_add_(update, params, alpha=weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    return update
 
 
 def sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, weight_decay: float,
@@ -93,19 +107,9 @@ def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     device = params[0].device
     param_norms = torch._foreach_norm(params) if (use_nvlamb or weight_decay != 0) else None
     scaled = torch._foreach_div(grads, grad_clip_divisor.to(device))
-    if not adam_w_mode and weight_decay != 0:
-        torch._foreach_add_(scaled, params, alpha=weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, scaled, alpha=beta3)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1 - beta2)
-    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(update, denom)
-    if adam_w_mode and weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
+    update = _adam_direction(params, scaled, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=beta3,
+                             beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
+                             bias_correction1=bias_correction1, bias_correction2=bias_correction2)
     if param_norms is None:
         torch._foreach_add_(params, update, alpha=-lr)
         return update
