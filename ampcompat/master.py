@@ -296,11 +296,10 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
             else:
                 acc_dst.append(master.grad)
                 acc_src.append(grad)
-        if fresh_dst:
-            torch._foreach_copy_(fresh_dst, fresh_src)
+        scaler.unscale_into_(fresh_dst, fresh_src)
         new, accumulating, previous = _split_new_grads(
             stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
-        scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
+        scaler.unscale_(new + [g for _, g in sparse])
         if accumulating:
             torch._foreach_add_(accumulating, previous)
         scaler.unscale_add_(acc_dst, acc_src)

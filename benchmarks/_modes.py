@@ -17,6 +17,8 @@ Modes:
     native_bf16  ``torch.autocast(bfloat16)``, no scaler.
     pure_fp16    the model cast to fp16 (affine BatchNorm kept FP32, as O2 does), the optimizer stepping
                  the fp16 parameters directly: no master weights, no loss scaling. The speed floor for O2.
+    manual_o2    O2 written by hand on native PyTorch, as a user migrating off Apex would: the fp16 model,
+                 FP32 master copies stepped by the optimizer, ``torch.amp.GradScaler`` on the masters.
     O0 ... O5    ampcompat's ``amp.initialize(model, optimizer, opt_level=...)`` (O4/O5 are bf16).
 
 ampcompat is imported lazily so the native modes work (and can be tested) without it.
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 
 AMPCOMPAT_LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
-NATIVE_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16")
+NATIVE_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2")
 ALL_MODES = NATIVE_MODES + AMPCOMPAT_LEVELS
 
 MODE_DESCRIPTIONS: Dict[str, str] = {
@@ -38,6 +40,7 @@ MODE_DESCRIPTIONS: Dict[str, str] = {
     "native_fp16": "torch.autocast fp16 + GradScaler",
     "native_bf16": "torch.autocast bf16, no scaler",
     "pure_fp16": "fp16 params, no masters, no scaler (floor)",
+    "manual_o2": "hand-written O2: fp16 model, FP32 masters, GradScaler",
     "O0": "ampcompat O0 (FP32)",
     "O1": "ampcompat O1 (autocast fp16, dynamic scale)",
     "O2": "ampcompat O2 (fp16 model, FP32 masters, dynamic scale)",
@@ -223,6 +226,72 @@ class PureFP16(Recipe):
         return inputs.half() if inputs.is_floating_point() else inputs
 
 
+class ManualO2(NativeFP16):
+    """O2 by hand: an fp16 model (affine BatchNorm FP32), FP32 masters, ``GradScaler`` on the masters.
+
+    After backward the fp16 gradients are copied into the masters' FP32 gradients and unscaled there
+    (``scaler.unscale_``: the check and the division in one multi-tensor pass); ``scaler.step`` lets a
+    fused optimizer skip an overflowing step on the device; the masters are copied back afterwards.
+    """
+
+    name = "manual_o2"
+
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, device: torch.device,
+                 track_skips: bool = False):
+        model = cast_model_keep_batchnorm(model, torch.float16)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for _, p in named]
+        self.masters = [p.detach().float().requires_grad_(True) if p.dtype == torch.float16 else p
+                        for p in self.model_params]
+        self._half_pairs = [(p, m) for p, m in zip(self.model_params, self.masters) if p is not m]
+        super().__init__(model, lambda _model: make_optimizer(_MasterView([n for n, _ in named], self.masters)), device, track_skips)
+
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def cast_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.half() if inputs.is_floating_point() else inputs
+
+    def after_backward(self) -> None:
+        models = [p for p, _ in self._half_pairs if p.grad is not None]
+        masters = [m for p, m in self._half_pairs if p.grad is not None]
+        for m in masters:
+            m.grad = torch.empty_like(m)
+        if masters:
+            torch._foreach_copy_([m.grad for m in masters], [p.grad for p in models])
+        self.scaler.unscale_(self.optimizer)
+
+    def clip(self, max_norm: float) -> None:
+        Recipe.clip(self, max_norm)  # already unscaled in after_backward
+
+    def step(self) -> None:
+        super().step()
+        with torch.no_grad():
+            torch._foreach_copy_([p for p, _ in self._half_pairs], [m for _, m in self._half_pairs])
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for p in self.model_params:
+            p.grad = None
+
+
+class _MasterView(nn.Module):
+    """A model's parameter names over its FP32 masters, for a model-taking optimizer factory."""
+
+    def __init__(self, names: List[str], masters: List[torch.Tensor]):
+        super().__init__()
+        self._named = list(zip(names, masters))
+
+    def parameters(self, recurse: bool = True):  # noqa: D102 - mirrors nn.Module.parameters
+        return iter([p for _, p in self._named])
+
+    def named_parameters(self, *args, **kwargs):  # noqa: D102
+        return iter(self._named)
+
+
 class Ampcompat(Recipe):
     """``amp.initialize`` at one opt level, then Apex's ``scale_loss`` protocol.
 
@@ -289,7 +358,7 @@ def make_recipe(name: str, model: nn.Module, make_optimizer: OptimizerFactory, d
     """
     if name in AMPCOMPAT_LEVELS:
         return Ampcompat(name, model, make_optimizer, device, track_skips)
-    classes = {cls.name: cls for cls in (Recipe, NativeFP16, NativeBF16, PureFP16)}
+    classes = {cls.name: cls for cls in (Recipe, NativeFP16, NativeBF16, PureFP16, ManualO2)}
     if name not in classes:
         raise ValueError(f"Unknown mode {name!r}; choose from {', '.join(ALL_MODES)}.")
     return classes[name](model, make_optimizer, device, track_skips)

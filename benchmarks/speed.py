@@ -51,7 +51,7 @@ from _modes import AMPCOMPAT_LEVELS, ALL_MODES, MODE_DESCRIPTIONS, make_adamw_fa
 from _modes import parse_modes  # noqa: E402
 from _syncs import count_host_syncs  # noqa: E402
 
-DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "O1", "O2", "O3", "O5")
+DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5")
 WORKLOADS = ("gpt", "resnet", "mlp", "overhead")
 REFERENCE_MODE = "native_fp16"
 FLOOR_MODE = "pure_fp16"
@@ -210,6 +210,47 @@ def _time_steps(run_step: Callable[[int], torch.Tensor], steps: int, device: tor
     return times, time.perf_counter() - began, loss
 
 
+def _profile_kernels(run_step: Callable[[int], torch.Tensor], steps: int, device: torch.device,
+                     top: int = 40) -> List[dict]:
+    """Device time per step of the ``top`` most expensive kernels (by name), over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            run_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [(getattr(e, attr, 0.0), e.count, e.key) for e in prof.key_averages()]
+    rows = [r for r in rows if r[0] > 0]
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    out = [{"name": name[:120], "ms_per_step": t / 1e3 / steps, "calls_per_step": n / steps}
+           for t, n, name in rows[:top]]
+    out.append({"name": "(all kernels)", "ms_per_step": total / 1e3 / steps,
+                "calls_per_step": sum(r[1] for r in rows) / steps})
+    return out
+
+
+def profile_training(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int,
+                     seed: int) -> List[dict]:
+    """Kernel time per step of ``mode``'s most expensive kernels (run after all timing: once a profiler
+    has been attached, kernel launches stay slower for the rest of the process)."""
+    _release_memory(device)
+    recipe, batches, _ = _prepare(workload, mode, device, seed)
+    try:
+        def run_step(i: int) -> torch.Tensor:
+            inputs, targets = batches[i % len(batches)]
+            return recipe.train_step(inputs, targets, workload.loss_fn)
+
+        for i in range(warmup):
+            run_step(i)
+        return _profile_kernels(run_step, steps, device)
+    finally:
+        recipe.close()
+
+
 def measure_training(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int,
                      sync_steps: int, seed: int) -> dict:
     """Time ``steps`` training steps of ``mode`` after ``warmup``; count syncs on ``sync_steps`` more."""
@@ -338,6 +379,11 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
         print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s)")
     if workload.name != "overhead":
         add_ratios(section["modes"])
+        if args.profile_steps:
+            for mode, record in section["modes"].items():
+                if not record.get("error"):
+                    record["top_kernels"] = profile_training(workload, mode, device, args.profile_steps,
+                                                             min(warmup, 3), args.seed)
     counts = [r["parameters"] for r in section["modes"].values() if r.get("parameters")]
     section["parameters"] = counts[0] if counts else None
     return section
@@ -431,6 +477,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: per workload)")
     parser.add_argument("--sync-steps", type=int, default=3, help="extra steps over which syncs are counted")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after timing, profile this many steps per mode; the JSON gets each mode's top kernels")
     parser.add_argument("--tiny", action="store_true", help="minimal sizes and step counts (CPU tests)")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--markdown", help="write the tables (for docs/benchmarks.md) here")

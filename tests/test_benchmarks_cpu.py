@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 CONVERGENCE_MODES = ["fp32", "native_fp16", "native_bf16", "O0", "O1", "O2", "O3", "O4", "O5"]
-SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "O1", "O2", "O3", "O5"]
+SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5"]
 TINY_STEPS = 40  # convergence.py's tiny configuration
 
 
@@ -318,7 +318,7 @@ def test_mode_names_are_checked():
                                 torch.device("cpu"))
 
 
-@pytest.mark.parametrize("mode", ["native_fp16", "O1", "O2"])
+@pytest.mark.parametrize("mode", ["native_fp16", "manual_o2", "O1", "O2"])
 def test_recipes_report_a_skipped_step_on_inf(mode):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -336,3 +336,29 @@ def test_recipes_report_a_skipped_step_on_inf(mode):
         assert not torch.equal(before[0], model.weight.float())
     finally:
         recipe.close()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw_foreach", "adamw_fused"])
+def test_hand_written_o2_baseline_trains_exactly_like_ampcompat_o2(fused):
+    """The speed benchmark's ``manual_o2`` is a fair O2 baseline only if it is the same algorithm."""
+    config = bench_models.GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=16)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 64, (2, 17), generator=generator)] * 6  # one batch: the loss must fall
+    runs = {}
+    for mode in ("manual_o2", "O2"):
+        torch.manual_seed(0)
+        recipe = bench_modes.make_recipe(mode, bench_models.GPT(config),
+                                         bench_modes.make_adamw_factory(1e-2, weight_decay=0.1, fused=fused),
+                                         torch.device("cpu"))
+        try:
+            losses = [recipe.train_step(b[:, :-1], b[:, 1:], bench_models.lm_loss, clip_norm=1.0) for b in batches]
+            runs[mode] = (torch.stack(losses), [p.detach().clone() for p in recipe.model.parameters()],
+                          recipe.loss_scale())
+        finally:
+            recipe.close()
+    (manual_losses, manual_params, manual_scale), (amp_losses, amp_params, amp_scale) = runs["manual_o2"], runs["O2"]
+    assert manual_losses[-1] < manual_losses[0]
+    assert torch.equal(manual_losses, amp_losses)
+    assert manual_scale == amp_scale
+    for a, b in zip(manual_params, amp_params):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -189,6 +189,41 @@ def test_o2_twenty_steps_equal_the_hand_written_reference(optimizer_name, device
             assert torch.equal(amp_state[key], ref_state[key]), key
 
 
+def make_wide_net(device, seed=0):
+    """A net with one weight of 2**20 elements (multi-tensor kernels split such tensors into many chunks)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                               torch.nn.Tanh(), torch.nn.Linear(1024, 3)).to(device)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_fused"])
+def test_o2_with_a_large_weight_equals_the_reference_and_skips_its_overflow(optimizer_name, value, device):
+    """Same bits as the reference with a large weight, and an inf/NaN that only one element of the large
+    weight's gradient holds still skips the step."""
+    make_optimizer = OPTIMIZERS[optimizer_name]
+    model = make_wide_net(device)
+    optimizer = make_optimizer(model.parameters())
+    # A modest scale, so the wide net's gradients overflow only where the hook puts inf/NaN.
+    model, optimizer = amp.initialize(model, optimizer, opt_level="O2", verbosity=0, max_loss_scale=128.0)
+    reference = ReferenceO2(make_wide_net(device), make_optimizer, scale=128.0)
+    armed = {"on": False}
+    for m in (model[2], reference.model[2]):
+        m.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([5], device=g.device), value)
+                               if armed["on"] else g)
+    amp_scales = []
+    for step in range(8):
+        armed["on"] = step == 4
+        x, y = batch(step, device)
+        amp_train_step(model, optimizer, x, y)
+        amp_scales.append(scale_of())
+        reference.train_step(x, y)
+    assert amp_scales == reference.scales
+    assert amp_scales == [128.0] * 4 + [64.0] * 4
+    assert_bitwise(amp.master_params(optimizer), reference.masters, "master")
+    assert_bitwise(model.parameters(), reference.params, "model param")
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_foreach"])
 def test_o5_twenty_steps_equal_the_hand_written_bf16_reference(optimizer_name, device):
     """O5: bf16 model, FP32 masters, static loss scale 1.0 (nothing to unscale, nothing skipped)."""
