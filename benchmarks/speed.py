@@ -379,11 +379,7 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
         print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s)")
     if workload.name != "overhead":
         add_ratios(section["modes"])
-        if args.profile_steps:
-            for mode, record in section["modes"].items():
-                if not record.get("error"):
-                    record["top_kernels"] = profile_training(workload, mode, device, args.profile_steps,
-                                                             min(warmup, 3), args.seed)
+
     counts = [r["parameters"] for r in section["modes"].values() if r.get("parameters")]
     section["parameters"] = counts[0] if counts else None
     return section
@@ -513,12 +509,21 @@ def main(argv=None) -> int:
     report = {"meta": run_metadata(device), "size": size, "modes": args.modes, "workloads": {}}
     print(f"device: {report['meta']['device']}; torch {torch.__version__}; sizes: {size}; "
           f"modes: {', '.join(args.modes)}")
-    for name in args.workloads:
-        workload = _WORKLOAD_BUILDERS[name](size)
+    workloads = {name: _WORKLOAD_BUILDERS[name](size) for name in args.workloads}
+    for name, workload in workloads.items():
         print(f"== {name}: {workload.title}")
         report["workloads"][name] = run_workload(workload, args.modes, device, args)
         if args.json:  # keep what is finished if a later workload is cut short
             _write(args.json, json.dumps(report, indent=1))
+    if args.profile_steps:  # last: an attached profiler slows every later kernel launch in the process
+        for name, workload in workloads.items():
+            section = report["workloads"][name]
+            if name == "overhead" or section.get("skipped"):
+                continue
+            for mode, record in section["modes"].items():
+                if not record.get("error"):
+                    record["top_kernels"] = profile_training(workload, mode, device, args.profile_steps,
+                                                             min(section["warmup"], 3), args.seed)
     markdown = markdown_report(report)
     if args.json:
         _write(args.json, json.dumps(report, indent=1))

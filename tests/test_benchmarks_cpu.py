@@ -239,6 +239,20 @@ def test_speed_records_a_failing_mode_and_goes_on(tmp_path):
     assert "| O2 | failed |" in markdown and "- O2: RuntimeError: CUDA out of memory (injected)" in markdown
 
 
+def test_speed_profile_steps_add_a_kernel_table_to_every_timed_mode(tmp_path):
+    _run("speed.py", ["--device", "cpu", "--tiny", "--workloads", "mlp,overhead", "--modes", "pure_fp16,O2",
+                      "--profile-steps", "2", "--json", str(tmp_path / "p.json")], tmp_path)
+    workloads = json.loads((tmp_path / "p.json").read_text())["workloads"]
+    for mode in ("pure_fp16", "O2"):
+        table = workloads["mlp"]["modes"][mode]["top_kernels"]
+        assert table[-1]["name"] == "(all kernels)"
+        rows = table[:-1]
+        assert rows and all(r["ms_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+        assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+        assert table[-1]["ms_per_step"] >= sum(r["ms_per_step"] for r in rows) * 0.999
+    assert "top_kernels" not in workloads["overhead"]["modes"]["O2"]
+
+
 def test_convergence_records_a_failing_mode_and_exits_nonzero(tmp_path):
     proc = _run_with_o2_failing("convergence", ["--device", "cpu", "--tiny", "--steps", "4", "--modes",
                                                 "fp32,O2,O5", "--json", str(tmp_path / "c.json")], tmp_path)
