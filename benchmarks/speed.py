@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -210,6 +211,21 @@ def _time_steps(run_step: Callable[[int], torch.Tensor], steps: int, device: tor
     return times, time.perf_counter() - began, loss
 
 
+@contextlib.contextmanager
+def _training_steps(workload: Workload, mode: str, device: torch.device, seed: int):
+    """``mode`` prepared on ``workload``: yields (recipe, run_step(i), parameter count); closes the recipe."""
+    _release_memory(device)
+    recipe, batches, parameters = _prepare(workload, mode, device, seed)
+    try:
+        def run_step(i: int) -> torch.Tensor:
+            inputs, targets = batches[i % len(batches)]
+            return recipe.train_step(inputs, targets, workload.loss_fn)
+
+        yield recipe, run_step, parameters
+    finally:
+        recipe.close()
+
+
 def _profile_kernels(run_step: Callable[[int], torch.Tensor], steps: int, device: torch.device,
                      top: int = 40) -> List[dict]:
     """Device time per step of the ``top`` most expensive kernels (by name), over ``steps`` steps."""
@@ -237,30 +253,16 @@ def profile_training(workload: Workload, mode: str, device: torch.device, steps:
                      seed: int) -> List[dict]:
     """Kernel time per step of ``mode``'s most expensive kernels (run after all timing: once a profiler
     has been attached, kernel launches stay slower for the rest of the process)."""
-    _release_memory(device)
-    recipe, batches, _ = _prepare(workload, mode, device, seed)
-    try:
-        def run_step(i: int) -> torch.Tensor:
-            inputs, targets = batches[i % len(batches)]
-            return recipe.train_step(inputs, targets, workload.loss_fn)
-
+    with _training_steps(workload, mode, device, seed) as (_, run_step, _):
         for i in range(warmup):
             run_step(i)
         return _profile_kernels(run_step, steps, device)
-    finally:
-        recipe.close()
 
 
 def measure_training(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int,
                      sync_steps: int, seed: int) -> dict:
     """Time ``steps`` training steps of ``mode`` after ``warmup``; count syncs on ``sync_steps`` more."""
-    _release_memory(device)
-    recipe, batches, parameters = _prepare(workload, mode, device, seed)
-    try:
-        def run_step(i: int) -> torch.Tensor:
-            inputs, targets = batches[i % len(batches)]
-            return recipe.train_step(inputs, targets, workload.loss_fn)
-
+    with _training_steps(workload, mode, device, seed) as (recipe, run_step, parameters):
         for i in range(warmup):
             run_step(i)
         steps_before = _optimizer_step_count(recipe.optimizer)
@@ -291,8 +293,6 @@ def measure_training(workload: Workload, mode: str, device: torch.device, steps:
             "optimizer": "AdamW(fused)" if recipe.optimizer.defaults.get("fused") else "AdamW(foreach)",
             "error": None,
         }
-    finally:
-        recipe.close()
 
 
 def measure_overhead(workload: Workload, mode: str, device: torch.device, iterations: int, warmup: int,
