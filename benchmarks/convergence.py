@@ -227,6 +227,15 @@ def markdown_report(report: dict, table: str) -> str:
         "", table, ""])
 
 
+def _save_figure(plt, fig, prefix: Path, suffix: str) -> str:
+    """Write ``fig`` to ``<prefix><suffix>``, close it, and return the path written."""
+    path = prefix.with_name(prefix.name + suffix)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def save_plots(results: Dict[str, dict], prefix: Path) -> List[str]:
     """Loss curves of every mode on one chart, and the loss-scale traces; returns the files written.
 
@@ -264,11 +273,7 @@ def save_plots(results: Dict[str, dict], prefix: Path) -> List[str]:
     diff_ax.set_xlabel("step")
     diff_ax.set_ylabel("val loss minus FP32's")
     diff_ax.grid(alpha=0.3)
-    path = prefix.with_name(prefix.name + "_loss.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(_save_figure(plt, fig, prefix, "_loss.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     styles = ("-", "--", ":", "-.")
@@ -284,11 +289,7 @@ def save_plots(results: Dict[str, dict], prefix: Path) -> List[str]:
     ax.set_title("Loss scale per step (bf16 modes and O0/O3 use a static scale of 1)")
     ax.legend(ncol=3, fontsize=8)
     ax.grid(alpha=0.3)
-    path = prefix.with_name(prefix.name + "_loss_scale.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(_save_figure(plt, fig, prefix, "_loss_scale.png"))
     return written
 
 
