@@ -9,6 +9,7 @@ Workloads:
     gpt       GPT-style 124M (12 layers, 768 wide, 12 heads, vocab 50304, seq 1024, batch 8, SDPA).
     resnet    torchvision ResNet-50, channels_last, batch 128, 224x224 (skipped without torchvision).
     mlp       4 x 256 ReLU MLP, batch 64: host time per step dominates, so per-step overhead shows.
+              Host-bound timings drift with the machine, so its modes run in 5 interleaved rounds.
     overhead  host microseconds spent in loss scaling + ``step()`` (entering/leaving ``amp.scale_loss``
               vs ``GradScaler.scale/step/update``) on a tiny model; forward and backward excluded.
 
@@ -74,6 +75,7 @@ class Workload:
     channels_last: bool = False
     default_steps: int = 50
     default_warmup: int = 10
+    default_rounds: int = 1
 
 
 def _classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ def mlp_workload(size: str) -> Workload:
     return Workload("mlp", f"MLP {depth} x {width} (ReLU), batch {batch}: overhead-bound",
                     lambda: build_mlp(width, depth, width, 10), make_batch, _classification_loss, batch,
                     "samples/s", {"width": width, "depth": depth, "batch_size": batch},
-                    default_steps=200, default_warmup=20)
+                    default_steps=200, default_warmup=20, default_rounds=5)
 
 
 def overhead_workload(size: str) -> Workload:
@@ -275,6 +277,7 @@ def measure_training(workload: Workload, mode: str, device: torch.device, steps:
                 run_step(i)
         median = statistics.median(times)
         return {
+            "step_times_ms": times,
             "median_ms": median,
             "p10_ms": _percentile(times, 0.1),
             "p90_ms": _percentile(times, 0.9),
@@ -363,26 +366,56 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
         section["skipped"] = "torchvision is not importable"
         print(f"[{workload.name}] skipped: torchvision is not importable")
         return section
-    for mode in modes:
-        began = time.perf_counter()
-        try:
-            if workload.name == "overhead":
-                record = measure_overhead(workload, mode, device, steps, warmup, args.seed)
-            else:
-                record = measure_training(workload, mode, device, steps, warmup, args.sync_steps, args.seed)
-        except Exception as error:  # one failing mode (OOM, missing feature) must not stop the others
-            record = _error_record(error)
-        finally:
-            _release_memory(device)
+    rounds = 1 if workload.name == "overhead" else (args.rounds or workload.default_rounds)
+    section["rounds"] = rounds
+    per_mode: Dict[str, List[dict]] = {mode: [] for mode in modes}
+    for round_index in range(rounds):  # modes interleaved, so drift in the machine hits every mode alike
+        for mode in modes:
+            if per_mode[mode] and per_mode[mode][-1].get("error"):
+                continue
+            began = time.perf_counter()
+            try:
+                if workload.name == "overhead":
+                    record = measure_overhead(workload, mode, device, steps, warmup, args.seed)
+                else:
+                    record = measure_training(workload, mode, device, steps, warmup, args.sync_steps, args.seed)
+            except Exception as error:  # one failing mode (OOM, missing feature) must not stop the others
+                record = _error_record(error)
+            finally:
+                _release_memory(device)
+            per_mode[mode].append(record)
+            label = f" (round {round_index + 1}/{rounds})" if rounds > 1 else ""
+            print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s){label}")
+    for mode, records in per_mode.items():
+        record = records[-1] if records[-1].get("error") else _merge_rounds(records, workload.items_per_step)
         record["description"] = MODE_DESCRIPTIONS[mode]
         section["modes"][mode] = record
-        print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s)")
     if workload.name != "overhead":
         add_ratios(section["modes"])
 
     counts = [r["parameters"] for r in section["modes"].values() if r.get("parameters")]
     section["parameters"] = counts[0] if counts else None
     return section
+
+
+def _merge_rounds(records: List[dict], items_per_step: int) -> dict:
+    """One record from several rounds of a mode: statistics over all rounds' steps pooled."""
+    if len(records) == 1:
+        return records[0]
+    merged = dict(records[-1])
+    times = [t for r in records for t in r["step_times_ms"]]
+    median = statistics.median(times)
+    merged.update(
+        step_times_ms=times, median_ms=median, p10_ms=_percentile(times, 0.1), p90_ms=_percentile(times, 0.9),
+        min_ms=min(times), max_ms=max(times), throughput=items_per_step / (median / 1e3),
+        mean_wall_ms=statistics.mean(r["mean_wall_ms"] for r in records),
+        round_medians_ms=[r["median_ms"] for r in records],
+        skipped_steps=None if any(r["skipped_steps"] is None for r in records)
+        else sum(r["skipped_steps"] for r in records),
+    )
+    peaks = [r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"] is not None]
+    merged["peak_mem_bytes"] = max(peaks) if peaks else None
+    return merged
 
 
 def _one_line(record: dict) -> str:
@@ -437,7 +470,11 @@ def markdown_report(report: dict) -> str:
         sync_header = "syncs/step" if on_cuda else "host reads/step"
         parameters = section.get("parameters")
         size = f"; {parameters:,} parameters" if parameters else ""
-        lines += [f"{section['steps']} timed steps after {section['warmup']} warm-up steps{size}.", "",
+        rounds = section.get("rounds", 1)
+        timed = (f"{rounds} rounds (modes interleaved) of {section['steps']} timed steps, each after "
+                 f"{section['warmup']} warm-up steps; statistics over all rounds' steps"
+                 if rounds > 1 else f"{section['steps']} timed steps after {section['warmup']} warm-up steps")
+        lines += [f"{timed}{size}.", "",
                   f"| mode | median ms/step | p10-p90 ms | {section['unit']} | peak GiB | {sync_header} "
                   f"| vs native fp16 | vs pure-fp16 floor |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -473,6 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: per workload)")
     parser.add_argument("--sync-steps", type=int, default=3, help="extra steps over which syncs are counted")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int,
+                        help="repeat every mode this many times, interleaved (default: per workload; mlp 5)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after timing, profile this many steps per mode; the JSON gets each mode's top kernels")
     parser.add_argument("--tiny", action="store_true", help="minimal sizes and step counts (CPU tests)")

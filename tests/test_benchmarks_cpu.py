@@ -239,6 +239,22 @@ def test_speed_records_a_failing_mode_and_goes_on(tmp_path):
     assert "| O2 | failed |" in markdown and "- O2: RuntimeError: CUDA out of memory (injected)" in markdown
 
 
+def test_speed_mlp_statistics_pool_interleaved_rounds(speed):
+    import statistics
+
+    section = speed["report"]["workloads"]["mlp"]
+    assert section["rounds"] == 5 and speed["report"]["workloads"]["gpt"]["rounds"] == 1
+    for mode, record in section["modes"].items():
+        assert len(record["round_medians_ms"]) == 5, mode
+        times = record["step_times_ms"]
+        assert len(times) == 5 * section["steps"]
+        assert record["median_ms"] == statistics.median(times)
+        assert record["min_ms"] == min(times) and record["max_ms"] == max(times)
+    rounds_printed = [line for line in speed["stdout"].splitlines() if line.startswith("[mlp] O2 ")]
+    assert [line.endswith(f"(round {i}/5)") for i, line in enumerate(rounds_printed, 1)] == [True] * 5
+    assert "5 rounds (modes interleaved)" in speed["markdown"]
+
+
 def test_speed_profile_steps_add_a_kernel_table_to_every_timed_mode(tmp_path):
     _run("speed.py", ["--device", "cpu", "--tiny", "--workloads", "mlp,overhead", "--modes", "pure_fp16,O2",
                       "--profile-steps", "2", "--json", str(tmp_path / "p.json")], tmp_path)
