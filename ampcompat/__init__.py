@@ -14,7 +14,7 @@ import torch
 
 from . import amp  # noqa: F401
 from ._version import __version__  # noqa: F401
-from .scaler import amp_state_to_grad_scaler, grad_scaler_to_amp_state  # noqa: F401
+from .amp.scaler import amp_state_to_grad_scaler, grad_scaler_to_amp_state  # noqa: F401
 
 __all__ = ["amp", "install_apex_alias", "reset", "amp_state_to_grad_scaler", "grad_scaler_to_amp_state",
            "__version__"]
@@ -28,8 +28,8 @@ def reset() -> None:
     Models and optimizers already patched keep their casts and master weights; this resets the global
     state so a new ``initialize`` (or a test) starts clean.
     """
-    from . import autocast_scope
-    from .state import _amp_state
+    from .amp import o1_autocast
+    from .amp.process_state import _amp_state
 
     handle = getattr(_amp_state, "handle", None)
     if handle is not None:
@@ -39,7 +39,7 @@ def reset() -> None:
     _amp_state.hard_override = False
     _amp_state.allow_incoming_model_not_fp32 = False
     _amp_state.verbosity = 1
-    autocast_scope.clear_registry()
+    o1_autocast.clear_registry()
     for device_type in ("cpu", "cuda"):
         torch.set_autocast_enabled(device_type, False)
     torch.set_autocast_cache_enabled(True)
@@ -48,7 +48,7 @@ def reset() -> None:
 
 def install_apex_alias() -> None:
     """Make ``import apex`` / ``from apex import amp`` / ``import amp_C`` resolve to ampcompat (opt-in)."""
-    from .alias import install_apex_alias as _install
+    from .tools.alias import install_apex_alias as _install
 
     _install()
 

@@ -1,4 +1,4 @@
-"""The opt-in ``apex`` import alias (``ampcompat.alias``).
+"""The opt-in ``apex`` import alias (``ampcompat.tools.alias``).
 
 Covers: ``apex.*`` names are the ampcompat module objects themselves (state shared, ``amp._amp_state``
 the object while ``apex.amp._amp_state`` imports the module); lazy loading; normal import errors for
@@ -39,8 +39,8 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
     check("""
         import sys
         import ampcompat
-        import ampcompat.state
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.process_state
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp
@@ -52,7 +52,7 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
         from apex.amp._amp_state import _amp_state, maybe_print, warn_or_err, master_params
         state_module = sys.modules["ampcompat.amp._amp_state"]
         assert sys.modules["apex.amp._amp_state"] is state_module
-        assert _amp_state is ampcompat.amp._amp_state is ampcompat.state._amp_state
+        assert _amp_state is ampcompat.amp._amp_state is ampcompat.amp.process_state._amp_state
         assert (maybe_print, warn_or_err, master_params) == (
             state_module.maybe_print, state_module.warn_or_err, state_module.master_params)
         import apex.amp._amp_state
@@ -62,13 +62,13 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
         import apex.amp.scaler, apex.amp.handle, apex.amp.frontend
         for name in ("scaler", "handle", "frontend"):
             assert sys.modules["apex.amp." + name] is sys.modules["ampcompat.amp." + name], name
-        assert apex.amp.scaler.LossScaler is ampcompat.scaler.LossScaler
+        assert apex.amp.scaler.LossScaler is ampcompat.amp.scaler.LossScaler
         from apex.amp import scale_loss, initialize
         assert (scale_loss, initialize) == (ampcompat.amp.scale_loss, ampcompat.amp.initialize)
 
         # One state, whichever name writes it.
         apex.amp._amp_state.verbosity = 0
-        assert ampcompat.state._amp_state.verbosity == 0
+        assert ampcompat.amp.process_state._amp_state.verbosity == 0
 
         # ampcompat's modules keep their own identity.
         assert ampcompat.amp.__name__ == "ampcompat.amp"
@@ -81,7 +81,7 @@ def test_legacy_surfaces_and_their_submodules_resolve_to_ampcompat():
     check("""
         import importlib, pkgutil, sys
         import ampcompat
-        from ampcompat.alias import APEX_SUBPACKAGES, install_apex_alias
+        from ampcompat.tools.alias import APEX_SUBPACKAGES, install_apex_alias
 
         install_apex_alias()
         for package in APEX_SUBPACKAGES:
@@ -111,7 +111,7 @@ def test_amp_C_resolves_to_ampcompat():
     check("""
         import sys
         import ampcompat.amp_C
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import amp_C
@@ -122,7 +122,7 @@ def test_amp_C_resolves_to_ampcompat():
 def test_names_ampcompat_does_not_provide_fail_as_usual():
     check("""
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import apex
@@ -150,7 +150,7 @@ def test_ampcompat_never_creates_apex_without_the_alias():
         import ampcompat
 
         for info in pkgutil.walk_packages(ampcompat.__path__, "ampcompat."):
-            if not info.name.startswith("ampcompat._bootstrap"):  # start-up hook, not a library module
+            if not info.name.startswith("ampcompat.tools._bootstrap"):  # start-up hook, not a library module
                 importlib.import_module(info.name)
         leaked = [n for n in sys.modules if n == "apex" or n.startswith("apex.") or n == "amp_C"]
         assert not leaked, leaked
@@ -168,7 +168,7 @@ def test_alias_imports_legacy_surfaces_only_on_first_use():
     check("""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         assert "apex" not in sys.modules
@@ -183,7 +183,7 @@ def test_uninstall_removes_every_trace_and_reinstall_works():
     check("""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias, uninstall_apex_alias
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
 
         install_apex_alias()
         install_apex_alias()  # idempotent
@@ -212,7 +212,7 @@ def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_i
     check(f"""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         if {imported_before_install}:
             import apex
@@ -246,7 +246,7 @@ def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_i
 def test_uninstall_takes_back_what_was_given_to_a_real_apex():
     check("""
         import sys
-        from ampcompat.alias import install_apex_alias, uninstall_apex_alias
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
 
         install_apex_alias()
         import apex
@@ -265,7 +265,7 @@ def test_uninstall_takes_back_what_was_given_to_a_real_apex():
 
 def test_real_amp_C_extension_wins():
     check("""
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import amp_C
@@ -276,7 +276,7 @@ def test_real_amp_C_extension_wins():
 def test_real_apex_that_still_has_amp_keeps_it():
     check("""
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp, fp16_utils
@@ -294,7 +294,7 @@ def test_unrelated_package_named_apex_is_not_taken_for_nvidia_apex():
             assert exc.name == "cryptacular_stand_in_that_is_not_installed"
         else:
             raise AssertionError("the unrelated stub imported")
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp
@@ -331,14 +331,14 @@ def test_apex_era_pickles_name_apex_classes(apex_era_files):
 def test_pickled_apex_amp_loss_scaler_loads_and_keeps_counting(apex_era_files):
     check(f"""
         import pickle
-        import ampcompat.scaler
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.scaler
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         for protocol in (2, 4):
             with open({str(apex_era_files)!r} + f"/amp_scaler_protocol{{protocol}}.pkl", "rb") as f:
                 scaler = pickle.load(f)
-            assert type(scaler) is ampcompat.scaler.LossScaler
+            assert type(scaler) is ampcompat.amp.scaler.LossScaler
             assert (scaler.loss_scale(), scaler._unskipped, scaler.dynamic) == (1024.0, 7, True)
             assert scaler.update_scale() is False and scaler._unskipped == 8  # a clean pass continues the count
     """)
@@ -347,7 +347,7 @@ def test_pickled_apex_amp_loss_scaler_loads_and_keeps_counting(apex_era_files):
 def test_pickled_fp16_utils_loss_scalers_load(apex_era_files):
     check(f"""
         import pickle
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         with open({str(apex_era_files / "fp16_utils_scalers.pkl")!r}, "rb") as f:
@@ -364,12 +364,12 @@ def test_pickled_fp16_utils_loss_scalers_load(apex_era_files):
 def test_fp16_optimizer_checkpoint_loads_with_torch_load(apex_era_files):
     check(f"""
         import torch
-        import ampcompat.scaler
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.scaler
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         checkpoint = torch.load({str(apex_era_files / "fp16_optimizer_checkpoint.pt")!r}, weights_only=False)
-        assert type(checkpoint["loss_scaler"]) is ampcompat.scaler.LossScaler
+        assert type(checkpoint["loss_scaler"]) is ampcompat.amp.scaler.LossScaler
         assert checkpoint["loss_scaler"].loss_scale() == 1024.0
         assert torch.equal(checkpoint["fp32_from_fp16"][0][0], torch.arange(6.0).reshape(2, 3))
         assert checkpoint["dynamic_loss_scale"] is True

@@ -85,7 +85,7 @@ def test_migrate_and_doctor_get_the_arguments_after_their_name(monkeypatch, comm
     received = []
     stand_in = types.ModuleType("ampcompat." + command)
     stand_in.main = lambda argv: received.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "ampcompat." + command, stand_in)
+    monkeypatch.setitem(sys.modules, "ampcompat.tools." + command, stand_in)
     assert main([command, "--check", "src", "--version"]) == 7
     assert received == [["--check", "src", "--version"]]
 
@@ -166,7 +166,7 @@ def test_missing_script_and_module():
 
 def test_spawn_worker_imports_apex():
     out = succeeded(ampcompat_cli("run", "spawn_child.py"))
-    assert "worker saw: [True, 'ampcompat.scaler'] exit code: 0" in out
+    assert "worker saw: [True, 'ampcompat.amp.scaler'] exit code: 0" in out
 
 
 def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ampcompat import __version__, doctor
+from ampcompat import __version__
+from ampcompat.tools import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,12 +157,12 @@ def test_the_alias_does_not_count_as_apex(capsys):
         assert run_doctor(capsys).endswith("NVIDIA Apex: not installed (ampcompat stands in for it: "
                                            "`python -m ampcompat run script.py`)\n")
     finally:
-        from ampcompat import alias
+        from ampcompat.tools import alias
 
         alias.uninstall_apex_alias()
 
 
-@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.doctor", "--format", "json"]])
+@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.tools.doctor", "--format", "json"]])
 def test_command_line(command):
     proc = subprocess.run([sys.executable, *command], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)

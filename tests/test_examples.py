@@ -76,7 +76,7 @@ def test_example_is_unchanged_legacy_apex_code():
 
 
 def test_runs_through_python_m_ampcompat_run():
-    if importlib.util.find_spec("ampcompat.alias") is None:
+    if importlib.util.find_spec("ampcompat.tools.alias") is None:
         pytest.skip("awaiting apex alias")
     result = _outcome(_run(["-m", "ampcompat", "run", str(EXAMPLE), "--opt-level", "O1"] + QUICK))
     _assert_learned_and_resumed(result)

@@ -30,7 +30,7 @@ from ampcompat.fp16_utils import (
     to_python_float,
     tofp16,
 )
-from ampcompat.scaler import LossScaler as AmpLossScaler
+from ampcompat.amp.scaler import LossScaler as AmpLossScaler
 
 DEPRECATION_LINE = (
     "Warning:  FP16_Optimizer is deprecated and dangerous, and will be deleted soon.  "

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ampcompat import migrate
-from ampcompat.migrate import catalogue
-from ampcompat.migrate.scanner import scan
-from ampcompat.migrate.sources import SkippedFile, load_source
-from ampcompat.migrate.to_native import to_native
+from ampcompat.tools import migrate
+from ampcompat.tools.migrate import catalogue
+from ampcompat.tools.migrate.scanner import scan
+from ampcompat.tools.migrate.sources import SkippedFile, load_source
+from ampcompat.tools.migrate.to_native import to_native
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "legacy_scripts"
@@ -344,7 +344,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 @pytest.mark.parametrize("command, script, code", [
-    (["-m", "ampcompat.migrate"], "simple_o1.py", 0),
+    (["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0),
     (["-m", "ampcompat", "migrate"], "bert_style.py", 1),  # --check: apex_C is not supported
 ])
 def test_module_entry_points(command, script, code):
@@ -762,7 +762,7 @@ def _overlapping_edits(self):
 def test_to_native_never_writes_invalid_python(tmp_path, capsys, monkeypatch, broken_render):
     folder = copy_fixtures(tmp_path, {"simple_o1.py"})
     before = (folder / "simple_o1.py").read_bytes()
-    monkeypatch.setattr("ampcompat.migrate.plan.RewritePlan.render", broken_render)
+    monkeypatch.setattr("ampcompat.tools.migrate.plan.RewritePlan.render", broken_render)
     code, out, _ = run_main([folder, "--to-native"], capsys)
     assert code == 0 and (folder / "simple_o1.py").read_bytes() == before
     assert "not rewritten: the native rewrite of this file came out invalid" in out

@@ -42,7 +42,7 @@ _STATE_KEYS = (
     "optimizer_state_dict",
     "fp32_from_fp16",
 )
-# Serialized name -> attribute of ampcompat.scaler.LossScaler (Apex's attribute names).
+# Serialized name -> attribute of ampcompat.amp.scaler.LossScaler (Apex's attribute names).
 _SCALER_FIELDS = {
     "loss_scale": "_loss_scale",
     "unskipped": "_unskipped",
@@ -64,7 +64,7 @@ def _amp_maybe_print(msg: str) -> None:
 def _make_loss_scaler(
     dynamic_loss_scale: bool, static_loss_scale: float, dynamic_loss_args: Optional[Mapping[str, Any]]
 ):
-    from ampcompat.scaler import LossScaler
+    from ampcompat.amp.scaler import LossScaler
 
     if dynamic_loss_scale:
         return LossScaler("dynamic", **(dynamic_loss_args or {}))

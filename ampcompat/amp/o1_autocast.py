@@ -4,12 +4,13 @@ Apex O1 monkey-patched torch for the whole process from ``initialize`` on, so a 
 ``forward`` also ran ``cross_entropy`` in FP32. ampcompat reproduces that scope with autocast's
 thread-local state instead of patching torch:
 
-* :class:`AmpHandle` turns autocast on for the model's device type in the thread that called
+* :class:`O1Scope` (Apex's ``AmpHandle``, see ``legacy_handle``) turns autocast on for the model's device type in the
+  thread that called
   ``initialize`` (outside ``forward`` the weight-cast cache is off, so nothing stale can be served);
 * every model's ``forward`` runs inside a ``torch.autocast`` region entered by a forward pre-hook, so the
   cast cache is used within one forward and cleared when the outermost forward returns (this also makes
   models called from other threads, ``DataParallel`` replicas included, autocast);
-* :meth:`AmpHandle._disable_casts` turns autocast off for a block (``amp.disable_casts``, the backward
+* :meth:`O1Scope._disable_casts` turns autocast off for a block (``amp.disable_casts``, the backward
   inside ``scale_loss``, ``optimizer.step``), and registered half/float/promote functions cast their
   inputs and run with autocast off.
 """
@@ -23,13 +24,7 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
-from .state import _amp_state
-
-_OLD_API_MESSAGE = (
-    "The old Amp API is no longer supported.  Please move to the new API, documented here:  "
-    "https://nvidia.github.io/apex/amp.html.  Transition guide:  "
-    "https://nvidia.github.io/apex/amp.html#transition-guide-for-old-api-users"
-)
+from .process_state import _amp_state
 
 _HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
 
@@ -43,16 +38,16 @@ def _casts_disabled_here() -> bool:
     return getattr(_tls, "disabled_depth", 0) > 0
 
 
-def active_handle() -> Optional["AmpHandle"]:
+def active_handle() -> Optional["O1Scope"]:
     """The O1 handle if O1 casting applies in this thread right now, else None."""
     handle = getattr(_amp_state, "handle", None)
-    if isinstance(handle, AmpHandle) and handle._is_active and not _casts_disabled_here():
+    if isinstance(handle, O1Scope) and handle._is_active and not _casts_disabled_here():
         return handle
     return None
 
 
-class AmpHandle:
-    """The O1 state object (``_amp_state.handle``), with Apex's private methods.
+class O1Scope:
+    """O1's autocast scope: the base of ``_amp_state.handle`` (Apex's ``AmpHandle``), with Apex's private methods.
 
     Args:
         device_type: the autocast device type (``"cuda"``, ``"cpu"``, ...), taken from the model.
@@ -116,14 +111,6 @@ class AmpHandle:
             torch.set_autocast_enabled(self._device_type, was_enabled)
             _tls.disabled_depth -= 1
 
-    def scale_loss(self, loss: Any, optimizer: Any) -> None:
-        raise RuntimeError(_OLD_API_MESSAGE)
-
-    def wrap_optimizer(self, optimizer: Any, num_loss: int = 1) -> Any:
-        from .old_api import OptimWrapper
-
-        return OptimWrapper(optimizer, self, num_loss)
-
     def _deactivate(self) -> None:
         """Undo everything this handle did: autocast state, model hooks, patched functions."""
         if not self._is_active:
@@ -155,36 +142,6 @@ class AmpHandle:
             self._patched.append((module, name, original))
             setattr(module, name, _casting_wrapper(original, kind))
         _registry.clear()
-
-
-class NoOpHandle:
-    """What ``amp.init(enabled=False)`` returns: every method passes through."""
-
-    def is_active(self) -> bool:
-        return False
-
-    @contextlib.contextmanager
-    def _disable_casts(self) -> Iterator[None]:
-        yield
-
-    def wrap_optimizer(self, optimizer: Any, num_loss: int = 1) -> Any:
-        from .old_api import OptimWrapper
-
-        return OptimWrapper(optimizer, self, num_loss)
-
-    def _deactivate(self) -> None:
-        pass
-
-    def _clear_cache(self) -> None:
-        pass
-
-    @property
-    def has_cache(self) -> bool:
-        return False
-
-    @property
-    def verbose(self) -> bool:
-        return False
 
 
 # --- forward regions --------------------------------------------------------------------------------
@@ -220,7 +177,7 @@ def _exit_forward_region(module: torch.nn.Module, args: Any, output: Any) -> Non
 def _reset_in_forked_child() -> None:
     # A forked DataLoader worker inherits the parent's thread state; it must not run under O1.
     handle = getattr(_amp_state, "handle", None)
-    if isinstance(handle, AmpHandle):
+    if isinstance(handle, O1Scope):
         torch.set_autocast_enabled(handle._device_type, False)
 
 
@@ -259,7 +216,7 @@ def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> Iterator[torch.Ten
                 yield item
 
 
-def _target_dtype(kind: str, handle: AmpHandle, args: Tuple[Any, ...], kwargs: dict) -> Optional[torch.dtype]:
+def _target_dtype(kind: str, handle: O1Scope, args: Tuple[Any, ...], kwargs: dict) -> Optional[torch.dtype]:
     if kind == _HALF:
         return handle._dtype
     if kind == _FLOAT:

@@ -12,7 +12,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from .state import warn_or_err
+from .process_state import warn_or_err
 
 #: Options in Apex's print order. ``patch_torch_functions_type`` (ROCm's key) is printed only by
 #: the levels that come from ROCm Apex, so NVIDIA levels print NVIDIA's block byte for byte.

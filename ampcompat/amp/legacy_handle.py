@@ -11,10 +11,10 @@ from typing import Any, Iterator, List, Union
 
 import torch
 
-from . import autocast_scope
-from .master import _stash_and_clear, _unscale_with_stash
+from .master_weights import _stash_and_clear, _unscale_with_stash
+from .o1_autocast import O1Scope
 from .scaler import LossScaler
-from .state import _amp_state, maybe_print
+from .process_state import _amp_state, maybe_print
 
 
 def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable_caching: bool = True,
@@ -32,18 +32,63 @@ def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable
         An ``AmpHandle`` (also stored as ``amp._amp_state.handle``), or a ``NoOpHandle``.
     """
     if not enabled:
-        handle: Any = autocast_scope.NoOpHandle()
+        handle: Any = NoOpHandle()
         _amp_state.handle = handle
         return handle
     previous = getattr(_amp_state, "handle", None)
     if previous is not None:
         previous._deactivate()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    handle = autocast_scope.AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose)
+    handle = AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose)
     handle._loss_scale = loss_scale
     handle.patch_registered_functions()
     _amp_state.handle = handle
     return handle
+
+
+_OLD_API_MESSAGE = (
+    "The old Amp API is no longer supported.  Please move to the new API, documented here:  "
+    "https://nvidia.github.io/apex/amp.html.  Transition guide:  "
+    "https://nvidia.github.io/apex/amp.html#transition-guide-for-old-api-users"
+)
+
+
+class AmpHandle(O1Scope):
+    """Apex's ``AmpHandle`` (``_amp_state.handle`` under O1/O4): the O1 scope plus the old API's methods."""
+
+    def scale_loss(self, loss: Any, optimizer: Any) -> None:
+        raise RuntimeError(_OLD_API_MESSAGE)
+
+    def wrap_optimizer(self, optimizer: Any, num_loss: int = 1) -> Any:
+        return OptimWrapper(optimizer, self, num_loss)
+
+
+class NoOpHandle:
+    """What ``amp.init(enabled=False)`` returns: every method passes through."""
+
+    def is_active(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def _disable_casts(self) -> Iterator[None]:
+        yield
+
+    def wrap_optimizer(self, optimizer: Any, num_loss: int = 1) -> Any:
+        return OptimWrapper(optimizer, self, num_loss)
+
+    def _deactivate(self) -> None:
+        pass
+
+    def _clear_cache(self) -> None:
+        pass
+
+    @property
+    def has_cache(self) -> bool:
+        return False
+
+    @property
+    def verbose(self) -> bool:
+        return False
 
 
 class OptimWrapper:

@@ -6,7 +6,7 @@ ampcompat adds of its own is underscored and removed again by :func:`reset`.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -50,24 +50,3 @@ def warn_or_err(msg: str) -> None:
         print("Warning:  " + msg)
     else:
         raise RuntimeError(msg)
-
-
-def master_params(optimizer: Any) -> Iterator[torch.Tensor]:
-    """Yield the parameters an amp optimizer actually steps: the FP32 masters under O2/O5.
-
-    Use it for gradient clipping: ``clip_grad_norm_(amp.master_params(optimizer), max_norm)``.
-
-    Args:
-        optimizer: an optimizer returned by ``amp.initialize`` (or any object with ``param_groups``).
-
-    Yields:
-        Each parameter of every param group, in order.
-    """
-    stash = getattr(optimizer, "_amp_stash", None)
-    if stash is not None and stash._refresh_masters_from_model:
-        from .master import refresh_stale_masters
-
-        refresh_stale_masters(optimizer)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            yield p

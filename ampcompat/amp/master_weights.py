@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import types
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from .autocast_scope import active_handle
+from .o1_autocast import active_handle
+from .process_state import _amp_state, maybe_print
 from .scaler import LossScaler
-from .state import _amp_state, maybe_print
 
 _CLOSURE_MESSAGE = "Currently, Amp does not support closure use with optimizers."
 _PRIVATE_METHODS = (
@@ -628,3 +628,22 @@ def _bind_amp_methods(optimizer: Any, master_weights: bool) -> None:
         optimizer.zero_grad = bind(_amp_zero_grad)
         optimizer.state_dict = bind(_amp_state_dict)
         optimizer.load_state_dict = bind(_amp_load_state_dict)
+
+
+def master_params(optimizer: Any) -> Iterator[torch.Tensor]:
+    """Yield the parameters an amp optimizer actually steps: the FP32 masters under O2/O5.
+
+    Use it for gradient clipping: ``clip_grad_norm_(amp.master_params(optimizer), max_norm)``.
+
+    Args:
+        optimizer: an optimizer returned by ``amp.initialize`` (or any object with ``param_groups``).
+
+    Yields:
+        Each parameter of every param group, in order.
+    """
+    stash = getattr(optimizer, "_amp_stash", None)
+    if stash is not None and stash._refresh_masters_from_model:
+        refresh_stale_masters(optimizer)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p

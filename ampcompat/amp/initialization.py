@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import autocast_scope, casting, master
-from .properties import OVERRIDE_ORDER, Properties, format_options, get_opt_level
+from . import master_weights, model_casting
+from .legacy_handle import AmpHandle
+from .opt_levels import OVERRIDE_ORDER, Properties, format_options, get_opt_level
 from .scaler import LossScaler
-from .state import _amp_state, maybe_print, warn_or_err
+from .process_state import _amp_state, maybe_print, warn_or_err
 
 _PARALLEL_WRAPPERS = (
     (torch.nn.parallel.DistributedDataParallel, "torch.nn.parallel.DistributedDataParallel"),
@@ -193,7 +194,7 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
     if device_type == "cuda" and not torch.backends.cudnn.enabled:
         raise RuntimeError("Amp requires torch.backends.cudnn.enabled = True")
     for optimizer in optimizer_list:
-        master.check_optimizer(optimizer)
+        master_weights.check_optimizer(optimizer)
     if len(set(map(id, optimizer_list))) != len(optimizer_list):
         raise RuntimeError("A given optimizer should only be passed through amp.initialize once.")
 
@@ -205,10 +206,10 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
 
     if props.cast_model_type:
         for model in model_list:
-            casting.cast_model(model, props.cast_model_type, props.keep_batchnorm_fp32)
-            casting.add_cast_hooks(model, props.cast_model_type, cast_model_outputs or torch.float32,
+            model_casting.cast_model(model, props.cast_model_type, props.keep_batchnorm_fp32)
+            model_casting.add_cast_hooks(model, props.cast_model_type, cast_model_outputs or torch.float32,
                                    device_type)
-            casting.add_fp32_state_dict_hooks(model)
+            model_casting.add_fp32_state_dict_hooks(model)
         for optimizer in optimizer_list:
             # Only O3-like levels step the half params themselves; with masters the state moves onto
             # the FP32 masters at lazy init, and a round trip through FP16/BF16 here would lose precision.
@@ -216,10 +217,10 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
                 optimizer.load_state_dict(optimizer.state_dict())
     elif cast_model_outputs is not None:
         for model in model_list:
-            casting.add_cast_hooks(model, None, cast_model_outputs, device_type)
+            model_casting.add_cast_hooks(model, None, cast_model_outputs, device_type)
 
     for optimizer in optimizer_list:
-        master.patch_optimizer(optimizer, bool(props.master_weights))
+        master_weights.patch_optimizer(optimizer, bool(props.master_weights))
 
     _amp_state.loss_scalers = []
     for loss_id in range(num_losses):
@@ -230,7 +231,7 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
         _amp_state.loss_scalers.append(scaler)
 
     if props.patch_torch_functions:
-        handle = autocast_scope.AmpHandle(device_type, props.autocast_dtype(), verbose=_amp_state.verbosity == 2)
+        handle = AmpHandle(device_type, props.autocast_dtype(), verbose=_amp_state.verbosity == 2)
         _amp_state.handle = handle
         handle.patch_registered_functions()
         for model in model_list:

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 _FUSED_OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad")

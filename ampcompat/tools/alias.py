@@ -101,7 +101,7 @@ class _ApexPackageLoader:
     """Creates :class:`_ApexPackage`; there is no code to execute."""
 
     def create_module(self, spec: ModuleSpec) -> types.ModuleType:
-        module = _ApexPackage(spec.name, "NVIDIA Apex's removed modules, provided by ampcompat (ampcompat.alias).")
+        module = _ApexPackage(spec.name, "NVIDIA Apex's removed modules, provided by ampcompat (ampcompat.tools.alias).")
         _supply_missing_subpackages(module)
         return module
 

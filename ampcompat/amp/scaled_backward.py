@@ -17,8 +17,8 @@ from typing import Any, Iterator, List, Optional
 
 import torch
 
-from .autocast_scope import active_handle
-from .master import (
+from .o1_autocast import active_handle
+from .master_weights import (
     begin_backward,
     check_param_groups_unchanged,
     defer_skip,
@@ -26,7 +26,7 @@ from .master import (
     restore_amp_backward,
     skips_on_device,
 )
-from .state import _amp_state
+from .process_state import _amp_state
 
 _NOT_INITIALIZED = (
     "Invoked 'with amp.scale_loss`, but internal Amp state has not been initialized.  "

@@ -10,10 +10,10 @@ It costs next to nothing: ampcompat (and torch) are imported only when the child
 import os
 import sys
 
-_ENV_VAR = "AMPCOMPAT_APEX_ALIAS"  # ampcompat.alias.ALIAS_ENV_VAR
+_ENV_VAR = "AMPCOMPAT_APEX_ALIAS"  # ampcompat.tools.alias.ALIAS_ENV_VAR
 _TRIGGERS = ("apex", "amp_C")
 _HERE = os.path.dirname(os.path.realpath(__file__))
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(_HERE))  # the directory that holds ``ampcompat``
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))  # the directory holding ``ampcompat``
 
 
 class _InstallAliasOnFirstUse:
@@ -39,7 +39,7 @@ def _import_alias_module():
     if importlib.util.find_spec("ampcompat") is None:
         # The parent ran an ampcompat that is not installed (a source checkout): use that one.
         sys.path.append(_PACKAGE_PARENT)
-    return importlib.import_module("ampcompat.alias")
+    return importlib.import_module("ampcompat.tools.alias")
 
 
 def _run_shadowed_sitecustomize():

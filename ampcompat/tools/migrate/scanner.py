@@ -118,7 +118,7 @@ def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[s
         if isinstance(node, ast.Import):
             for alias in node.names:
                 # ``import apex.parallel`` binds ``apex``; ``import apex.parallel as p`` binds ``p``. The
-                # second check keeps ``import ampcompat.migrate`` (not an Apex stand-in) from binding.
+                # second check keeps ``import ampcompat.tools.migrate`` (not an Apex stand-in) from binding.
                 target = alias.name if alias.asname else alias.name.split(".")[0]
                 mapped = catalogue.apex_module(target)
                 if mapped is not None and catalogue.apex_module(alias.name) is not None:
