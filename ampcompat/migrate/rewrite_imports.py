@@ -89,7 +89,7 @@ def import_alias_replacement(name: str, asname: Optional[str]) -> Optional[str]:
     mapped = catalogue.apex_module(name)
     if mapped is None or mapped[1] != "apex":
         return None
-    target = catalogue.ampcompat_module(name)
+    target, _ = catalogue.provided_module(name)
     if target is None:
         return None
     if asname:
@@ -107,8 +107,8 @@ def _rewrite_import_alias(text: SourceText, node: ast.Import, alias: ast.alias, 
         return
     replacement = import_alias_replacement(alias.name, alias.asname)
     if replacement is None:
-        notes.append(note_at(text, node, f"left `import {alias.name}` unchanged: "
-                                         f"ampcompat does not provide `{alias.name}`"))
+        _, why = catalogue.provided_module(alias.name)
+        notes.append(note_at(text, node, f"left `import {alias.name}` unchanged: {why}"))
         return
     edits.append(Edit(text.token_offset(name_tokens[0].start), text.token_offset(name_tokens[-1].end), replacement))
 
@@ -133,10 +133,9 @@ def _rewrite_import_from(text: SourceText, node: ast.ImportFrom, edits: List[Edi
     mapped = catalogue.apex_module(node.module)  # type: ignore[arg-type]
     if mapped is None or mapped[1] != "apex":
         return
-    target = catalogue.ampcompat_module(node.module)  # type: ignore[arg-type]
+    target, why = catalogue.provided_module(node.module)  # type: ignore[arg-type]
     if target is None:
-        notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: "
-                                         f"ampcompat does not provide `{node.module}`"))
+        notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: {why}"))
         return
     if node.module == "apex":
         provided = [a.name for a in node.names if a.name == "*" or a.name in catalogue.MAPPED_PACKAGES]

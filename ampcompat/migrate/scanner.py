@@ -11,6 +11,7 @@ names in strings (``importlib.util.find_spec("apex")``), which no import rewrite
 from __future__ import annotations
 
 import ast
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -63,6 +64,8 @@ class Binding:
 
     qualname: str
     via: str
+    module: Optional[str] = None
+    """The prefix of ``qualname`` the import statement imported as a module path."""
 
 
 @dataclass
@@ -100,6 +103,22 @@ def scan(source: SourceFile) -> ScanResult:
     return ScanResult(source, text, uses, bindings, parents)
 
 
+def might_use_apex(text: str) -> bool:
+    """Whether ``text`` can contain an Apex use at all (a substring test, far cheaper than parsing).
+
+    Every use the scanner reports spells one of these words: an import or string names ``apex``,
+    ``apex_C``, ``amp_C`` or ``ampcompat``; the private optimizer attributes are found by name.
+    Identifiers are compared after NFKC normalisation, as Python does (``import ａｐｅｘ`` imports
+    ``apex``), so non-ASCII text is normalised before the search.
+    """
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return any(word in text for word in _WORDS)
+
+
+_WORDS = ("apex", "amp_C", "ampcompat") + catalogue.PRIVATE_ATTRIBUTES
+
+
 # --- bindings ----------------------------------------------------------------------------------------
 def _is_apex_name(qualname: str, via: str) -> bool:
     """Whether a name reached through an import is Apex's (ampcompat's own helpers are not)."""
@@ -122,7 +141,7 @@ def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[s
                 target = alias.name if alias.asname else alias.name.split(".")[0]
                 mapped = catalogue.apex_module(target)
                 if mapped is not None and catalogue.apex_module(alias.name) is not None:
-                    bindings[alias.asname or target] = Binding(*mapped)
+                    bindings[alias.asname or target] = Binding(mapped[0], mapped[1], mapped[0])
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             mapped = catalogue.apex_module(node.module)
             if mapped is None:
@@ -132,7 +151,7 @@ def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[s
                 if alias.name == "*":
                     star_modules.append((module, via))
                 elif _is_apex_name(f"{module}.{alias.name}", via):
-                    bindings[alias.asname or alias.name] = Binding(f"{module}.{alias.name}", via)
+                    bindings[alias.asname or alias.name] = Binding(f"{module}.{alias.name}", via, module)
     return bindings, star_modules
 
 
@@ -160,7 +179,7 @@ def _star_bindings(tree: ast.Module, star_modules: List[Tuple[str, str]],
         for name in catalogue.ENTRIES:
             short = name[len(prefix):]
             if name.startswith(prefix) and "." not in short and short not in defined and short not in bindings:
-                found[short] = Binding(name, via)
+                found[short] = Binding(name, via, module)
     return found
 
 
@@ -222,8 +241,9 @@ class _UseFinder:
                     yield use
 
     def _make(self, node: ast.AST, qualname: str, via: str, kind: str, local_name: str,
-              call: Optional[ast.Call] = None, position: Optional[ast.AST] = None) -> Use:
-        resolution = catalogue.resolve(qualname, call)
+              call: Optional[ast.Call] = None, position: Optional[ast.AST] = None,
+              module: Optional[str] = None) -> Use:
+        resolution = catalogue.resolve(qualname, call, module)
         anchor = position or node
         start = self.text.offset(anchor.lineno, anchor.col_offset)  # type: ignore[attr-defined]
         col = start - self.text.line_start(anchor.lineno) + 1  # type: ignore[attr-defined]
@@ -238,7 +258,7 @@ class _UseFinder:
             qualname, via = mapped
             if _is_apex_name(qualname, via):
                 yield self._make(node, qualname, via, "import", alias.asname or alias.name.split(".")[0],
-                                 position=_alias_position(alias, node))
+                                 position=_alias_position(alias, node), module=qualname)
 
     def _import_from_uses(self, node: ast.ImportFrom) -> Iterator[Use]:
         if node.level or not node.module:
@@ -251,7 +271,7 @@ class _UseFinder:
             qualname = module if alias.name == "*" else f"{module}.{alias.name}"
             if alias.name == "*" or _is_apex_name(qualname, via):
                 yield self._make(node, qualname, via, "import", alias.asname or alias.name,
-                                 position=_alias_position(alias, node))
+                                 position=_alias_position(alias, node), module=module)
 
     def _chain_use(self, name: ast.Name) -> Optional[Use]:
         binding = self.bindings[name.id]
@@ -265,11 +285,9 @@ class _UseFinder:
         qualname = ".".join([binding.qualname] + attrs)
         if binding.via == "ampcompat" and not _is_apex_name(qualname, "ampcompat"):
             return None
-        resolution = catalogue.resolve(qualname)
-        exact = resolution.api == qualname
-        call = parent if isinstance(parent, ast.Call) and parent.func is outer and exact else None
+        call = parent if isinstance(parent, ast.Call) and parent.func is outer else None
         return self._make(call or outer, qualname, binding.via, "call" if call else "reference", name.id,
-                          call=call, position=name)
+                          call=call, position=name, module=binding.module)
 
     def _private_attribute_use(self, node: ast.Attribute) -> Optional[Use]:
         chain = _dotted(node.value)
@@ -295,7 +313,7 @@ class _UseFinder:
         mapped = catalogue.apex_module(literal.value)
         if mapped is None or mapped[1] != "apex":
             return None
-        use = self._make(node, mapped[0], "apex", "string", "", position=literal)
+        use = self._make(node, mapped[0], "apex", "string", "", position=literal, module=mapped[0])
         if use.verdict is Verdict.UNSUPPORTED:
             return use
         return Use(use.path, use.line, use.col, use.api, Verdict.DIFFERENCE, _DYNAMIC_NOTE, use.native,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Dict, List, Optional, Set, Tuple
 
 from . import catalogue
 from .edits import Edit
@@ -38,11 +38,12 @@ class NativeRewrite:
     converted: int
 
 
-def to_native(result: ScanResult) -> NativeRewrite:
+def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> NativeRewrite:
     """Rewrite a scanned file's Apex uses to plain PyTorch where that is mechanical.
 
     Args:
         result: the scan of the file.
+        exported: names other files of the scanned tree import from this one (kept bound).
 
     Returns:
         The new text, the TODOs left, and the number of uses converted.
