@@ -21,6 +21,7 @@ import torch
 
 from ampcompat import migrate
 from ampcompat.migrate import catalogue
+from ampcompat.migrate.alias_line import ALIAS_LINE, ALIAS_STATEMENTS
 from ampcompat.migrate.scanner import scan
 from ampcompat.migrate.sources import SkippedFile, load_source
 from ampcompat.migrate.to_native import to_native
@@ -364,6 +365,11 @@ def test_write_changes_only_import_lines_and_is_idempotent(capsys, tmp_path):
         old, new = (FIXTURES / name).read_text(), (folder / name).read_text()
         assert old != new, name
         old_lines, new_lines = old.splitlines(keepends=True), new.splitlines(keepends=True)
+        added = [i for i, line in enumerate(new_lines) if line == ALIAS_LINE + "\n"]
+        assert len(added) == 1, name  # one line, unindented: at module level
+        assert f"{folder / name}:{added[0] + 1}:1: added `{ALIAS_STATEMENTS}` above this line" in out, name
+        del new_lines[added[0]]
+        new = "".join(new_lines)
         assert len(old_lines) == len(new_lines)
         changed = {i + 1 for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b}
         assert changed <= import_lines(old) & import_lines(new), name
@@ -403,6 +409,7 @@ def test_write_preserves_every_other_byte(capsys, tmp_path):
     assert run_main([path, "--write"], capsys)[0] == 0
     assert path.read_bytes().decode("utf-8") == (
         "\ufeff# -*- coding: utf-8 -*-\r\n"
+        f"{ALIAS_LINE}\r\n"
         "x = 'é'; from ampcompat import amp  # déjà\r\n"
         "from ampcompat.parallel import (DistributedDataParallel as DDP,  # keep me\r\n"
         "                           SyncBatchNorm)\r\n"
