@@ -18,13 +18,17 @@ import argparse
 import difflib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 from .edits import split_lines
+from .exports import exported_names
 from .report import FileChange, FileNote, Report, render_json, render_text
 from .rewrite_imports import rewrite_imports
 from .scanner import ScanResult, scan
-from .sources import SkippedFile, SourceFile, parses, read_all, write_source
+from .progress import Progress
+from .scanner import might_use_apex
+from .sources import (PlainFile, SkippedFile, SourceFile, iter_python_files, load_source, missing_paths, parses,
+                      write_source)
 from .to_native import to_native
 
 __all__ = ["main", "scan", "rewrite_imports", "to_native"]
@@ -58,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns:
         0 on success; 1 with ``--check`` when something is not supported or could not be scanned, or
-        when a rewrite could not be written; 2 for a usage error.
+        when a rewrite could not be written; 2 for a usage error (including a path that does not exist).
     """
     parser = _parser()
     try:
@@ -69,25 +73,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_usage(sys.stderr)
         print("python -m ampcompat migrate: error: --diff needs --write or --to-native", file=sys.stderr)
         return 2
+    missing = missing_paths(args.paths)
+    if missing:
+        print(f"python -m ampcompat migrate: error: no such file or directory: {', '.join(missing)} "
+              "(nothing was scanned; check the path)", file=sys.stderr)
+        return 2
     mode = "write" if args.write else "to-native" if args.to_native else "report"
-    report = Report(mode)
+    report = Report(mode, dry_run=args.diff)
+    files = list(iter_python_files(args.paths))
+    progress = Progress(len(files), sys.stderr)
+    results = _scan_all(files, report, progress)
     write_failed = False
-    for item in read_all(args.paths):
-        if isinstance(item, SkippedFile):
-            report.skipped.append(item)
-            continue
-        try:
-            result = scan(item)
-        except Exception as exc:  # a scanner bug must not end the run for every other file
-            report.skipped.append(SkippedFile(item.path, f"{_INTERNAL_ERROR} while scanning: {exc!r}"))
-            continue
-        report.scanned.append(item.path)
-        report.uses.extend(result.uses)
-        if mode != "report":
-            change = _migrate_file(result, mode, args.diff, report)
+    if mode != "report":
+        progress.restart(len(results))
+        context = _tree_context(results, report, mode)
+        for result in results:
+            progress.advance("rewriting")
+            change = _migrate_file(result, mode, args.diff, report, context)
             write_failed |= change is None
             if change is not None:
                 report.changes.append(change)
+    progress.finish()
     output = render_json(report) if args.format == "json" else render_text(report, args.diff)
     sys.stdout.write(output)
     if write_failed:
@@ -97,7 +103,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report) -> Optional[FileChange]:
+def _scan_all(files: Sequence[Union[str, SkippedFile]], report: Report, progress: Progress) -> List[ScanResult]:
+    """Read every file; parse and scan those that can hold an Apex use. Returns the scans with uses."""
+    results = []
+    for item in files:
+        progress.advance("reading")
+        if isinstance(item, SkippedFile):
+            report.skipped.append(item)
+            continue
+        source = load_source(item, might_use_apex)
+        if isinstance(source, SkippedFile):
+            report.skipped.append(source)
+            continue
+        report.scanned.append(source.path)
+        if isinstance(source, PlainFile):
+            report.plain.append(source.path)
+            continue
+        try:
+            result = scan(source)
+        except Exception as exc:  # a scanner bug must not end the run for every other file
+            report.scanned.pop()
+            report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while scanning: {exc!r}"))
+            continue
+        report.uses.extend(result.uses)
+        results.append(result)
+    return results
+
+
+def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> Dict[str, Set[str]]:
+    """For ``--to-native``: path -> the names other scanned files import from it (they must stay bound)."""
+    if mode != "to-native":
+        return {}
+    candidates = {result.source.path: set(result.bindings) for result in results}
+    trees = {result.source.path: result.source.tree for result in results}
+    return exported_names(candidates, trees, report.plain)
+
+
+def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report,
+                  exported: Dict[str, Set[str]]) -> Optional[FileChange]:
     """Rewrite one file; ``None`` (with the reason in ``report.skipped``) if it could not be written."""
     source = result.source
     try:
@@ -105,7 +148,7 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
             rewrite = rewrite_imports(result)
             new_text, notes, converted = rewrite.text, rewrite.notes, 0
         else:
-            native = to_native(result)
+            native = to_native(result, exported.get(source.path, set()))
             new_text, notes, converted = native.text, native.notes, native.converted
     except Exception as exc:  # a rewriter bug leaves this file alone and the run going
         report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while rewriting: {exc!r}"))

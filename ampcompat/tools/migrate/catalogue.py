@@ -10,6 +10,14 @@ Three verdicts, from the point of view of code that keeps calling the Apex name 
 * runs with a noted difference -- works, but something observable differs from Apex; the note
   says what and why;
 * not supported -- ampcompat does not provide it; the note says what to use instead.
+
+Whether a name is supported at all is never taken from this table: :func:`resolve` asks ampcompat
+itself (:mod:`provided`: the module imports, the name exists and is not a placeholder, the call's
+keyword arguments are in its signature). The table adds what cannot be derived -- the native
+equivalent, the note, and which working names differ observably from Apex -- and its ``verdict``
+column is a claim that ``tests/test_migrate_catalogue.py`` checks against what running the code does.
+To describe a new name, append an :class:`Entry`; to give ``--to-native`` a drop-in native object
+for it, add it to :data:`NATIVE_BINDINGS`.
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .callargs import NOT_LITERAL, argument, literal_value
+from . import provided
+from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 
 
 class Verdict(enum.Enum):
@@ -46,7 +55,9 @@ class Entry:
         name: the dotted name as Apex spelled it (``apex.amp.initialize``; ``amp_C.multi_tensor_scale``;
             ``optimizer._amp_stash`` for attributes amp adds to the user's objects).
         kind: ``module``, ``function``, ``class``, ``object`` or ``attribute``.
-        verdict: the verdict for an ordinary use.
+        verdict: the verdict claimed for an ordinary use. Only ``DIFFERENCE`` is used as given (for
+            a name ampcompat provides); whether a name is supported at all comes from ampcompat
+            itself, and the catalogue test fails when this claim disagrees.
         native: the plain-PyTorch equivalent (Markdown; backticks around code).
         note: why the verdict is what it is / what differs / what to do.
     """
@@ -256,14 +267,25 @@ _ENTRIES: Tuple[Entry, ...] = (
 ENTRIES: Dict[str, Entry] = {entry.name: entry for entry in _ENTRIES}
 """Every catalogued name, keyed by its dotted Apex name."""
 
-MAPPED_PACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply")
-"""``apex.<name>`` subpackages that ampcompat provides as ``ampcompat.<name>``."""
+NATIVE_BINDINGS: Dict[str, str] = {
+    "apex.normalization.FusedLayerNorm": "torch.nn.LayerNorm",
+    "apex.parallel.SyncBatchNorm": "torch.nn.SyncBatchNorm",
+    "apex.parallel.convert_syncbn_model": "torch.nn.SyncBatchNorm.convert_sync_batchnorm",
+    "apex.parallel.ReduceOp": "torch.distributed.ReduceOp",
+    "apex.fp16_utils.clip_grad_norm": "torch.nn.utils.clip_grad_norm_",
+}
+"""Torch objects that can stand in for an Apex name wherever the name is used (same call signature for
+the arguments Apex code passes, same results): ``--to-native`` binds a name it must keep to these.
+Names without a faithful stand-in (``FusedAdam``: AdamW's weight_decay default differs) stay on ampcompat."""
 
-MAPPED_TOP_LEVEL = {"amp_C": "ampcompat.amp_C"}
-"""Apex's top-level extension modules that ampcompat provides."""
+MAPPED_PACKAGES = provided.mapped_subpackages()
+"""``apex.<name>`` subpackages that ampcompat provides as ``ampcompat.<name>`` (those the import alias maps)."""
 
 PRIVATE_ATTRIBUTES = tuple(name.split(".", 1)[1] for name in ENTRIES if name.startswith("optimizer."))
 """Attribute names amp adds to the user's optimizers; distinctive enough to find by name alone."""
+
+_TOP_LEVEL_MODULES = ("amp_C", "apex_C")
+"""Apex's top-level extension modules."""
 
 GROUPS: Tuple[Tuple[str, str], ...] = (
     ("apex.amp", "`apex.amp`"),
@@ -293,16 +315,10 @@ def ampcompat_module(apex_module: str) -> Optional[str]:
     """The ampcompat module that stands in for an Apex module path, or ``None`` if there is none.
 
     ``apex`` -> ``ampcompat``; ``apex.parallel.LARC`` -> ``ampcompat.parallel.LARC``;
-    ``amp_C`` -> ``ampcompat.amp_C``; ``apex.contrib`` -> ``None``.
+    ``amp_C`` -> ``ampcompat.amp_C``; ``apex.contrib`` -> ``None`` unless the import alias maps it.
+    The module may still be one that refuses to import (see :func:`provided.lookup`).
     """
-    if apex_module == "apex":
-        return "ampcompat"
-    parts = apex_module.split(".")
-    if parts[0] == "apex" and parts[1] in MAPPED_PACKAGES:
-        return "ampcompat." + ".".join(parts[1:])
-    if parts[0] in MAPPED_TOP_LEVEL:
-        return ".".join([MAPPED_TOP_LEVEL[parts[0]]] + parts[1:])
-    return None
+    return provided.ampcompat_module_name(apex_module)
 
 
 def apex_module(module: str) -> Optional[Tuple[str, str]]:
@@ -313,7 +329,7 @@ def apex_module(module: str) -> Optional[Tuple[str, str]]:
         that is neither Apex nor an ampcompat stand-in for it.
     """
     parts = module.split(".")
-    if parts[0] in ("apex", "apex_C") or parts[0] in MAPPED_TOP_LEVEL:
+    if parts[0] == "apex" or parts[0] in _TOP_LEVEL_MODULES:
         return module, "apex"
     if parts[0] != "ampcompat":
         return None
@@ -321,9 +337,22 @@ def apex_module(module: str) -> Optional[Tuple[str, str]]:
         return "apex", "ampcompat"
     if parts[1] in MAPPED_PACKAGES:
         return "apex." + ".".join(parts[1:]), "ampcompat"
-    if parts[1] in MAPPED_TOP_LEVEL:
+    if parts[1] in _TOP_LEVEL_MODULES:
         return ".".join(parts[1:]), "ampcompat"
     return None
+
+
+def provided_module(apex_path: str) -> Tuple[Optional[str], str]:
+    """The ampcompat module an import of ``apex_path`` can be pointed at, or ``None`` and why not.
+
+    ``None`` when the alias maps no ampcompat module there, or the module is missing or refuses to
+    import (how ampcompat marks the Apex modules it does not provide).
+    """
+    target = ampcompat_module(apex_path)
+    found = provided.lookup(apex_path, apex_path)
+    if target is None or not found.found:
+        return None, found.problem or f"ampcompat does not provide `{apex_path}`"
+    return target, ""
 
 
 @dataclass(frozen=True)
@@ -337,37 +366,88 @@ class Resolution:
     native: str
 
 
-def resolve(qualname: str, call: Optional[ast.Call] = None) -> Resolution:
-    """Look up a dotted name, refining the verdict from the call's arguments when given.
+def _is_derivable(name: str) -> bool:
+    """Whether ampcompat can be asked about ``name`` (not an attribute amp adds at run time)."""
+    return not name.startswith("optimizer.") and "()" not in name
 
-    The longest catalogued prefix wins, so ``apex.amp._amp_state.loss_scalers`` resolves to
-    ``apex.amp._amp_state``. A name below a catalogued *module* that is not itself catalogued is not
-    one of Apex's public names, and ampcompat does not promise it.
+
+def _canonical_name(qualname: str, lookup: provided.Lookup) -> str:
+    """The catalogued name of the same object (``apex.normalization.fused_layer_norm.FusedLayerNorm`` ->
+    ``apex.normalization.FusedLayerNorm``), else the resolved part of ``qualname``."""
+    if lookup.name in ENTRIES:
+        return lookup.name
+    if lookup.found:
+        same = _objects_by_id().get(id(lookup.value))
+        if same is not None:
+            return same
+    return lookup.name
+
+
+def _objects_by_id() -> Dict[int, str]:
+    global _OBJECT_NAMES
+    if _OBJECT_NAMES is None:
+        _OBJECT_NAMES = provided.same_object_names([name for name in ENTRIES if _is_derivable(name)])
+    return _OBJECT_NAMES
+
+
+_OBJECT_NAMES: Optional[Dict[int, str]] = None
+
+
+def _catalogued_prefix(qualname: str) -> Optional[Entry]:
+    parts = qualname.split(".")
+    for length in range(len(parts), 0, -1):
+        entry = ENTRIES.get(".".join(parts[:length]))
+        if entry is not None:
+            return entry
+    return None
+
+
+def resolve(qualname: str, call: Optional[ast.Call] = None, module: Optional[str] = None) -> Resolution:
+    """The verdict for one use of a dotted Apex name, as ampcompat stands.
+
+    The name is looked up in ampcompat (:func:`provided.lookup`) as deep as modules go; attributes of
+    a class or object (``apex.amp._amp_state.loss_scalers``) belong to it. Not provided, or a
+    placeholder that only raises: not supported, with the reason. A call whose arguments ampcompat's
+    signature rejects (``FusedAdam(..., max_grad_norm=1.0)`` where it has no such parameter): not
+    supported. Otherwise the catalogue's note applies, and its ``DIFFERENCE`` claim if it makes one.
 
     Args:
         qualname: e.g. ``apex.amp.initialize``.
         call: the call made with exactly this name, if any (``amp.initialize(...)``).
+        module: the prefix of ``qualname`` an import statement imports as a module path, if any (see
+            :func:`provided.lookup`).
     """
-    parts = qualname.split(".")
-    for length in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:length])
-        entry = ENTRIES.get(prefix)
-        if entry is not None:
-            break
-    else:
-        return Resolution(qualname, None, _U, "not an Apex name ampcompat knows", "—")
-    if length < len(parts) and entry.kind == "module":
-        if entry.verdict is _U:
-            return Resolution(qualname, entry, _U, entry.note, entry.native)
-        missing = ".".join(parts[length:])
-        return Resolution(qualname, None, _U,
-                          f"`{missing}` is not one of Apex's public names in `{prefix}`; ampcompat does not provide it",
-                          "—")
-    verdict, note = entry.verdict, entry.note
-    refine = _REFINERS.get(entry.name)
-    if refine is not None and call is not None and length == len(parts):
-        verdict, note = refine(call)
-    return Resolution(entry.name, entry, verdict, note, entry.native)
+    if not _is_derivable(qualname):
+        entry = _catalogued_prefix(qualname)
+        if entry is None:
+            return Resolution(qualname, None, _U, "not an Apex name ampcompat knows", "—")
+        return Resolution(entry.name, entry, entry.verdict, entry.note, entry.native)
+    found = provided.lookup(qualname, module)
+    if not found.found:
+        entry = _catalogued_prefix(qualname)
+        advice = f"; {entry.note}" if entry is not None and entry.note and entry.verdict is _U else ""
+        return Resolution(qualname, entry, _U, found.problem + advice, entry.native if entry else "—")
+    api = _canonical_name(qualname, found)
+    entry = ENTRIES.get(api)
+    native = entry.native if entry is not None else "—"
+    if not found.usable:
+        return Resolution(api, entry, _U, found.problem, native)
+    verdict = _D if entry is not None and entry.verdict is _D else _S
+    note = entry.note if entry is not None else ""
+    if call is not None and found.name == qualname:
+        problem = provided.call_problem(found.value, sum(not isinstance(a, ast.Starred) for a in call.args),
+                                        [k.arg for k in call.keywords if k.arg is not None], has_starred(call))
+        if problem is not None:
+            return Resolution(api, entry, _U, problem, native)
+        refine = _REFINERS.get(api)
+        if refine is not None:
+            verdict, note = refine(call)
+    return Resolution(api, entry, verdict, note, native)
+
+
+def verdict_of(entry: Entry) -> Verdict:
+    """The verdict of an ordinary use of a catalogued name, as ampcompat stands (the guide's status column)."""
+    return resolve(entry.name, module=entry.name if entry.kind == "module" else None).verdict
 
 
 # --- verdicts that depend on the arguments -----------------------------------------------------------
@@ -415,7 +495,7 @@ def entries_in(group: str) -> List[Entry]:
 def markdown_row(entry: Entry) -> str:
     """The guide's table row for ``entry``: name | status | native equivalent | notes."""
     suffix = " (attribute amp adds)" if entry.name.startswith("optimizer.") else ""
-    cells = [f"`{entry.name}`{suffix}", entry.verdict.value, entry.native, entry.note]
+    cells = [f"`{entry.name}`{suffix}", verdict_of(entry).value, entry.native, entry.note]
     return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
 
 

@@ -8,6 +8,7 @@ form feeds), and :func:`apply_edits` splices replacements in at those offsets.
 from __future__ import annotations
 
 import ast
+import bisect
 import re
 import tokenize
 from dataclasses import dataclass
@@ -60,10 +61,17 @@ class SourceText:
         self.text = text
         self.line_starts = [0] + [match.end() for match in _LINE_BREAK.finditer(text)]
         self._tokens: Optional[List[tokenize.TokenInfo]] = None
+        self._token_starts: List[int] = []
 
     # -- lines ---------------------------------------------------------------------------------
     def line_start(self, lineno: int) -> int:
-        """Offset of the first character of line ``lineno`` (1-based)."""
+        """Offset of the first character of line ``lineno`` (1-based).
+
+        A line past the last one starts at the end of the text: that is where the tokenizer places
+        the ``NEWLINE``/``DEDENT``/``ENDMARKER`` tokens it adds to a file without a final line break.
+        """
+        if lineno > len(self.line_starts):
+            return len(self.text)
         return self.line_starts[lineno - 1]
 
     def line_end(self, lineno: int) -> int:
@@ -131,22 +139,25 @@ class SourceText:
         if self._tokens is None:
             lines = iter(split_lines(self.text))
             self._tokens = list(tokenize.generate_tokens(lambda: next(lines, "")))
+            self._token_starts = [self.token_offset(token.start) for token in self._tokens]
         return self._tokens
 
     def token_offset(self, position: Tuple[int, int]) -> int:
-        """Absolute character offset of a ``tokenize`` ``(row, col)`` position."""
+        """Absolute character offset of a ``tokenize`` ``(row, col)`` position (clamped to the text)."""
         row, col = position
-        return self.line_start(row) + col
+        return min(self.line_start(row) + col, len(self.text))
 
     def tokens_in(self, start: int, end: int) -> List[tokenize.TokenInfo]:
         """The tokens lying entirely inside ``[start, end)``."""
-        return [
-            tok
-            for tok in self.tokens()
-            if tok.type not in (tokenize.ENDMARKER,)
-            and start <= self.token_offset(tok.start)
-            and self.token_offset(tok.end) <= end
-        ]
+        tokens = self.tokens()
+        found = []
+        for index in range(bisect.bisect_left(self._token_starts, start), len(tokens)):
+            if self._token_starts[index] >= end:
+                break
+            token = tokens[index]
+            if token.type != tokenize.ENDMARKER and self.token_offset(token.end) <= end:
+                found.append(token)
+        return found
 
     def comments_in(self, start: int, end: int) -> List[str]:
         """The comments (``# ...`` text) inside ``[start, end)``, in order."""

@@ -39,7 +39,7 @@ class RewritePlan:
         self.uses_torch = False
         self._todos: List[Tuple[ast.stmt, str]] = []
         self._wrapped: List[Tuple[int, int]] = []
-        self._taken = set(_identifiers(result.source.tree))
+        self._taken = set(_identifiers(result.nodes))
         self._fresh: Dict[str, str] = {}
 
     # -- names ---------------------------------------------------------------------------------
@@ -168,9 +168,9 @@ class RewritePlan:
             lineno = bisect.bisect_right(self.text.line_starts, min(covering))
 
 
-def _identifiers(tree: ast.AST) -> Set[str]:
+def _identifiers(nodes: List[ast.AST]) -> Set[str]:
     found: Set[str] = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Name):
             found.add(node.id)
         elif isinstance(node, ast.arg):

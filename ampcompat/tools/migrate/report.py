@@ -46,6 +46,8 @@ class Report:
         skipped: files that could not be read, parsed or written.
         changes: per-file outcomes (``write`` and ``to-native`` only).
         scanned: the files that were read and scanned.
+        plain: those of ``scanned`` whose text cannot hold an Apex use (never parsed or changed).
+        dry_run: ``--diff``: changes are shown, not written.
     """
 
     mode: str
@@ -53,6 +55,8 @@ class Report:
     skipped: List[SkippedFile] = field(default_factory=list)
     changes: List[FileChange] = field(default_factory=list)
     scanned: List[str] = field(default_factory=list)
+    plain: List[str] = field(default_factory=list)
+    dry_run: bool = False
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for use in self.uses if use.verdict is verdict)
@@ -94,10 +98,13 @@ def summary_line(report: Report) -> str:
         f"{_plural(counts['files'], 'file')}: {counts['scanned']} scanned, {counts['skipped']} skipped; "
         f"{_plural(counts['uses'], 'Apex use')}: {verdicts}."
     )
+    files = _plural(counts.get("changed", 0), "file")
     if report.mode == "write":
-        line += f" Imports rewritten in {_plural(counts['changed'], 'file')}."
+        line += f" Would rewrite imports in {files} (nothing written)." if report.dry_run \
+            else f" Imports rewritten in {files}."
     elif report.mode == "to-native":
-        line += f" Rewritten to plain PyTorch: {_plural(counts['changed'], 'file')}."
+        line += f" Would rewrite {files} to plain PyTorch (nothing written)." if report.dry_run \
+            else f" Rewritten to plain PyTorch: {files}."
     return line
 
 

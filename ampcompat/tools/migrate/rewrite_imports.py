@@ -25,7 +25,8 @@ from typing import List, Optional, Tuple
 
 from . import catalogue
 from .edits import Edit, SourceText, apply_edits
-from .scanner import ScanResult
+from .alias_line import ALIAS_STATEMENTS, alias_line_edit, alias_line_nodes
+from .scanner import ScanResult, Use
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,37 @@ def rewrite_imports(result: ScanResult) -> ImportRewrite:
     """
     edits: List[Edit] = []
     notes: List[Note] = []
-    for node in ast.walk(result.source.tree):
+    checks = [use for use in result.uses if use.kind in ("string", "check")]
+    if not checks and not any(use.kind == "import" and use.via == "apex" for use in result.uses):
+        return ImportRewrite(result.text.text, (), ())
+    for node in result.nodes:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             import_statement_edits(result.text, node, edits, notes)
+    if edits or checks:
+        _keep_apex_findable(result, checks, edits, notes)
     notes.sort(key=lambda note: (note.line, note.col))
     return ImportRewrite(apply_edits(result.text.text, edits), tuple(edits), tuple(notes))
+
+
+def _keep_apex_findable(result: ScanResult, checks: List[Use], edits: List[Edit], notes: List[Note]) -> None:
+    """Add the alias line (see :mod:`alias_line`) unless the file has it, and note every check by name."""
+    tree, text = result.source.tree, result.text
+    present = bool(alias_line_nodes(tree))
+    placed = None if present else alias_line_edit(text, tree)
+    if placed is not None:
+        edits.append(placed[0])
+        notes.append(Note(placed[1], 1, f"added `{ALIAS_STATEMENTS}` above this line: `apex` stays importable and "
+                                        "registered, so checks for Apex by name (here, in other files, in libraries) "
+                                        "still find it"))
+    elif not present:
+        notes.append(Note(1, 1, f"could not place `{ALIAS_STATEMENTS}` at the top of this module: add it there by "
+                                "hand, or checks for Apex by name will not find it"))
+    for check in checks:
+        spelled = " ".join(text.segment(check.node).split())
+        spelled = spelled if len(spelled) <= 60 else spelled[:57] + "..."
+        outcome = ("it still finds Apex through the alias line at the top of this file" if present or placed
+                   else "it will not find Apex until the alias line is added")
+        notes.append(Note(check.line, check.col, f"checks for Apex by name (`{spelled}`): {outcome}"))
 
 
 def import_statement_edits(text: SourceText, node: ast.stmt, edits: List[Edit], notes: List[Note]) -> None:
@@ -75,10 +102,17 @@ def import_statement_edits(text: SourceText, node: ast.stmt, edits: List[Edit], 
         notes: receives a note for each Apex import left alone.
     """
     if isinstance(node, ast.Import):
+        if not any(_is_apex_import(alias.name) for alias in node.names):
+            return
         for alias, name_tokens in zip(node.names, _alias_name_tokens(text, node)):
             _rewrite_import_alias(text, node, alias, name_tokens, edits, notes)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
         _rewrite_import_from(text, node, edits, notes)
+
+
+def _is_apex_import(name: str) -> bool:
+    mapped = catalogue.apex_module(name)
+    return mapped is not None and mapped[1] == "apex"
 
 
 def import_alias_replacement(name: str, asname: Optional[str]) -> Optional[str]:
@@ -89,7 +123,7 @@ def import_alias_replacement(name: str, asname: Optional[str]) -> Optional[str]:
     mapped = catalogue.apex_module(name)
     if mapped is None or mapped[1] != "apex":
         return None
-    target = catalogue.ampcompat_module(name)
+    target, _ = catalogue.provided_module(name)
     if target is None:
         return None
     if asname:
@@ -107,8 +141,8 @@ def _rewrite_import_alias(text: SourceText, node: ast.Import, alias: ast.alias, 
         return
     replacement = import_alias_replacement(alias.name, alias.asname)
     if replacement is None:
-        notes.append(note_at(text, node, f"left `import {alias.name}` unchanged: "
-                                         f"ampcompat does not provide `{alias.name}`"))
+        _, why = catalogue.provided_module(alias.name)
+        notes.append(note_at(text, node, f"left `import {alias.name}` unchanged: {why}"))
         return
     edits.append(Edit(text.token_offset(name_tokens[0].start), text.token_offset(name_tokens[-1].end), replacement))
 
@@ -133,10 +167,9 @@ def _rewrite_import_from(text: SourceText, node: ast.ImportFrom, edits: List[Edi
     mapped = catalogue.apex_module(node.module)  # type: ignore[arg-type]
     if mapped is None or mapped[1] != "apex":
         return
-    target = catalogue.ampcompat_module(node.module)  # type: ignore[arg-type]
+    target, why = catalogue.provided_module(node.module)  # type: ignore[arg-type]
     if target is None:
-        notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: "
-                                         f"ampcompat does not provide `{node.module}`"))
+        notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: {why}"))
         return
     if node.module == "apex":
         provided = [a.name for a in node.names if a.name == "*" or a.name in catalogue.MAPPED_PACKAGES]

@@ -11,15 +11,30 @@ names in strings (``importlib.util.find_spec("apex")``), which no import rewrite
 from __future__ import annotations
 
 import ast
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from . import catalogue
+from .alias_line import alias_line_nodes
 from .catalogue import Verdict
 from .edits import SourceText
 from .sources import SourceFile
 
-_DYNAMIC_IMPORTERS = ("import_module", "find_spec", "find_loader", "__import__")
+_DYNAMIC_IMPORTERS = (
+    "import_module", "find_spec", "find_loader", "__import__",  # importlib
+    "version", "distribution", "metadata", "requires", "files",  # importlib.metadata
+    "get_distribution", "require", "RequirementCache", "package_available", "is_package_available",
+    "_is_package_available",  # pkg_resources, Lightning, transformers
+)
+"""Functions whose first argument names a module or distribution (a check for Apex by name)."""
+_CHECK_HELPER = re.compile(r"(is|has|have|use|can)_?apex|apex_?(is_)?(available|installed|enabled|present)", re.I)
+"""Names of functions that check whether Apex is there (``is_apex_available``, ``apex_is_installed``)."""
+_HELPER_NOTE = (
+    "`{name}()` looks like a check for Apex by name; under ampcompat it finds Apex only while the import alias "
+    "is on (`python -m ampcompat run`, or the line `migrate --write` adds)"
+)
 _DYNAMIC_NOTE = (
     "the module is named in a string, which no import rewrite changes: under ampcompat this finds no "
     "Apex unless the import alias is on (`python -m ampcompat run script.py`, or "
@@ -38,7 +53,9 @@ class Use:
             name is not catalogued.
         verdict, reason, native: from :func:`catalogue.resolve` for this use.
         via: ``"apex"`` when reached through an Apex import, ``"ampcompat"`` through its stand-in.
-        kind: ``import``, ``call``, ``reference``, ``attribute`` or ``string``.
+        kind: ``import``, ``call``, ``reference``, ``attribute``, ``string`` (a module named in a string:
+            ``find_spec("apex")``, ``"apex" in sys.modules``) or ``check`` (a helper such as
+            ``is_apex_available()``); the last two are checks for Apex by name.
         local_name: the name in this file the use goes through (``amp``), empty for attributes and
             strings.
         node: the syntax node (the call for ``call`` uses, else the name/attribute/import node).
@@ -63,6 +80,8 @@ class Binding:
 
     qualname: str
     via: str
+    module: Optional[str] = None
+    """The prefix of ``qualname`` the import statement imported as a module path."""
 
 
 @dataclass
@@ -74,6 +93,8 @@ class ScanResult:
     uses: List[Use]
     bindings: Dict[str, Binding]
     parents: Dict[ast.AST, ast.AST]
+    nodes: List[ast.AST] = field(default_factory=list)
+    """Every node of the tree in ``ast.walk`` order (walked once: the rewriters reuse it)."""
 
     def uses_of(self, api: str) -> List[Use]:
         """The uses whose catalogued name is ``api``."""
@@ -91,13 +112,32 @@ def scan(source: SourceFile) -> ScanResult:
     """
     tree = source.tree
     text = SourceText(source.text)
+    ours = alias_line_nodes(tree)  # the line `migrate --write` added: not the program's own Apex use
+    skipped = {id(node) for statement in tree.body if id(statement) in ours for node in ast.walk(statement)}
+    nodes = [node for node in ast.walk(tree) if id(node) not in skipped]
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    bindings, star_modules = _import_bindings(tree)
-    bindings.update(_star_bindings(tree, star_modules, bindings))
-    bindings.update(_handle_bindings(tree, bindings, parents))
+    bindings, star_modules = _import_bindings(nodes)
+    bindings.update(_star_bindings(nodes, star_modules, bindings))
+    bindings.update(_handle_bindings(nodes, bindings, parents))
     finder = _UseFinder(source.path, text, bindings, parents)
-    uses = sorted(finder.find(tree), key=lambda use: (use.line, use.col, use.api))
-    return ScanResult(source, text, uses, bindings, parents)
+    uses = sorted(finder.find(nodes), key=lambda use: (use.line, use.col, use.api))
+    return ScanResult(source, text, uses, bindings, parents, nodes)
+
+
+def might_use_apex(text: str) -> bool:
+    """Whether ``text`` can contain an Apex use at all (a substring test, far cheaper than parsing).
+
+    Every use the scanner reports spells one of these words: an import or string names ``apex``,
+    ``apex_C``, ``amp_C`` or ``ampcompat``; the private optimizer attributes are found by name.
+    Identifiers are compared after NFKC normalisation, as Python does (``import ａｐｅｘ`` imports
+    ``apex``), so non-ASCII text is normalised before the search.
+    """
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return any(word in text for word in _WORDS)
+
+
+_WORDS = ("apex", "amp_C", "ampcompat") + catalogue.PRIVATE_ATTRIBUTES
 
 
 # --- bindings ----------------------------------------------------------------------------------------
@@ -111,10 +151,10 @@ def _is_apex_name(qualname: str, via: str) -> bool:
     return len(parts) > 1 and parts[1] in catalogue.MAPPED_PACKAGES
 
 
-def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[str, str]]]:
+def _import_bindings(nodes: List[ast.AST]) -> Tuple[Dict[str, Binding], List[Tuple[str, str]]]:
     bindings: Dict[str, Binding] = {}
     star_modules: List[Tuple[str, str]] = []
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 # ``import apex.parallel`` binds ``apex``; ``import apex.parallel as p`` binds ``p``. The
@@ -122,7 +162,7 @@ def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[s
                 target = alias.name if alias.asname else alias.name.split(".")[0]
                 mapped = catalogue.apex_module(target)
                 if mapped is not None and catalogue.apex_module(alias.name) is not None:
-                    bindings[alias.asname or target] = Binding(*mapped)
+                    bindings[alias.asname or target] = Binding(mapped[0], mapped[1], mapped[0])
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             mapped = catalogue.apex_module(node.module)
             if mapped is None:
@@ -132,13 +172,13 @@ def _import_bindings(tree: ast.Module) -> Tuple[Dict[str, Binding], List[Tuple[s
                 if alias.name == "*":
                     star_modules.append((module, via))
                 elif _is_apex_name(f"{module}.{alias.name}", via):
-                    bindings[alias.asname or alias.name] = Binding(f"{module}.{alias.name}", via)
+                    bindings[alias.asname or alias.name] = Binding(f"{module}.{alias.name}", via, module)
     return bindings, star_modules
 
 
-def _locally_defined(tree: ast.Module) -> Set[str]:
+def _locally_defined(nodes: List[ast.AST]) -> Set[str]:
     names: Set[str] = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
@@ -148,27 +188,29 @@ def _locally_defined(tree: ast.Module) -> Set[str]:
     return names
 
 
-def _star_bindings(tree: ast.Module, star_modules: List[Tuple[str, str]],
+def _star_bindings(nodes: List[ast.AST], star_modules: List[Tuple[str, str]],
                    bindings: Dict[str, Binding]) -> Dict[str, Binding]:
     """Names a ``from apex.X import *`` brings that the file uses and does not define itself."""
     if not star_modules:
         return {}
-    defined = _locally_defined(tree)
+    defined = _locally_defined(nodes)
     found: Dict[str, Binding] = {}
     for module, via in star_modules:
         prefix = module + "."
         for name in catalogue.ENTRIES:
             short = name[len(prefix):]
             if name.startswith(prefix) and "." not in short and short not in defined and short not in bindings:
-                found[short] = Binding(name, via)
+                found[short] = Binding(name, via, module)
     return found
 
 
-def _handle_bindings(tree: ast.Module, bindings: Dict[str, Binding],
+def _handle_bindings(nodes: List[ast.AST], bindings: Dict[str, Binding],
                      parents: Dict[ast.AST, ast.AST]) -> Dict[str, Binding]:
     """``handle = amp.init(...)`` binds ``handle`` to the old API's handle object."""
     found: Dict[str, Binding] = {}
-    for node in ast.walk(tree):
+    if not bindings:
+        return found
+    for node in nodes:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             chain = _dotted(node.value.func)
             if chain is None or chain[0] not in bindings:
@@ -202,8 +244,8 @@ class _UseFinder:
         self.bindings = bindings
         self.parents = parents
 
-    def find(self, tree: ast.Module) -> Iterator[Use]:
-        for node in ast.walk(tree):
+    def find(self, nodes: List[ast.AST]) -> Iterator[Use]:
+        for node in nodes:
             if isinstance(node, ast.Import):
                 yield from self._import_uses(node)
             elif isinstance(node, ast.ImportFrom):
@@ -217,13 +259,14 @@ class _UseFinder:
                 if use is not None:
                     yield use
             elif isinstance(node, (ast.Call, ast.Subscript, ast.Compare)):
-                use = self._string_use(node) or self._private_attribute_string_use(node)
+                use = self._string_use(node) or self._private_attribute_string_use(node) or self._helper_check(node)
                 if use is not None:
                     yield use
 
     def _make(self, node: ast.AST, qualname: str, via: str, kind: str, local_name: str,
-              call: Optional[ast.Call] = None, position: Optional[ast.AST] = None) -> Use:
-        resolution = catalogue.resolve(qualname, call)
+              call: Optional[ast.Call] = None, position: Optional[ast.AST] = None,
+              module: Optional[str] = None) -> Use:
+        resolution = catalogue.resolve(qualname, call, module)
         anchor = position or node
         start = self.text.offset(anchor.lineno, anchor.col_offset)  # type: ignore[attr-defined]
         col = start - self.text.line_start(anchor.lineno) + 1  # type: ignore[attr-defined]
@@ -238,7 +281,7 @@ class _UseFinder:
             qualname, via = mapped
             if _is_apex_name(qualname, via):
                 yield self._make(node, qualname, via, "import", alias.asname or alias.name.split(".")[0],
-                                 position=_alias_position(alias, node))
+                                 position=_alias_position(alias, node), module=qualname)
 
     def _import_from_uses(self, node: ast.ImportFrom) -> Iterator[Use]:
         if node.level or not node.module:
@@ -251,7 +294,7 @@ class _UseFinder:
             qualname = module if alias.name == "*" else f"{module}.{alias.name}"
             if alias.name == "*" or _is_apex_name(qualname, via):
                 yield self._make(node, qualname, via, "import", alias.asname or alias.name,
-                                 position=_alias_position(alias, node))
+                                 position=_alias_position(alias, node), module=module)
 
     def _chain_use(self, name: ast.Name) -> Optional[Use]:
         binding = self.bindings[name.id]
@@ -265,11 +308,9 @@ class _UseFinder:
         qualname = ".".join([binding.qualname] + attrs)
         if binding.via == "ampcompat" and not _is_apex_name(qualname, "ampcompat"):
             return None
-        resolution = catalogue.resolve(qualname)
-        exact = resolution.api == qualname
-        call = parent if isinstance(parent, ast.Call) and parent.func is outer and exact else None
+        call = parent if isinstance(parent, ast.Call) and parent.func is outer else None
         return self._make(call or outer, qualname, binding.via, "call" if call else "reference", name.id,
-                          call=call, position=name)
+                          call=call, position=name, module=binding.module)
 
     def _private_attribute_use(self, node: ast.Attribute) -> Optional[Use]:
         chain = _dotted(node.value)
@@ -288,6 +329,19 @@ class _UseFinder:
             return self._make(node, "optimizer." + name.value, "apex", "attribute", "", position=name)
         return None
 
+    def _helper_check(self, node: ast.AST) -> Optional[Use]:
+        """``is_apex_available()``, ``utils.is_apex_available()``: a library's own check for Apex."""
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        chain = _dotted(func)
+        if not _CHECK_HELPER.search(name) or (chain is not None and chain[0] in self.bindings):
+            return None
+        use = self._make(node, "apex", "apex", "check", "", position=func, module="apex")
+        return Use(use.path, use.line, use.col, use.api, Verdict.DIFFERENCE, _HELPER_NOTE.format(name=name),
+                   use.native, use.via, use.kind, use.local_name, node)
+
     def _string_use(self, node: ast.AST) -> Optional[Use]:
         literal = _dynamic_import_string(node)
         if literal is None:
@@ -295,7 +349,7 @@ class _UseFinder:
         mapped = catalogue.apex_module(literal.value)
         if mapped is None or mapped[1] != "apex":
             return None
-        use = self._make(node, mapped[0], "apex", "string", "", position=literal)
+        use = self._make(node, mapped[0], "apex", "string", "", position=literal, module=mapped[0])
         if use.verdict is Verdict.UNSUPPORTED:
             return use
         return Use(use.path, use.line, use.col, use.api, Verdict.DIFFERENCE, _DYNAMIC_NOTE, use.native,
@@ -331,8 +385,9 @@ def _dynamic_import_string(node: ast.AST) -> Optional[ast.Constant]:
         if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
             return node.slice
     if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)):
-        left = node.left
-        if _is_sys_modules(node.comparators[0]) and isinstance(left, ast.Constant) and isinstance(left.value, str):
+        left = node.left  # "apex" in sys.modules, "apex" in installed_packages, ...
+        if isinstance(left, ast.Constant) and isinstance(left.value, str) and not isinstance(
+                node.comparators[0], (ast.Constant, ast.JoinedStr)):
             return left
     return None
 

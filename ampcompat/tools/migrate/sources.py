@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import tokenize
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class SourceFile:
     def round_trips(self) -> bool:
         """Whether re-encoding the decoded text gives back the original bytes exactly."""
         return self.text.encode(self.encoding) == self.raw
+
+
+@dataclass(frozen=True)
+class PlainFile:
+    """A file that was read and decoded but not parsed: its text cannot contain what was looked for."""
+
+    path: str
 
 
 @dataclass(frozen=True)
@@ -78,15 +85,18 @@ def _walk_folder(folder: str) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def load_source(path: str) -> Union[SourceFile, SkippedFile]:
+def load_source(path: str, worth_parsing: Optional[Callable[[str], bool]] = None
+                ) -> Union[SourceFile, PlainFile, SkippedFile]:
     """Read, decode and parse ``path``.
 
     Args:
         path: a file path.
+        worth_parsing: a cheap test of the decoded text; when it says no, the file is not parsed
+            and a :class:`PlainFile` is returned (parsing is most of the cost of a large tree).
 
     Returns:
-        The :class:`SourceFile`, or a :class:`SkippedFile` saying why it could not be read
-        (I/O error, undecodable bytes, bad coding cookie, syntax error, null bytes).
+        The :class:`SourceFile`, a :class:`PlainFile`, or a :class:`SkippedFile` saying why it could
+        not be read (I/O error, undecodable bytes, bad coding cookie, syntax error, null bytes).
     """
     try:
         with open(path, "rb") as handle:
@@ -112,6 +122,8 @@ def load_source(path: str) -> Union[SourceFile, SkippedFile]:
         )
     if problem:
         return SkippedFile(path, problem)
+    if worth_parsing is not None and not worth_parsing(text):
+        return PlainFile(path)
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as exc:
@@ -163,7 +175,6 @@ def parses(text: str) -> bool:
     return True
 
 
-def read_all(paths: Iterable[str]) -> Iterator[Union[SourceFile, SkippedFile]]:
-    """:func:`load_source` for every file :func:`iter_python_files` finds under ``paths``, one at a time."""
-    for item in iter_python_files(paths):
-        yield item if isinstance(item, SkippedFile) else load_source(item)
+def missing_paths(paths: Iterable[str]) -> list:
+    """The paths that name nothing on disk (not even a dangling symlink)."""
+    return [path for path in paths if not os.path.lexists(path)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Dict, List, Optional, Set, Tuple
 
 from . import catalogue
 from .edits import Edit
@@ -38,15 +38,18 @@ class NativeRewrite:
     converted: int
 
 
-def to_native(result: ScanResult) -> NativeRewrite:
+def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> NativeRewrite:
     """Rewrite a scanned file's Apex uses to plain PyTorch where that is mechanical.
 
     Args:
         result: the scan of the file.
+        exported: names other files of the scanned tree import from this one (kept bound).
 
     Returns:
         The new text, the TODOs left, and the number of uses converted.
     """
+    if not result.uses:
+        return NativeRewrite(result.source.text, (), 0)
     plan = RewritePlan(result)
     convert_amp(plan)
     convert_calls(plan)
@@ -70,7 +73,7 @@ def _align_imports(plan: RewritePlan) -> None:
     result = plan.result
     still_used = _names_still_read(plan)
     removals: List[ast.stmt] = []
-    for node in ast.walk(result.source.tree):
+    for node in result.nodes:
         if isinstance(node, ast.Import):
             keep = [_keeps(alias, alias.asname or alias.name.split(".")[0], still_used, result) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level and catalogue.apex_module(node.module or ""):
@@ -89,7 +92,7 @@ def _align_imports(plan: RewritePlan) -> None:
 def _names_still_read(plan: RewritePlan) -> Set[str]:
     """Names the file still reads once the converted uses are gone."""
     gone = {id(_root_name(use.node)) for use in plan.result.uses if plan.is_converted(use)}
-    return {node.id for node in ast.walk(plan.result.source.tree)
+    return {node.id for node in plan.result.nodes
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and id(node) not in gone}
 
 

@@ -1,0 +1,130 @@
+"""Which names a file exports to the rest of the scanned tree (so ``--to-native`` must keep them bound).
+
+A name is exported when the file lists it in ``__all__``, or when another scanned file imports it
+from this one (``from .compat import LayerNorm``, ``import pkg.compat as c; c.LayerNorm``,
+``from compat import *``). Modules are matched by their last dotted component against the file's
+name (``compat.py``; a package's ``__init__.py`` by its folder's name): a coincidence of names can
+only keep a name that could have gone, never drop one that is needed.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Dict, Iterable, List, Optional, Set
+
+from .sources import SourceFile, load_source
+
+STAR = "*"
+"""Stands for "every public name" in the sets :func:`imported_from` returns."""
+
+
+def module_name_of(path: str) -> str:
+    """The last dotted component other modules import this file by (``pkg/compat.py`` -> ``compat``)."""
+    folder, name = os.path.split(os.path.normpath(path))
+    stem = os.path.splitext(name)[0]
+    return os.path.basename(folder) if stem == "__init__" else stem
+
+
+def listed_in_all(tree: ast.Module) -> Set[str]:
+    """The string literals assigned or added to ``__all__`` at the module's top level."""
+    names: Set[str] = set()
+    for node in tree.body:
+        value: Optional[ast.expr] = None
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            value = node.value
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, ast.Name) \
+                and node.target.id == "__all__":
+            value = node.value
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            func = node.value.func  # __all__.append("x") / __all__.extend([...])
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "__all__":
+                value = ast.List(elts=list(node.value.args), ctx=ast.Load())
+        if value is not None:
+            names.update(_strings_in(value))
+    return names
+
+
+def _strings_in(node: ast.AST) -> Iterable[str]:
+    for child in ast.walk(node):
+        if isinstance(child, ast.Constant) and isinstance(child.value, str):
+            yield child.value
+
+
+def imported_from(tree: ast.Module, module: str) -> Set[str]:
+    """Names ``tree`` takes from a module whose last component is ``module`` (``STAR`` for ``import *``)."""
+    found: Set[str] = set()
+    module_aliases: Set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if parts[-1] == module:
+                found.update(STAR if alias.name == "*" else alias.name for alias in node.names)
+            else:  # from pkg import compat [as c]
+                module_aliases.update(alias.asname or alias.name for alias in node.names if alias.name == module)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[-1] == module:
+                    module_aliases.add(alias.asname or parts[0])
+                    if alias.asname is None and len(parts) > 1:
+                        found.update(_attribute_chain_ends(tree, parts))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases:
+            found.add(node.attr)
+    return found
+
+
+def _attribute_chain_ends(tree: ast.Module, parts: List[str]) -> Set[str]:
+    """For ``import a.b.compat``: the ``X`` of every ``a.b.compat.X``."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _dotted(node.value) == parts:
+            found.add(node.attr)
+    return found
+
+
+def _dotted(node: ast.AST) -> Optional[List[str]]:
+    parts: List[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return [node.id] + parts[::-1]
+
+
+def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module],
+                   other_paths: Iterable[str]) -> Dict[str, Set[str]]:
+    """For each file in ``apex_files``, the names among those given that other files import from it.
+
+    Args:
+        apex_files: path -> the names it binds that may need keeping (bound by Apex imports).
+        trees: the parsed files already at hand (path -> tree).
+        other_paths: the rest of the scanned tree; read and parsed only if they mention one of the names.
+
+    Returns:
+        path -> the names another file imports (``STAR`` if one star-imports the module).
+    """
+    wanted = {path: names for path, names in apex_files.items() if names}
+    exported: Dict[str, Set[str]] = {path: set() for path in apex_files}
+    if not wanted:
+        return exported
+    by_module: Dict[str, List[str]] = {}
+    for path in wanted:
+        by_module.setdefault(module_name_of(path), []).append(path)
+    for path, tree in list(trees.items()) + [(p, None) for p in other_paths]:
+        if tree is None:
+            tree = _parse_if_mentions(path, set(by_module))
+            if tree is None:
+                continue
+        for module, targets in by_module.items():
+            names = imported_from(tree, module)
+            for target in targets:
+                if target != path and names:
+                    exported[target] |= names & (wanted[target] | {STAR})
+    return exported
+
+
+def _parse_if_mentions(path: str, words: Set[str]) -> Optional[ast.Module]:
+    source = load_source(path, lambda text: any(word in text for word in words))
+    return source.tree if isinstance(source, SourceFile) else None
