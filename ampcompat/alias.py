@@ -179,14 +179,15 @@ def _supply_missing_subpackages(package: types.ModuleType) -> None:
         return  # already supplied
 
     def __getattr__(name: str) -> Any:
+        missing: Optional[AttributeError] = None
         if name in APEX_SUBPACKAGES:
             try:
                 return _import_apex_submodule(package.__name__, name)
-            except AttributeError:
-                pass
+            except AttributeError as exc:
+                missing = exc
         if previous is not None:
             return previous(name)
-        raise AttributeError(f"module {package.__name__!r} has no attribute {name!r}")
+        raise missing or AttributeError(f"module {package.__name__!r} has no attribute {name!r}")
 
     __getattr__._ampcompat_alias = True  # type: ignore[attr-defined]
     __getattr__._ampcompat_previous = previous  # type: ignore[attr-defined]

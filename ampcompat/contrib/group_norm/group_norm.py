@@ -1,9 +1,9 @@
 """``apex.contrib.group_norm.GroupNorm``: group norm with an optional fused SiLU, on ``F.group_norm``.
 
 Apex's NHWC kernels computed in FP32 for any mix of input and parameter dtypes and returned the
-input's dtype; this does the same (the native op in the input's dtype when the dtypes agree, FP32 when
-they differ), for every memory format and every number of groups and channels. Like the kernel, it
-ignores autocast: the input's dtype decides.
+input's dtype; this does the same (``F.group_norm`` on FP32 copies; FP64 stays FP64), for every memory
+format and every number of groups and channels. Like the kernel, it ignores autocast: the input's
+dtype decides.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _ACTIVATIONS = (None, "", "silu", "swish")
 def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 eps: float, act: Optional[str]) -> torch.Tensor:
     dtypes = {x.dtype} | {t.dtype for t in (weight, bias) if t is not None}
-    work = x.dtype if len(dtypes) == 1 else torch.float32
+    work = torch.float64 if torch.float64 in dtypes else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         y = F.group_norm(x.to(work), num_groups, None if weight is None else weight.to(work),
                          None if bias is None else bias.to(work), eps)

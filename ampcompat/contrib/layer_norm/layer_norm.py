@@ -1,8 +1,8 @@
 """``apex.contrib.layer_norm.FastLayerNorm``: layer norm over the last dimension, output in the weight's dtype.
 
-Apex's kernel computed in FP32 and returned the weight's dtype; under autocast it cast the input and
-the parameters to the autocast dtype first. ``ampcompat.normalization``'s mixed-dtype rule is exactly
-that, so this module is a thin front for it.
+Apex's kernel computed in FP32 (the parameters' gradients too) and returned the weight's dtype;
+under autocast it cast the input and the parameters to the autocast dtype first. Same here, with
+``torch.nn.functional.layer_norm`` on FP32 copies (FP64 stays FP64).
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch.nn import init
 
-from ampcompat.normalization.fused_layer_norm import mixed_dtype_fused_layer_norm_affine
+import torch.nn.functional as F
+
+from ampcompat._autocast_utils import _cast_if_autocast_enabled
 
 __all__ = ["FastLayerNorm", "FastLayerNormFN"]
 
@@ -27,7 +29,10 @@ class FastLayerNormFN:
                                f"got {tuple(gamma.shape)} and {tuple(beta.shape)}")
         if gamma.dtype != beta.dtype:
             raise RuntimeError(f"FastLayerNorm: weight and bias dtypes differ ({gamma.dtype}, {beta.dtype})")
-        return mixed_dtype_fused_layer_norm_affine(x, gamma, beta, (gamma.numel(),), epsilon)
+        (x, gamma, beta), autocast_off = _cast_if_autocast_enabled(x, gamma, beta)
+        work = torch.float64 if torch.float64 in (x.dtype, gamma.dtype) else torch.float32
+        with autocast_off:
+            return F.layer_norm(x.to(work), (gamma.numel(),), gamma.to(work), beta.to(work), epsilon).to(gamma.dtype)
 
 
 class FastLayerNorm(torch.nn.Module):
