@@ -55,7 +55,8 @@ def install_apex_alias() -> None:
 
 def __getattr__(name: str) -> Any:
     # Legacy surfaces load on first use, so ``import ampcompat`` stays light.
-    if name in ("fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C"):
+    if name in ("fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C", "apex_C",
+                "contrib", "mlp", "fused_dense"):
         import importlib
 
         return importlib.import_module("." + name, __name__)

@@ -189,4 +189,9 @@ def test_architecture_doc_names_every_module_and_only_existing_ones():
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if "_bootstrap" not in name and "__main__" not in name))
 def test_every_module_imports(module):
-    importlib.import_module(module.replace(".__init__", ""))
+    from ampcompat._not_provided import ApexModuleNotProvided
+
+    try:
+        importlib.import_module(module.replace(".__init__", ""))
+    except ApexModuleNotProvided:  # Apex paths ampcompat answers with advice (apex.transformer, ...)
+        pass

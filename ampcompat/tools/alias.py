@@ -35,10 +35,14 @@ from typing import Any, Callable, List, MutableMapping, Optional, Sequence
 ALIAS_ENV_VAR = "AMPCOMPAT_APEX_ALIAS"
 """Set to ``1`` in a child's environment, it makes ``_bootstrap/sitecustomize.py`` install the alias."""
 
-APEX_SUBPACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply")
-"""The modules under ``apex`` that ampcompat stands in for (``apex.<name>`` -> ``ampcompat.<name>``)."""
+APEX_SUBPACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply",
+                    "contrib", "mlp", "fused_dense", "transformer", "RNN", "pyprof", "reparameterization")
+"""The modules under ``apex`` that ampcompat stands in for (``apex.<name>`` -> ``ampcompat.<name>``).
 
-_TOP_LEVEL_ALIASES = {"amp_C": "ampcompat.amp_C"}
+Some of them (``transformer``, ``RNN``, ...) only stand in to refuse: importing them raises
+``ampcompat._not_provided.ApexModuleNotProvided``, a ``ModuleNotFoundError`` naming the replacement."""
+
+_TOP_LEVEL_ALIASES = {"amp_C": "ampcompat.amp_C", "apex_C": "ampcompat.apex_C"}
 """Apex's top-level compiled extensions that ampcompat provides in Python."""
 
 _BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
@@ -81,6 +85,10 @@ def _import_apex_submodule(package: str, name: str) -> types.ModuleType:
     try:
         return importlib.import_module(full_name)
     except ModuleNotFoundError as exc:
+        from .._not_provided import ApexModuleNotProvided
+
+        if isinstance(exc, ApexModuleNotProvided):  # hasattr(apex, "transformer") is False, with the reason
+            raise AttributeError(f"module {package!r} has no attribute {name!r}: {exc}") from exc
         if exc.name != full_name:
             raise
         raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
@@ -171,14 +179,15 @@ def _supply_missing_subpackages(package: types.ModuleType) -> None:
         return  # already supplied
 
     def __getattr__(name: str) -> Any:
+        missing: Optional[AttributeError] = None
         if name in APEX_SUBPACKAGES:
             try:
                 return _import_apex_submodule(package.__name__, name)
-            except AttributeError:
-                pass
+            except AttributeError as exc:
+                missing = exc
         if previous is not None:
             return previous(name)
-        raise AttributeError(f"module {package.__name__!r} has no attribute {name!r}")
+        raise missing or AttributeError(f"module {package.__name__!r} has no attribute {name!r}")
 
     __getattr__._ampcompat_alias = True  # type: ignore[attr-defined]
     __getattr__._ampcompat_previous = previous  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import os
 import sys
 
 _ENV_VAR = "AMPCOMPAT_APEX_ALIAS"  # ampcompat.tools.alias.ALIAS_ENV_VAR
-_TRIGGERS = ("apex", "amp_C")
+_TRIGGERS = ("apex", "amp_C", "apex_C")
 _HERE = os.path.dirname(os.path.realpath(__file__))
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))  # the directory holding ``ampcompat``
 

@@ -509,3 +509,63 @@ def markdown_tables() -> str:
                        "| --- | --- | --- | --- |"] + rows)
         )
     return "\n\n".join(blocks) + "\n"
+
+
+# ==== appended by branch `contrib` (issue 18): apex.contrib, apex.mlp, apex.fused_dense, the 2019 optimizer API ====
+# Rows for the names ampcompat now provides, and for the Apex modules it refuses at import (their
+# text comes from ampcompat._not_provided, the same table the ImportError messages use). A row of the
+# same name above is superseded. MAPPED_PACKAGES/MAPPED_TOP_LEVEL (what `migrate` rewrites) are left
+# to the migrate rework; apex_C's rows too (its existing note is what tests/test_migrate.py expects).
+def _contrib_entries() -> Tuple[Entry, ...]:
+    from ampcompat._not_provided import NOT_PROVIDED
+
+    provided = (
+        Entry("apex.contrib", "module", _D, "—",
+              "ampcompat provides the contrib modules real code uses (rows below); the rest raise "
+              "ModuleNotFoundError at import, naming their native replacement"),
+        Entry("apex.contrib.xentropy", "module", _S, "`torch.nn.functional.cross_entropy`"),
+        Entry("apex.contrib.xentropy.SoftmaxCrossEntropyLoss", "class", _S,
+              "`F.cross_entropy(logits.float(), labels, reduction='none', label_smoothing=s, ignore_index=padding_idx)`",
+              "`SoftmaxCrossEntropyLoss.apply(logits, labels, smoothing, padding_idx, half_to_float)`: FP32 losses, "
+              "0 on padding rows, the logits' gradient in their dtype"),
+        Entry("apex.contrib.optimizers", "module", _S, "`torch.optim`"),
+        Entry("apex.contrib.optimizers.FP16_Optimizer", "class", _S,
+              "FP32 model + `torch.autocast` + `torch.amp.GradScaler`",
+              "FP32 master per parameter and its own loss scaler (2**16, x2 every 1000 clean iterations); "
+              "drives contrib FusedAdam/FusedSGD through `step(grads, output_params, scale, grad_norms)`"),
+        Entry("apex.contrib.optimizers.FusedAdam", "class", _D, "`torch.optim.Adam` (+ `clip_grad_norm_`)",
+              "the 2019 FusedAdam: `eps` not bias-corrected, decay added to the update and scaled by the step size, "
+              "`max_grad_norm` clipping per param group; `use_mt`/`amp_scale_adjustment` have no effect"),
+        Entry("apex.contrib.optimizers.FusedSGD", "class", _S, "`torch.optim.SGD`",
+              "also steps without FP16_Optimizer (Apex raised)"),
+        Entry("apex.contrib.optimizers.FusedLAMB", "class", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)",
+              "does not write the update into `.grad` as Apex's kernel did"),
+        Entry("apex.contrib.clip_grad.clip_grad_norm_", "function", _S, "`torch.nn.utils.clip_grad_norm_`"),
+        Entry("apex.contrib.group_norm.GroupNorm", "class", _S, "`torch.nn.GroupNorm` (+ `F.silu` for `act='silu'`)",
+              "FP32 math, output in the input's dtype, any layout and group count; an unknown `act` raises"),
+        Entry("apex.contrib.layer_norm.FastLayerNorm", "class", _S,
+              "`torch.nn.LayerNorm(hidden_size)`, output cast to the weight's dtype"),
+        Entry("apex.contrib.focal_loss", "module", _S, "`torchvision.ops.sigmoid_focal_loss`",
+              "`focal_loss.focal_loss(...)` / `focal_loss.FocalLoss.apply(...)`; labels -2 ignored, -1 background"),
+        Entry("apex.optimizers.FP16_Optimizer", "class", _S,
+              "FP32 model + `torch.autocast` + `torch.amp.GradScaler` (or `amp.initialize(opt_level='O2')`)",
+              "the wrapper Apex had until September 2019: flat FP32 master per param group, its own loss scaler"),
+        Entry("apex.mlp", "module", _S, "a stack of `torch.nn.Linear` + activation"),
+        Entry("apex.mlp.MLP", "class", _S, "`torch.nn.Sequential(Linear, ReLU, ...)`",
+              "parameters `weight_i`/`bias_i` as in Apex; the activation follows every layer, the last too"),
+        Entry("apex.fused_dense", "module", _S, "`torch.nn.Linear`"),
+        Entry("apex.fused_dense.FusedDense", "class", _S, "`torch.nn.Linear`", "parameters uninitialised, as in Apex"),
+        Entry("apex.fused_dense.FusedDenseGeluDense", "class", _S,
+              "`Linear` -> `F.gelu(approximate='tanh')` -> `Linear`", "parameters uninitialised, as in Apex"),
+    )
+    refused = tuple(Entry(name, "module", _U, instead, f"not provided ({what}): importing it raises "
+                                                        "ModuleNotFoundError naming the replacement")
+                    for name, (what, instead) in NOT_PROVIDED.items())
+    return provided + refused
+
+
+_CONTRIB_ENTRIES = _contrib_entries()
+_superseded = {entry.name for entry in _CONTRIB_ENTRIES}
+_ENTRIES = tuple(e for e in _ENTRIES if e.name not in _superseded) + _CONTRIB_ENTRIES
+ENTRIES = {entry.name: entry for entry in _ENTRIES}
+# ==== end of the block appended by branch `contrib` ====
