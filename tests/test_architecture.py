@@ -7,6 +7,9 @@ hide a cycle or an upward dependency. The layers are those drawn in ``docs/archi
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import importlib
 import re
 from pathlib import Path
@@ -195,3 +198,68 @@ def test_every_module_imports(module):
         importlib.import_module(module.replace(".__init__", ""))
     except ApexModuleNotProvided:  # Apex paths ampcompat answers with advice (apex.transformer, ...)
         pass
+
+
+# --- public and Apex import paths ------------------------------------------------------------------
+
+SPEC = PACKAGE_DIR.parent.parent / "shared" / "reference" / "apex_amp_spec.md"
+README = PACKAGE_DIR.parent / "README.md"
+# Apex paths the spec names that ampcompat deliberately answers with an ImportError carrying advice.
+ADVISED_NOT_PROVIDED = ("apex.transformer",)
+
+_RESOLVE_EVERY_PATH = """
+import importlib, sys
+import ampcompat
+
+ampcompat.install_apex_alias()
+paths, advised = sys.argv[1].split(","), sys.argv[2].split(",")
+
+
+def resolve(name):
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        for part in parts[cut:]:
+            found = getattr(found, part)
+        return found
+    raise ModuleNotFoundError(name)
+
+
+failed = []
+for name in paths:
+    try:
+        resolve(name)
+        if name in advised:
+            failed.append(name + ": resolved, but it is meant to refuse with advice")
+    except ImportError as error:
+        if name not in advised or "ampcompat" not in str(error):
+            failed.append(name + ": " + repr(error))
+    except Exception as error:
+        failed.append(name + ": " + repr(error))
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _documented_paths() -> List[str]:
+    texts = [README.read_text(encoding="utf-8")]
+    if SPEC.exists():  # the spec lives beside the checkout, in shared/
+        texts.append(SPEC.read_text(encoding="utf-8"))
+    # "apex.optimizers.Fused*" is a pattern, not a path: a name directly followed by "*" is left out.
+    found = re.findall(r"\b((?:apex|ampcompat|amp_C)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?![A-Za-z0-9_*])", "\n".join(texts))
+    return sorted(set(found))
+
+
+def test_every_module_path_in_the_spec_and_readme_resolves_under_the_alias():
+    paths = _documented_paths()
+    assert "apex.amp._amp_state" in paths and "ampcompat.install_apex_alias" in paths
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)}
+    result = subprocess.run([sys.executable, "-c", _RESOLVE_EVERY_PATH, ",".join(paths), ",".join(ADVISED_NOT_PROVIDED)],
+                            capture_output=True, text=True, cwd=PACKAGE_DIR.parent, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr

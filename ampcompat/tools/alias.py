@@ -105,8 +105,16 @@ class _ApexPackage(types.ModuleType):
         return sorted(set(super().__dir__()) | set(_available_subpackages()))
 
 
+class DeprecatedFeatureWarning(FutureWarning):
+    """``apex.DeprecatedFeatureWarning``: the category Apex (2022-2025) gave its deprecation warnings.
+
+    ampcompat never emits it; it exists so that code filtering it (``warnings.filterwarnings("ignore",
+    category=apex.DeprecatedFeatureWarning)``) keeps working under the alias.
+    """
+
+
 class _ApexPackageLoader:
-    """Creates :class:`_ApexPackage`; there is no code to execute."""
+    """Creates :class:`_ApexPackage` with the one attribute of Apex's own ``__init__`` that code uses."""
 
     def create_module(self, spec: ModuleSpec) -> types.ModuleType:
         module = _ApexPackage(spec.name, "NVIDIA Apex's removed modules, provided by ampcompat (ampcompat.tools.alias).")
@@ -114,7 +122,7 @@ class _ApexPackageLoader:
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        pass
+        module.DeprecatedFeatureWarning = DeprecatedFeatureWarning
 
 
 class _AliasLoader:
