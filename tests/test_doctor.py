@@ -36,11 +36,11 @@ def test_versions_and_cpu_capabilities(capsys):
     assert cpu["autocast_dtypes"] == [name for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16))
                                       if autocast_produces("cpu", dtype)]
     assert cpu["autocast_dtypes"]  # torch >= 2.1 autocasts both on the CPU
-    assert cpu["fused_amp_kernels"] is None
+    assert cpu["fused_amp_kernels"] == {"status": "ok"}
     param = torch.nn.Parameter(torch.ones(2))
     param.grad = torch.ones(2)
     torch.optim.AdamW([param], fused=True).step()  # what the report claims below
-    assert cpu["fused_optimizers"]["AdamW"] is None
+    assert cpu["fused_optimizers"]["AdamW"] == {"status": "ok"}
     assert [d["device"] for d in report["devices"]] == ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
@@ -62,6 +62,9 @@ def test_a_refused_fused_optimizer_is_reported_with_its_reason(capsys, monkeypat
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
+    report = json.loads(run_doctor(capsys, "--format", "json"))
+    assert report["devices"][0]["fused_optimizers"]["AdamW"] == {
+        "status": "missing", "reason": "RuntimeError: `fused=True` requires floating point params of"}
     out = run_doctor(capsys)
     assert "    fused optimizers (fused=True): Adam, SGD, Adagrad\n" in out
     assert "      AdamW: unavailable (RuntimeError: `fused=True` requires floating point params of)\n" in out
@@ -109,6 +112,9 @@ def test_old_apex_that_fails_on_modern_torch(capsys, fake_site):
     out = run_doctor(capsys)
     apex_part = out[out.index("NVIDIA Apex: "):]
     error = "ModuleNotFoundError: No module named 'torch._six'"
+    imports = json.loads(run_doctor(capsys, "--format", "json"))["apex"]["imports"]
+    assert imports == {name: {"status": "fails", "reason": error}
+                       for name in ("apex", "apex.amp", "apex.fp16_utils", "apex.parallel", "apex.optimizers")}
     assert apex_part == "\n".join([
         f"NVIDIA Apex: {fake_site / 'apex'}",
         f"  import apex: fails: {error}",
@@ -135,7 +141,8 @@ def test_current_apex_without_amp(capsys, fake_site):
     })
     report = json.loads(run_doctor(capsys, "--format", "json"))["apex"]
     assert report["nvidia"] is True
-    assert report["import_errors"] == {"apex": None, "apex.optimizers": None, "apex.normalization": None}
+    assert report["imports"] == {"apex": {"status": "ok"}, "apex.optimizers": {"status": "ok"},
+                                 "apex.normalization": {"status": "ok"}}
     out = run_doctor(capsys)
     assert "  import apex: works\n" in out
     assert "  apex.amp: missing (removed from Apex in 2025; ampcompat provides it)\n" in out
@@ -177,4 +184,4 @@ def test_cuda_devices_are_probed(capsys):
     assert cuda["device"] == "cuda:0" and torch.cuda.get_device_name(0) in cuda["name"]
     assert "float16" in cuda["autocast_dtypes"]
     assert ("bfloat16" in cuda["autocast_dtypes"]) == autocast_produces("cuda", torch.bfloat16)
-    assert cuda["fused_optimizers"]["AdamW"] is None and cuda["fused_amp_kernels"] is None
+    assert cuda["fused_optimizers"]["AdamW"] == cuda["fused_amp_kernels"] == {"status": "ok"}

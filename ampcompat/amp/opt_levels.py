@@ -100,9 +100,11 @@ _FUNCTION_CASTING_LEVELS = frozenset(
     name for name, level in OPT_LEVELS.items() if level.defaults["patch_torch_functions"]
 )
 
+# Apex's sentence, then the two levels ampcompat adds.
 _UNKNOWN_LEVEL = (
     "Unexpected optimization level {}. Options are 'O0', 'O1', 'O2', 'O3'.  Note that in `O0`, `O1`, etc., "
-    "the prefix O is the letter O, not the number zero."
+    "the prefix O is the letter O, not the number zero. ampcompat also accepts 'O4' and 'O5' (O1 and O2 in "
+    "bfloat16, as in ROCm Apex)."
 )
 
 #: The order in which ``initialize`` applies user overrides (Apex's order).
@@ -223,7 +225,13 @@ class Properties:
         if name == "loss_scale":
             if value == "dynamic":
                 return value
-            return float(value)
+            try:
+                return float(value)
+            except (TypeError, ValueError) as exc:  # Apex let float()'s own message through
+                raise type(exc)(
+                    "loss_scale must be 'dynamic' or a number (a float such as 128.0, or a string such as "
+                    "'128.0'), found loss_scale={!r}".format(value)
+                ) from None
         if name == "opt_level" and value is not None:
             get_opt_level(value)
         return value

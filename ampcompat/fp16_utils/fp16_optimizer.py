@@ -33,6 +33,11 @@ _DEPRECATION_LINE = (
     "If it still works, you're probably getting lucky.  "
     "For mixed precision, use the documented API https://nvidia.github.io/apex/amp.html, with opt_level=O1."
 )
+# Apex's line stays (logs and scripts look for it); this one says where to go instead.
+_MAINTAINED_PATH_LINE = (
+    "ampcompat: FP16_Optimizer keeps working; amp.initialize(model, optimizer, opt_level='O2') gives the same "
+    "FP32 master weights and is the maintained path."
+)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _STATE_KEYS = (
     "loss_scaler",
@@ -131,6 +136,7 @@ class FP16_Optimizer:
         verbose: bool = True,
     ) -> None:
         print(_DEPRECATION_LINE)
+        print(_MAINTAINED_PATH_LINE)
         self.verbose = verbose
         self.optimizer = init_optimizer
 

@@ -4,7 +4,8 @@ What the script sees matches ``python script.py args`` / ``python -m module args
 ``sys.path[0]`` (the script's directory, or the working directory for ``-m``), ``__name__``,
 ``__file__`` (absolute) and ``__spec__``. The result is the exit status ``python`` would have
 returned: 0, the ``sys.exit`` code, or 1 after printing the traceback of an uncaught exception
-through ``sys.excepthook``. ``KeyboardInterrupt`` propagates, as it does out of ``python``.
+through ``sys.excepthook``. ``KeyboardInterrupt`` propagates, as it does out of ``python``. A folder,
+zip file or package with no ``__main__`` to run gets one line and status 1, as from ``python``.
 """
 from __future__ import annotations
 
@@ -115,6 +116,11 @@ def _exit_status(run: Callable[[], object]) -> int:
         raise
     except BaseException as exc:  # noqa: B902 -- report anything the script lets escape, as python does
         trimmed = _without_own_frames(exc.__traceback__)
+        if trimmed is None and isinstance(exc, ImportError):
+            # runpy found nothing to run (a folder or zip without __main__.py, a package without
+            # __main__): one line, as python prints, since no code of the user's ran.
+            print(f"{_PROG}: {exc}", file=sys.stderr)
+            return 1
         sys.excepthook(type(exc), exc.with_traceback(trimmed), trimmed)
         return 1
     return 0
