@@ -34,7 +34,7 @@ run() {  # run LABEL SITE_DIR SCRIPT ARGS...
     local rc=$?
     local losses apex result
     losses=$(grep -E '^step [0-9]+ loss' "$log" | awk '{printf "%s ", $4}')
-    apex=$(grep -m1 '^apex in use' "$log" | cut -c14-100)
+    apex=$(grep -m1 '^apex in use' "$log" | cut -c14-150)
     result=$(grep -m1 '^RESULT' "$log" | cut -d' ' -f2)
     ROWS+=("$(printf '%-22s | %-3s | %-4s | %-38s | %s' "$label" "$rc" "${result:-FAIL}" "$losses" "$apex")")
     tail -n 4 "$log" >&2
