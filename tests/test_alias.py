@@ -312,6 +312,121 @@ def test_unrelated_package_named_apex_is_not_taken_for_nvidia_apex():
     """, FIXTURES / "unrelated_apex")
 
 
+# --- apex as an installed distribution (package metadata) --------------------------------------------
+
+def test_apex_is_an_installed_distribution_while_the_alias_is_and_only_then():
+    check("""
+        import importlib.metadata as metadata, importlib.util, os, sys
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
+
+        def assert_absent():
+            try:
+                metadata.version("apex")
+            except metadata.PackageNotFoundError:
+                pass
+            else:
+                raise AssertionError("apex metadata without the alias")
+            assert importlib.util.find_spec("apex") is None
+            assert "apex" not in metadata.packages_distributions()
+            assert not [d for d in metadata.distributions() if d.metadata["Name"] == "apex"]
+
+        assert_absent()
+        install_apex_alias()
+        assert "apex" not in sys.modules  # the lookups below import nothing
+        assert metadata.version("apex") == "0.1"
+        assert metadata.version("Apex") == "0.1"
+        distribution = metadata.distribution("apex")
+        assert (distribution.metadata["Name"], distribution.version) == ("apex", "0.1")
+        assert distribution.files is None and distribution.requires is None
+        assert metadata.packages_distributions()["apex"] == ["apex"]
+        assert metadata.packages_distributions()["amp_C"] == ["apex"]
+        assert len([d for d in metadata.distributions() if d.metadata["Name"] == "apex"]) == 1
+        assert not list(metadata.distributions(path=[os.getcwd()], name="apex"))  # a search of chosen dirs
+        assert "apex" not in sys.modules
+
+        spec = importlib.util.find_spec("apex")
+        assert spec is not None and spec.origin.endswith(os.path.join("ampcompat", "__init__.py"))
+        import apex, ampcompat
+        assert apex.__file__ == ampcompat.__file__ and os.path.isfile(apex.__file__)
+        assert apex.__path__ == [] and apex.__version__ == "0.1"
+        assert spec.origin == apex.__spec__.origin
+
+        uninstall_apex_alias()
+        assert_absent()
+    """)
+
+
+def test_lightning_utilities_requirement_cache_sees_apex():
+    pytest.importorskip("lightning_utilities")
+    check("""
+        from lightning_utilities.core.imports import RequirementCache
+        from ampcompat.tools.alias import install_apex_alias
+
+        assert not RequirementCache("apex")
+        install_apex_alias()
+        cache = RequirementCache("apex>=0.1")  # a versioned requirement: metadata alone decides
+        assert cache, str(cache)
+        assert str(RequirementCache("apex")) == "Requirement 'apex' met"
+        assert not RequirementCache("apex>=1.0")
+    """)
+
+
+def test_a_real_apex_distribution_is_never_shadowed():
+    out = check("""
+        import importlib.metadata as metadata
+        from ampcompat.tools.alias import install_apex_alias
+
+        install_apex_alias()
+        assert [d.version for d in metadata.distributions() if d.metadata["Name"] == "apex"] == ["25.7"]
+        import apex
+        print(metadata.version("apex"), apex.__file__, apex.optimizers.MARKER)
+    """, FIXTURES / "installed_apex", FIXTURES / "real_apex")
+    assert out.split() == ["25.7", str(FIXTURES / "real_apex" / "apex" / "__init__.py"), "real", "apex.optimizers"]
+
+
+def _needs_pkg_resources():
+    if python("import pkg_resources").returncode != 0:
+        pytest.skip("pkg_resources is not installed (setuptools >= 81 dropped it)")
+
+
+@pytest.mark.parametrize("imported_before_install", [True, False])
+def test_pkg_resources_sees_apex_while_the_alias_is_active(imported_before_install):
+    _needs_pkg_resources()
+    check(f"""
+        import warnings
+        warnings.simplefilter("ignore")  # pkg_resources warns that it is deprecated
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
+
+        if {imported_before_install}:
+            import pkg_resources
+        install_apex_alias()
+        import pkg_resources
+        assert pkg_resources.get_distribution("apex").version == "0.1"
+        assert [d.project_name for d in pkg_resources.require("apex>=0.1")] == ["apex"]
+        uninstall_apex_alias()
+        try:
+            pkg_resources.get_distribution("apex")
+        except pkg_resources.DistributionNotFound:
+            pass
+        else:
+            raise AssertionError("apex still known to pkg_resources")
+    """)
+
+
+def test_pkg_resources_in_a_child_process_sees_apex_before_any_import():
+    _needs_pkg_resources()
+    env = {key: value for key, value in os.environ.items() if key != "AMPCOMPAT_APEX_ALIAS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    from ampcompat.tools.alias import enable_alias_in_child_processes
+
+    enable_alias_in_child_processes(env)
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); import pkg_resources; "
+            "print(pkg_resources.get_distribution('apex').version, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.1", "False"]
+
+
 # --- pickles and checkpoints written by Apex-era code -----------------------------------------------
 
 @pytest.fixture(scope="module")

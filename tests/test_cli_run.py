@@ -224,6 +224,17 @@ def test_spawn_worker_imports_apex():
     assert "worker saw: [True, 'ampcompat.amp.scaler'] exit code: 0" in out
 
 
+def test_child_processes_see_apex_installed_before_importing_it():
+    seen = json.loads(succeeded(ampcompat_cli("run", "apex_metadata_child.py")))
+    expected = {"version": "0.1", "name": "apex", "packages_distributions": ["apex"], "apex_distributions": 1,
+                "find_spec": True, "file": str(REPO / "ampcompat" / "__init__.py"), "path": [],
+                "version_attribute": "0.1"}
+    for where in ("main", "spawn", "subprocess"):
+        assert {k: v for k, v in seen[where].items() if k != "torch_imported_by_lookups"} == expected, where
+    # Metadata lookups in a child cost no ampcompat (torch) import: only ``import apex`` does.
+    assert not seen["spawn"]["torch_imported_by_lookups"] and not seen["subprocess"]["torch_imported_by_lookups"]
+
+
 def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():
     result = ampcompat_cli("run", str(FIXTURES / "subprocess_child.py"), cwd=REPO,
                            path_entries=(FIXTURES / "user_sitecustomize",))

@@ -7,10 +7,11 @@ pickles them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -18,17 +19,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 _NOT_ON_DEVICE = "An input tensor was not {}."
 
 
-def _is_namedtuple(value: Any) -> bool:
-    return isinstance(value, tuple) and hasattr(value, "_fields")
-
-
 def cast_tree(value: Any, dtype: torch.dtype, device_type: Optional[str] = None) -> Any:
     """Cast every floating tensor in a nested structure to ``dtype`` (Apex's ``applier``).
 
     Tensors: floating ones are cast (device unchanged), others left alone; a tensor on another device
     type than ``device_type`` warns as Apex warned for non-CUDA tensors. Strings and numpy arrays pass
-    through; objects with a ``.to`` method (custom batches, ``PackedSequence``) get ``.to(dtype)``;
-    mappings, lists, tuples (namedtuples too) and sets are rebuilt with their own type.
+    through; objects with a ``.to`` method (custom batches, ``PackedSequence``) get ``.to(dtype)``.
+    Containers -- mappings (Hugging Face's ``ModelOutput`` too), dataclasses, lists, tuples,
+    namedtuples, sets -- are rebuilt with their own type, never changed in place; one whose type cannot
+    be rebuilt becomes what Apex returned (a plain ``dict``, ``list``, ``tuple``...). Other objects
+    pass through unchanged, as in Apex.
     """
     if isinstance(value, torch.Tensor):
         if device_type is not None and value.device.type != device_type:
@@ -40,24 +40,107 @@ def cast_tree(value: Any, dtype: torch.dtype, device_type: Optional[str] = None)
         return value
     if hasattr(value, "to") and callable(value.to):
         return value.to(dtype)
+    cast = functools.partial(cast_tree, dtype=dtype, device_type=device_type)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _cast_dataclass(value, cast)
     if isinstance(value, Mapping):
-        items = [(cast_tree(k, dtype, device_type), cast_tree(v, dtype, device_type)) for k, v in value.items()]
-        return _rebuild_mapping(value, items)
-    if _is_namedtuple(value):
-        return type(value)(*(cast_tree(v, dtype, device_type) for v in value))
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return type(value)(cast_tree(v, dtype, device_type) for v in value)
+        return _cast_mapping(value, cast)
+    if isinstance(value, _COLLECTIONS):
+        return _cast_collection(value, cast)
     return value
 
 
-def _rebuild_mapping(original: Mapping, items: list) -> Mapping:
-    try:
-        rebuilt = original.copy()  # keeps OrderedDict/defaultdict and their extra state
-        rebuilt.clear()
-        rebuilt.update(items)
+# --- rebuilding containers (DESIGN.md decision 10: rebuilt, never mutated) ---------------------------
+
+_COLLECTIONS = (list, tuple, set, frozenset)
+_Cast = Callable[[Any], Any]
+
+
+def _rebuilt(original: Any, attempts: Iterable[Callable[[], Any]], fits: Callable[[Any], bool]) -> Any:
+    """The first attempt's result that has ``original``'s exact type, is a new object and ``fits``; else None.
+
+    Any exception counts as a failed attempt: container types forbid operations in their own ways
+    (``ModelOutput.update`` raises a bare ``Exception``).
+    """
+    for attempt in attempts:
+        try:
+            rebuilt = attempt()
+            if type(rebuilt) is type(original) and rebuilt is not original and fits(rebuilt):
+                return rebuilt
+        except Exception:  # noqa: BLE001 -- see the docstring
+            continue
+    return None
+
+
+def _holds_items(rebuilt: Mapping, items: List[Tuple[Any, Any]]) -> bool:
+    """Whether ``rebuilt`` holds exactly ``items``, in order (values by identity: no stale tensor left)."""
+    return len(rebuilt) == len(items) and all(
+        (key is new_key or key == new_key) and rebuilt[new_key] is item for (key, item), new_key in zip(items, rebuilt))
+
+
+def _holds_sequence(rebuilt: Any, items: List[Any]) -> bool:
+    if isinstance(rebuilt, (set, frozenset)):
+        return len(rebuilt) == len(items)
+    return len(rebuilt) == len(items) and all(a is b for a, b in zip(rebuilt, items))
+
+
+def _cast_dataclass(value: Any, cast: _Cast) -> Any:
+    """A dataclass instance rebuilt through its constructor with every ``__init__`` field cast.
+
+    This is how ``ModelOutput`` (a dataclass and an ``OrderedDict`` that forbids ``update``) is built:
+    its ``__post_init__`` fills the mapping from the fields. A mapping must come back with the same
+    keys (an item set outside the fields is not), or it is rebuilt as a mapping; any other dataclass
+    that cannot be rebuilt passes through, as in Apex.
+    """
+    is_mapping = isinstance(value, Mapping)
+    keys = list(value) if is_mapping else []
+    changes = {}
+
+    def replace() -> Any:
+        changes.update((f.name, cast(getattr(value, f.name))) for f in dataclasses.fields(value) if f.init)
+        return dataclasses.replace(value, **changes)
+
+    def fits(new: Any) -> bool:
+        same_fields = all(getattr(new, name) is item for name, item in changes.items())
+        return same_fields and (not is_mapping or list(new) == keys)
+
+    rebuilt = _rebuilt(value, [replace], fits)
+    if rebuilt is not None:
         return rebuilt
-    except (AttributeError, TypeError):
+    return _cast_mapping(value, cast) if is_mapping else value
+
+
+def _cast_mapping(value: Mapping, cast: _Cast) -> Mapping:
+    """A mapping rebuilt with cast keys and values: through its type's constructor, else a refilled copy
+    (``defaultdict`` keeps its factory), else a plain ``dict`` as in Apex."""
+    items = [(cast(key), cast(item)) for key, item in value.items()]
+    if type(value) is dict:
         return dict(items)
+
+    def refilled_copy() -> Any:
+        copy = value.copy()  # type: ignore[attr-defined]
+        if copy is value:
+            raise TypeError("copy() returned the container itself")
+        copy.clear()
+        copy.update(items)
+        return copy
+
+    rebuilt = _rebuilt(value, [lambda: type(value)(items), refilled_copy], lambda new: _holds_items(new, items))
+    return dict(items) if rebuilt is None else rebuilt
+
+
+def _cast_collection(value: Any, cast: _Cast) -> Any:
+    """A list, tuple, namedtuple or set (or subclass) rebuilt with its type, else with the built-in base."""
+    items = [cast(item) for item in value]
+    kind = type(value)
+    if kind in _COLLECTIONS:
+        return kind(items)
+    rebuilt = _rebuilt(value, [lambda: kind(*items), lambda: kind(items)] if hasattr(value, "_fields")
+                       else [lambda: kind(items)], lambda new: _holds_sequence(new, items))
+    if rebuilt is not None:
+        return rebuilt
+    base = next(base for base in _COLLECTIONS if isinstance(value, base))
+    return base(items)
 
 
 # --- parameter casting ------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ When a real NVIDIA Apex is installed (apex 25.07+ still ships ``apex.optimizers`
 (``amp``, ``fp16_utils``, ``parallel``; ``amp_C`` when no compiled extension is found). The unrelated
 PyPI project that is also called ``apex`` (a Pyramid add-on) is not mistaken for it.
 
+While the alias is active, ``apex`` is also an installed distribution (``apex`` 0.1) to
+``importlib.metadata``, ``pkg_resources`` and what builds on them, as libraries check for Apex that way
+(see :mod:`ampcompat.tools.apex_metadata`); ``apex.__file__``, ``__path__`` and ``__version__`` exist.
+
 The alias is process-wide and opt-in: without this call ampcompat never creates a module named
 ``apex``. ``python -m ampcompat run`` installs it and extends it to the child processes the script
 starts (see :func:`enable_alias_in_child_processes`).
@@ -30,7 +34,9 @@ import sys
 import threading
 import types
 from importlib.machinery import ModuleSpec
-from typing import Any, Callable, List, MutableMapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence, Tuple
+
+from . import apex_metadata
 
 ALIAS_ENV_VAR = "AMPCOMPAT_APEX_ALIAS"
 """Set to ``1`` in a child's environment, it makes ``_bootstrap/sitecustomize.py`` install the alias."""
@@ -118,6 +124,7 @@ class _ApexPackageLoader:
 
     def create_module(self, spec: ModuleSpec) -> types.ModuleType:
         module = _ApexPackage(spec.name, "NVIDIA Apex's removed modules, provided by ampcompat (ampcompat.tools.alias).")
+        module.__version__ = apex_metadata.VERSION
         _supply_missing_subpackages(module)
         return module
 
@@ -237,14 +244,18 @@ class _ApexAliasFinder:
             return self._alias_spec(fullname)
         if fullname.startswith("apex."):
             return self._find_apex_submodule(fullname, path)
-        return None
+        return apex_metadata.find_pkg_resources_spec(fullname, path, _top_level_names())
+
+    def find_distributions(self, context: Any = None) -> Iterator[Any]:
+        """``importlib.metadata``'s hook: ``apex`` 0.1 is installed while the alias is (see ``apex_metadata``)."""
+        return apex_metadata.find_apex_distributions(context, _top_level_names())
 
     def _find_apex_package(self) -> ModuleSpec:
         real = _find_elsewhere("apex", None)
         if real is not None and real.loader is not None and _is_nvidia_apex(real):
             real.loader = _AugmentingLoader(real.loader)
             return real
-        return ModuleSpec("apex", self._package_loader, is_package=True)
+        return _stand_in_package_spec(self._package_loader)
 
     def _find_apex_submodule(self, fullname: str, path: Optional[Sequence[str]]) -> Optional[ModuleSpec]:
         parent_name, _, child = fullname.rpartition(".")
@@ -270,6 +281,28 @@ class _ApexAliasFinder:
                           is_package=target_spec.submodule_search_locations is not None)
 
 
+# --- the stand-in package as an installed distribution ------------------------------------------------
+
+_AMPCOMPAT_INIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "__init__.py")
+
+
+def _stand_in_package_spec(loader: _ApexPackageLoader) -> ModuleSpec:
+    """The spec of ``apex`` when no real Apex is installed.
+
+    ``apex.__file__`` is ampcompat's ``__init__.py``: the directory holding it has Apex's layout
+    (``amp/``, ``fp16_utils/``, ``parallel/`` ...). ``__path__`` stays empty, so submodules come from
+    the alias finder alone and no ampcompat module is imported a second time under an ``apex`` name.
+    """
+    spec = ModuleSpec("apex", loader, origin=_AMPCOMPAT_INIT, is_package=True)
+    spec.has_location = True
+    return spec
+
+
+def _top_level_names() -> Tuple[str, ...]:
+    """The top-level modules the ``apex`` distribution provides (its ``top_level.txt``)."""
+    return ("apex", *_TOP_LEVEL_ALIASES)
+
+
 _FINDER = _ApexAliasFinder()
 _LOCK = threading.Lock()
 
@@ -291,6 +324,7 @@ def install_apex_alias() -> None:
         apex = sys.modules.get("apex")
         if apex is not None and not isinstance(apex, _ApexPackage):
             _supply_missing_subpackages(apex)
+        apex_metadata.register_with_pkg_resources(_top_level_names())
 
 
 def uninstall_apex_alias() -> None:
@@ -308,6 +342,7 @@ def uninstall_apex_alias() -> None:
         apex = sys.modules.get("apex")
         if apex is not None:
             _withdraw_supplied_subpackages(apex)
+        apex_metadata.withdraw_from_pkg_resources()
 
 
 def enable_alias_in_child_processes(environ: Optional[MutableMapping[str, str]] = None) -> None:

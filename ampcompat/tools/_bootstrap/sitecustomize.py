@@ -5,7 +5,10 @@
 plain ``subprocess`` calls of ``python``) runs this file at start-up through :mod:`site`.
 
 It costs next to nothing: ampcompat (and torch) are imported only when the child first imports
-``apex`` or ``amp_C``. The ``sitecustomize`` this file shadows, if any, still runs.
+``apex`` or ``amp_C``. Package-metadata lookups (``importlib.metadata.version("apex")``, usually made
+before any import) and ``pkg_resources`` are answered from the start by ``tools/apex_metadata.py``, a
+torch-free module loaded by file path on the first such lookup. The ``sitecustomize`` this file
+shadows, if any, still runs.
 """
 import os
 import sys
@@ -22,6 +25,8 @@ class _InstallAliasOnFirstUse:
     _ampcompat_alias = True
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == "pkg_resources":
+            return _apex_metadata().find_pkg_resources_spec(fullname, path, _TRIGGERS)
         if fullname not in _TRIGGERS:
             return None
         if self in sys.meta_path:
@@ -30,6 +35,24 @@ class _InstallAliasOnFirstUse:
         alias.install_apex_alias()
         # The import system is iterating sys.meta_path: answer for the finder that took our place.
         return alias._FINDER.find_spec(fullname, path, target)
+
+
+    def find_distributions(self, context=None):
+        return _apex_metadata().find_apex_distributions(context, _TRIGGERS)
+
+
+def _apex_metadata():
+    """``ampcompat.tools.apex_metadata``, loaded from its file without importing ``ampcompat`` (and torch)."""
+    import importlib.util
+
+    name = "ampcompat.tools.apex_metadata"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(_HERE), "apex_metadata.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # the package imports this very module later
+        spec.loader.exec_module(module)
+    return module
 
 
 def _import_alias_module():
