@@ -17,6 +17,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional
 import torch
 
 from .o1_autocast import active_handle
+from .optimizer_lifecycle import Event, OptState, next_state
 from .process_state import _amp_state, maybe_print
 from .scaler import LossScaler
 
@@ -33,32 +34,42 @@ MASTERS_KEY = "amp_master_params"
 
 
 class AmpOptimizerState:
-    """``optimizer._amp_stash``: Apex's per-optimizer bookkeeping, under Apex's attribute names."""
+    """``optimizer._amp_stash``: Apex's per-optimizer bookkeeping, under Apex's attribute names.
+
+    Where the optimizer stands between steps is one :class:`OptState` (``_state``), moved only through
+    ``optimizer_lifecycle``'s table; Apex's flags ``already_patched`` and ``params_have_scaled_gradients``
+    are read-only views of it.
+    """
 
     def __init__(self) -> None:
-        self.lazy_init_called = False
-        self._already_patched = False
-        self.params_have_scaled_gradients = False
-        self._found_inf = None  # on-device overflow flags of the backward passes since the last step
+        self.lazy_init_called = False  # written by legacy code that runs the lazy init itself (BERT)
+        self._state = OptState.READY
+        self._entered_from: Optional[OptState] = None  # inside a scale_loss block: the state before it
+        self._skip_loss_id = 0  # SKIP_PENDING: the loss whose overflow the skip message names
+        # OVERFLOW_ON_DEVICE: the flag the next fused step skips on, and the scale updates behind it;
+        # STEPPED_ON_DEVICE: the flag the last fused step used.
+        self._found_inf: Optional[torch.Tensor] = None
         self._deferred_records: list = []
-        self._pending_steps: Deque[list] = deque()
+        self._pending_steps: Deque[list] = deque()  # fused steps whose skip message waits for the host copy
         self._initialised = False  # lazy init done (masters built / params classified)
         self._param_count: Optional[List[int]] = None  # group sizes amp knows about
         self._refresh_masters_from_model = False  # loaded a checkpoint without masters
-        self._in_scale_loss = False
-        self._stale_overflow_grads = False  # the last step was skipped and nothing new was computed since
-        self._last_found_inf = None  # the flag the last fused step skipped on
-        self._empty_exit = False  # the last scale_loss block produced no gradient
-        self._produced_grads = False
+
+    def _verdict(self) -> OptState:
+        """The state that decides the next step (inside a block: the state the block was entered in)."""
+        return self._entered_from if self._state is OptState.IN_SCALE_LOSS else self._state
 
     @property
     def already_patched(self) -> bool:
         """Whether the next ``step()`` will be skipped (reads any on-device overflow flag: a host sync)."""
-        return self._already_patched or any(r.values()[0] for r in self._deferred_records)
+        verdict = self._verdict()
+        return verdict is OptState.SKIP_PENDING or (
+            verdict is OptState.OVERFLOW_ON_DEVICE and any(r.values()[0] for r in self._deferred_records))
 
-    @already_patched.setter
-    def already_patched(self, value: bool) -> None:
-        self._already_patched = value
+    @property
+    def params_have_scaled_gradients(self) -> bool:
+        """Whether a ``delay_unscale`` block left the gradients multiplied by the loss scale."""
+        return self._verdict() is OptState.SCALED
 
 
 def check_optimizer(optimizer: Any) -> None:
@@ -216,14 +227,6 @@ def _prepare_amp_backward(self: Any) -> None:
         stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
 
 
-def begin_backward(stash: AmpOptimizerState) -> None:
-    """Mark the start of a ``scale_loss`` block (for the nesting, stale-gradient and empty-block checks)."""
-    stash._in_scale_loss = True
-    stash._stale_overflow_grads = False
-    stash._last_found_inf = None
-    stash._empty_exit = False
-
-
 def restore_amp_backward(self: Any) -> None:
     """Undo :func:`_prepare_amp_backward` after the ``scale_loss`` block raised: grads as before the block."""
     stash = self._amp_stash
@@ -277,7 +280,12 @@ def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed:
 
 
 
-def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
+def _post_amp_backward(self: Any, scaler: LossScaler) -> bool:
+    """Unscale (and check) the gradients this backward pass produced; add back the stashed ones.
+
+    Returns:
+        Whether the pass produced any gradient for this optimizer.
+    """
     self._amp_lazy_init()
     stash = self._amp_stash
     if stash._master_weights:
@@ -308,18 +316,17 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
         scaler.unscale_add_(acc_dst, acc_src)
         for master, grad in sparse:
             master.grad = grad if master.grad is None else master.grad + grad
-        produced = bool(fresh_dst or acc_dst or sparse or new)
         stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+        return bool(fresh_dst or acc_dst or sparse or new)
     else:
         new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
         new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
         scaler.unscale_(new16 + new32)
-        produced = bool(new16 or new32)
         if acc16 or acc32:
             torch._foreach_add_(acc16 + acc32, prev16 + prev32)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
-    stash._produced_grads = produced
+        return bool(new16 or new32)
 
 
 def _master_params_to_model_params(self: Any) -> None:
@@ -355,30 +362,114 @@ def _clear_master_grads(stash: AmpOptimizerState) -> None:
         p.grad = None
 
 
+# --- the lifecycle: scale_loss blocks and steps -------------------------------------------------------
+
+def enter_blocks(optimizers: List[Any], prepare: bool) -> List[Any]:
+    """Move every optimizer into a ``scale_loss`` block, stashing existing grads if ``prepare``.
+
+    All are checked before any is changed (Apex's AttributeError for one that skipped ``initialize``,
+    the nesting and param-group errors), so a refused call leaves them all as they were.
+
+    Returns:
+        The optimizers whose gradients were stashed (not those still holding delayed, scaled ones).
+    """
+    stashes = [optimizer._amp_stash for optimizer in optimizers]
+    for stash in stashes:
+        next_state(stash._state, Event.ENTER)
+    for optimizer in optimizers:
+        check_param_groups_unchanged(optimizer)
+    prepared = []
+    for optimizer, stash in zip(optimizers, stashes):
+        if prepare and stash._state is not OptState.SCALED:
+            optimizer._prepare_amp_backward()
+            prepared.append(optimizer)
+        stash._entered_from, stash._state = stash._state, OptState.IN_SCALE_LOSS
+    return prepared
+
+
+def abort_blocks(optimizers: List[Any]) -> None:
+    """Return the optimizers still inside a block that raised to the state they entered it in."""
+    for optimizer in optimizers:
+        if optimizer._amp_stash._state is OptState.IN_SCALE_LOSS:
+            end_block(optimizer, Event.ABORT)
+
+
+def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Optional[torch.Tensor] = None,
+              record: Any = None) -> None:
+    """Leave the ``scale_loss`` block with ``event`` (``ABORT`` after :func:`restore_amp_backward`).
+
+    For ``EXIT_ON_DEVICE``, ``overflow_buf`` is this pass's overflow flag and ``record`` its scale update:
+    the next step hands the flag to its fused kernel. For ``EXIT_OVERFLOW``, ``loss_id`` names the loss
+    in the skip message.
+    """
+    stash = optimizer._amp_stash
+    before = stash._entered_from
+    after = next_state(before, event)
+    if after is OptState.SKIP_PENDING and before is not OptState.SKIP_PENDING:
+        stash._skip_loss_id = loss_id
+    if event is Event.EXIT_ON_DEVICE and after is OptState.OVERFLOW_ON_DEVICE:
+        if before is OptState.OVERFLOW_ON_DEVICE:
+            # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
+            # the step counts they restore by subtracting found_inf).
+            torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
+        else:
+            stash._found_inf, stash._deferred_records = overflow_buf.clamp(max=1.0), []
+        stash._deferred_records.append(record)
+    _settle(stash, after)
+    stash._entered_from = None
+
+
+def _settle(stash: AmpOptimizerState, state: OptState) -> None:
+    """Put ``stash`` in ``state``, dropping a device flag that state has no use for."""
+    stash._state = state
+    if state not in (OptState.OVERFLOW_ON_DEVICE, OptState.STEPPED_ON_DEVICE, OptState.IN_SCALE_LOSS):
+        stash._found_inf, stash._deferred_records = None, []
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or \
+            optimizer._amp_stash._verdict() is OptState.SKIP_PENDING:
+        return False
+    # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
+    # when found_inf skips that step: take the host-synced path until every buffer exists.
+    return not any(group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
+                   for group in optimizer.param_groups if "dampening" in group for p in group["params"])
+
+
+def _step_event(stash: AmpOptimizerState, state: OptState) -> Event:
+    """What this ``step()`` call is, where the state alone cannot say."""
+    if state is OptState.NO_GRADS and any(p.grad is not None for p in _model_side_params(stash)):
+        return Event.STEP_WITH_STRAY_GRADS
+    if state is OptState.STEPPED_ON_DEVICE and bool(stash._found_inf):
+        return Event.STEP_AFTER_KERNEL_SKIP  # the flag is read (one sync) only on this suspicious second step
+    return Event.STEP
+
+
+def _model_side_params(stash: AmpOptimizerState) -> List[torch.Tensor]:
+    if stash._master_weights:
+        return stash.all_fp16_params + stash.all_fp32_from_fp32_params
+    return stash.all_fp16_params + stash.all_fp32_params
+
+
 # --- the patched public methods ---------------------------------------------------------------------
 
 def _amp_step(self: Any, closure: Any = None) -> Any:
     stash = self._amp_stash
     self._opt_called = True  # what an LR scheduler's step wrapper would have recorded
-    if stash._already_patched:
-        if closure is not None:
-            raise RuntimeError(_CLOSURE_MESSAGE)
-        _skip_step(self)
-        return None
-    if closure is not None and stash._master_weights:
+    before = stash._state
+    if closure is not None and (stash._master_weights or before is OptState.SKIP_PENDING):
         raise RuntimeError(_CLOSURE_MESSAGE)
-    last_found_inf = stash._last_found_inf
-    if stash._stale_overflow_grads or (
-            last_found_inf is not None and stash._found_inf is None and bool(last_found_inf)):
-        # The fused path's flag is read (one sync) only on this suspicious second step.
-        raise RuntimeError(_STEP_AFTER_SKIP)
-    if stash._empty_exit and any(p.grad is not None for p in _model_side_params(stash)):
-        raise RuntimeError(_GRADS_OUTSIDE_SCALE_LOSS)
+    after = next_state(before, _step_event(stash, before))
+    if before is OptState.SKIP_PENDING:
+        _skip_step(self)
+        _settle(stash, after)
+        return None
     handle = active_handle()
     if stash._master_weights:
         self._amp_lazy_init()
     original = stash._original_step or _class_method(self, "step")
-    found_inf = stash._found_inf
+    found_inf = stash._found_inf if before is OptState.OVERFLOW_ON_DEVICE else None
     if found_inf is not None:
         self.found_inf = found_inf.reshape(())  # the fused kernel leaves params and state alone where it is set
     try:
@@ -390,35 +481,16 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
     if stash._master_weights:
         self._master_params_to_model_params()
         _clear_master_grads(stash)
-    stash._last_found_inf = found_inf
     if found_inf is not None:
-        stash._found_inf = None
         stash._pending_steps.append(stash._deferred_records)
         stash._deferred_records = []
+    _settle(stash, after)
     report_deferred_skips(self, block=False)
     return retval
 
 
 # LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
 _amp_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-
-
-_STEP_AFTER_SKIP = (
-    "optimizer.step() was called again after a step skipped for gradient overflow, with no amp.scale_loss "
-    "backward pass in between: the gradients still hold inf/NaN. Call optimizer.zero_grad() and compute new "
-    "gradients inside `with amp.scale_loss(...)` first."
-)
-_GRADS_OUTSIDE_SCALE_LOSS = (
-    "optimizer.step() found gradients that were not produced inside `with amp.scale_loss(...)`: the last "
-    "scale_loss block ended without a backward pass, so these gradients are still multiplied by the loss "
-    "scale. Call scaled_loss.backward() inside the with block."
-)
-
-
-def _model_side_params(stash: AmpOptimizerState) -> List[torch.Tensor]:
-    if stash._master_weights:
-        return stash.all_fp16_params + stash.all_fp32_from_fp32_params
-    return stash.all_fp16_params + stash.all_fp32_params
 
 
 def _skip_step(self: Any) -> None:
@@ -432,30 +504,6 @@ def _skip_step(self: Any) -> None:
         maybe_print("Gradient overflow.  Skipping step, loss scaler {} keeps its static loss scale {}".format(
             loss_id, scaler.loss_scale()))
     _clear_master_grads(stash)
-    stash._already_patched = False
-    stash._stale_overflow_grads = True
-
-
-def skips_on_device(optimizer: Any) -> bool:
-    """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False) or optimizer._amp_stash._already_patched:
-        return False
-    # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
-    # when found_inf skips that step: take the host-synced path until every buffer exists.
-    return not any(group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
-                   for group in optimizer.param_groups if "dampening" in group for p in group["params"])
-
-
-def defer_skip(optimizer: Any, overflow_buf: torch.Tensor, record: Any) -> None:
-    """Let the next ``step()`` skip on the device if this backward pass overflowed."""
-    stash = optimizer._amp_stash
-    if stash._found_inf is None:
-        stash._found_inf = overflow_buf.clamp(max=1.0)
-    else:
-        # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
-        # the step counts they restore by subtracting found_inf).
-        torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
-    stash._deferred_records.append(record)
 
 
 def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
@@ -472,14 +520,6 @@ def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
             scale = [r for r in records if r.loss_id == loss_id][-1].values()[1]
             maybe_print("Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}".format(
                 loss_id, scale))
-
-
-def mark_skip(optimizer: Any, loss_id: int) -> None:
-    """Make the next ``optimizer.step()`` a skip (Apex's one-shot ``skip_step`` patch)."""
-    stash = optimizer._amp_stash
-    if not stash._already_patched:
-        stash._already_patched = True
-        stash._skip_loss_id = loss_id
 
 
 def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:

@@ -1,9 +1,10 @@
-"""``amp.scale_loss`` and ``amp.disable_casts``: the per-backward state machine (spec §6).
+"""``amp.scale_loss`` and ``amp.disable_casts``: what happens around one backward pass (spec §6).
 
 Entering ``scale_loss`` stashes gradients that already exist (so only the new ones get unscaled) and
 yields ``loss.float() * scale``; leaving it unscales the new gradients into FP32 (adding the stashed
 ones back), checks them for inf/NaN, updates the scale and, on overflow, makes the next
-``optimizer.step()`` a skip. Under O1 the backward inside the block runs with autocast off.
+``optimizer.step()`` a skip (each optimizer's lifecycle: ``optimizer_lifecycle``). Under O1 the
+backward inside the block runs with autocast off.
 
 With optimizers whose fused kernel can skip a step itself (``fused=True`` Adam/AdamW/SGD), the scale
 is updated on the device and the skip happens in the kernel, so a training step needs no host sync;
@@ -18,26 +19,14 @@ from typing import Any, Iterator, List, Optional
 import torch
 
 from .o1_autocast import active_handle
-from .master_weights import (
-    begin_backward,
-    check_param_groups_unchanged,
-    defer_skip,
-    mark_skip,
-    restore_amp_backward,
-    skips_on_device,
-)
+from .master_weights import abort_blocks, end_block, enter_blocks, restore_amp_backward, skips_on_device
+from .optimizer_lifecycle import Event
 from .process_state import _amp_state
 
 _NOT_INITIALIZED = (
     "Invoked 'with amp.scale_loss`, but internal Amp state has not been initialized.  "
     "model, optimizer = amp.initialize(model, optimizer, opt_level=...) must be called before "
     "`with amp.scale_loss`."
-)
-
-
-_NESTED = (
-    "amp.scale_loss blocks cannot be nested for the same optimizer: finish the first block (call "
-    "scaled_loss.backward() inside it) before opening another one."
 )
 
 
@@ -107,68 +96,50 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         _clear_cast_cache()
         return
 
-    prepared = _prepare(optimizers, delay_unscale)
+    prepared = enter_blocks(optimizers, prepare=not delay_unscale and isinstance(optimizers, list))
     try:
         with _casts_off():
             yield loss_scaler.scaled(loss)
     except BaseException:
         for optimizer in prepared:
             restore_amp_backward(optimizer)
+        abort_blocks(optimizers)
         raise
-    finally:
-        for optimizer in optimizers:
-            optimizer._amp_stash._in_scale_loss = False
-
-    if delay_unscale:
-        for optimizer in optimizers:
-            optimizer._amp_stash.params_have_scaled_gradients = True
-    else:
-        _unscale_and_update(loss_scaler, optimizers, loss_id, delay_overflow_check)
+    try:
+        _unscale_and_update(loss_scaler, optimizers, loss_id, delay_unscale, delay_overflow_check)
+    except BaseException:
+        abort_blocks(optimizers)
+        raise
     _clear_cast_cache()
 
 
-def _prepare(optimizers: List[Any], delay_unscale: bool) -> List[Any]:
-    """Check every optimizer, then stash their existing grads; returns the ones whose grads were stashed.
-
-    Every optimizer is checked before any is changed (Apex's AttributeError for one that skipped
-    ``initialize``), so a refused call leaves them all as they were.
-    """
-    stashes = [optimizer._amp_stash for optimizer in optimizers]
-    if any(stash._in_scale_loss for stash in stashes):
-        raise RuntimeError(_NESTED)
+def _end_blocks(optimizers: List[Any], event: Event, *args: Any) -> None:
     for optimizer in optimizers:
-        check_param_groups_unchanged(optimizer)
-    prepared = []
-    if not delay_unscale and isinstance(optimizers, list):
-        for optimizer in optimizers:
-            if not optimizer._amp_stash.params_have_scaled_gradients:
-                optimizer._prepare_amp_backward()
-                prepared.append(optimizer)
-    for stash in stashes:
-        begin_backward(stash)
-    return prepared
+        end_block(optimizer, event, *args)
 
 
-def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_overflow_check: bool) -> None:
-    """Leaving the block: unscale the new grads, then update the scale and arrange the skip on overflow."""
-    loss_scaler.clear_overflow_state()
-    for optimizer in optimizers:
-        optimizer._post_amp_backward(loss_scaler)
-        optimizer._amp_stash.params_have_scaled_gradients = False
-    empty = not any(optimizer._amp_stash._produced_grads for optimizer in optimizers)
-    for optimizer in optimizers:
-        optimizer._amp_stash._empty_exit = empty
-    if delay_overflow_check:
+def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_unscale: bool,
+                        delay_overflow_check: bool) -> None:
+    """Leaving the block: unscale the new grads, update the scale, and tell each optimizer how it ended."""
+    if delay_unscale:
+        _end_blocks(optimizers, Event.EXIT_DELAYED)
         return
-    if loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
+    loss_scaler.clear_overflow_state()
+    produced = [optimizer._post_amp_backward(loss_scaler) for optimizer in optimizers]
+    record = None
+    if delay_overflow_check:
+        event = Event.EXIT_CLEAN
+    elif loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
         # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
         record = loss_scaler.update_scale_on_device()
-        for optimizer in optimizers:
-            defer_skip(optimizer, loss_scaler._overflow_buf, record)
+        event = Event.EXIT_ON_DEVICE
+    else:
+        event = Event.EXIT_OVERFLOW if loss_scaler.update_scale() else Event.EXIT_CLEAN
+    if event is not Event.EXIT_OVERFLOW and not any(produced):
+        event = Event.EXIT_NO_GRADS
+    _end_blocks(optimizers, event, loss_id, loss_scaler._overflow_buf, record)
+    if record is not None:
         loss_scaler.resolve(block=False)
-    elif loss_scaler.update_scale():
-        for optimizer in optimizers:
-            mark_skip(optimizer, loss_id)
 
 
 def disable_casts() -> contextlib.AbstractContextManager:
