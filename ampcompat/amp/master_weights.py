@@ -9,15 +9,15 @@ launches per backward pass whatever the number of parameters.
 """
 from __future__ import annotations
 
-import contextlib
+import operator
 import types
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from .o1_autocast import active_handle
-from .optimizer_lifecycle import Event, OptState, next_state
+from .o1_autocast import O1Scope, casts_back, casts_off
+from .optimizer_lifecycle import TRANSITIONS, Event, OptState, next_state
 from .process_state import _amp_state, maybe_print
 from .scaler import LossScaler
 
@@ -54,6 +54,10 @@ class AmpOptimizerState:
         self._initialised = False  # lazy init done (masters built / params classified)
         self._param_count: Optional[List[int]] = None  # group sizes amp knows about
         self._refresh_masters_from_model = False  # loaded a checkpoint without masters
+        self._grads_stashed = False  # the running block found grads already there (accumulation)
+        self._model_side: List[torch.Tensor] = []  # the rest is set by _plan at lazy init
+        self._frozen_half: List[torch.Tensor] = []
+        self._one_group = True
 
     def _verdict(self) -> OptState:
         """The state that decides the next step (inside a block: the state the block was entered in)."""
@@ -116,12 +120,33 @@ def _lazy_init_maybe_master_weights(self: Any) -> None:
                 raise _type_error(p)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+        _plan(stash)
     stash._param_count = _param_counts(self)
     stash._initialised = True
 
 
+def _plan(stash: AmpOptimizerState, frozen_half: Optional[List[torch.Tensor]] = None) -> None:
+    """Work out once (at lazy init, and when the parameters change) what every backward pass needs.
+
+    ``_model_side``: the parameters backward writes gradients to. ``_unscaled``: with masters, the FP32
+    tensors whose gradients get unscaled (masters, then FP32 params); without, the params themselves.
+    ``_one_group``: those all share one (device, dtype), so a clean pass unscales them with one launch
+    without grouping. ``_frozen_half``: half params left out of the masters because they were frozen.
+    """
+    if stash._master_weights:
+        stash._model_side = stash.all_fp16_params + stash.all_fp32_from_fp32_params
+        unscaled = stash.all_fp32_from_fp16_params + stash.all_fp32_from_fp32_params
+        stash._frozen_half = frozen_half or []
+    else:
+        stash._model_side = unscaled = stash.all_fp16_params + stash.all_fp32_params
+    stash._one_group = len({(p.device, p.dtype) for p in unscaled}) <= 1
+
+
+_GROUP_PARAMS = operator.itemgetter("params")
+
+
 def _param_counts(optimizer: Any) -> List[int]:
-    return [len(group["params"]) for group in optimizer.param_groups]
+    return list(map(len, map(_GROUP_PARAMS, optimizer.param_groups)))
 
 
 def check_param_groups_unchanged(optimizer: Any) -> None:
@@ -149,6 +174,7 @@ def _build_masters(self: Any, known: Optional[Dict[int, torch.Tensor]] = None) -
     stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
     stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
     stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    _plan(stash, [p for group in self.param_groups for p in group["params"] if p.dtype in _HALF_TYPES])
     if self.state:
         # Re-cast state moved onto the masters (e.g. momentum created for half params) to FP32.
         _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())
@@ -188,11 +214,6 @@ def _masters_for_unfrozen_params(self: Any) -> None:
     Without this the optimizer would step the half param itself, with its still-scaled gradient.
     """
     stash = self._amp_stash
-    seen = {id(p) for g in stash.fp32_from_fp16_groups for p in g}
-    seen.update(id(p) for g in stash.fp32_from_fp32_groups for p in g)
-    if not any(p.requires_grad and p.dtype in _HALF_TYPES and id(p) not in seen
-               for group in self.param_groups for p in group["params"]):
-        return
     known = {id(m): p for g16, g32 in zip(stash.fp16_groups, stash.fp32_from_fp16_groups) for p, m in zip(g16, g32)}
     _build_masters(self, known)
 
@@ -213,18 +234,31 @@ def _stash_and_clear(params: List[torch.Tensor]) -> List[Optional[torch.Tensor]]
 
 
 def _prepare_amp_backward(self: Any) -> None:
-    self._amp_lazy_init()
     stash = self._amp_stash
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if stash._master_weights:
-        _masters_for_unfrozen_params(self)
-        refresh_stale_masters(self)
+        for p in stash._frozen_half:
+            if p.requires_grad:
+                _masters_for_unfrozen_params(self)
+                break
+        if stash._refresh_masters_from_model:
+            refresh_stale_masters(self)
+        # The model's half grads are dropped (as Apex): the masters' grads carry any accumulation.
         stash._fp16_grads_before = [p.grad for p in stash.all_fp16_params]
         for p in stash.all_fp16_params:
             p.grad = None
-        stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
+        if stash.all_fp32_from_fp32_params:
+            stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
+            stash._grads_stashed = stash.all_fp32_from_fp32_grad_stash.count(None) != len(
+                stash.all_fp32_from_fp32_params)
     else:
-        stash.all_fp16_grad_stash = _stash_and_clear(stash.all_fp16_params)
-        stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
+        for p in stash._model_side:
+            if p.grad is not None:  # accumulating onto existing grads: only the new ones get unscaled
+                stash.all_fp16_grad_stash = _stash_and_clear(stash.all_fp16_params)
+                stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
+                stash._grads_stashed = True
+                break
 
 
 def restore_amp_backward(self: Any) -> None:
@@ -242,6 +276,7 @@ def restore_amp_backward(self: Any) -> None:
     for params, stashed in pairs:
         for p, old in zip(params, stashed):
             p.grad = old
+    stash._grads_stashed = False
 
 
 def _coalesce_sparse(params: List[torch.Tensor]) -> None:
@@ -286,54 +321,108 @@ def _post_amp_backward(self: Any, scaler: LossScaler) -> bool:
     Returns:
         Whether the pass produced any gradient for this optimizer.
     """
-    self._amp_lazy_init()
     stash = self._amp_stash
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if stash._master_weights:
-        _coalesce_sparse(stash.all_fp16_params)
-        fresh_dst, fresh_src, acc_dst, acc_src, sparse = [], [], [], [], []
-        for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
-            grad = model_p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                sparse.append((master, grad.float()))
-            elif master.grad is None:
-                master.grad = torch.empty_like(master)
-                fresh_dst.append(master.grad)
-                fresh_src.append(grad)
-            else:
-                acc_dst.append(master.grad)
-                acc_src.append(grad)
-        if fresh_dst:
-            # Copy, then unscale below with the FP32 params' grads. Unscaling each large FP16 grad into
-            # its master in one pass saves bytes but costs a launch per tensor: no faster on an H100.
-            torch._foreach_copy_(fresh_dst, fresh_src)
-        new, accumulating, previous = _split_new_grads(
-            stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
-        scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
-        if accumulating:
-            torch._foreach_add_(accumulating, previous)
-        scaler.unscale_add_(acc_dst, acc_src)
-        for master, grad in sparse:
-            master.grad = grad if master.grad is None else master.grad + grad
+        produced = _unscale_fast_into_masters(stash, scaler)
+        if produced is None:
+            produced = _unscale_into_masters(stash, scaler)
         stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
-        return bool(fresh_dst or acc_dst or sparse or new)
     else:
-        new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
-        new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
-        scaler.unscale_(new16 + new32)
-        if acc16 or acc32:
-            torch._foreach_add_(acc16 + acc32, prev16 + prev32)
-        stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
-        stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
-        return bool(new16 or new32)
+        produced = None
+        if not stash._grads_stashed and stash._one_group:
+            grads = [g for p in stash._model_side if (g := p.grad) is not None and not g.is_sparse]
+            if len(grads) == len(stash._model_side):  # every param got a dense grad: the usual pass
+                scaler.unscale_groups_((grads,))
+                produced = bool(grads)
+        if produced is None:
+            produced = _unscale_with_stashes(stash, scaler)
+    stash._grads_stashed = False
+    return produced
+
+
+def _unscale_fast_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> Optional[bool]:
+    """The usual O2 pass in a few multi-tensor calls; None when it does not apply (see below).
+
+    It applies when every half param got a dense grad, no master has a grad yet (no accumulation),
+    no FP32 param had a grad stashed, and masters and FP32 params share one device.
+    """
+    masters = stash.all_fp32_from_fp16_params
+    if stash._grads_stashed or not stash._one_group:
+        return None
+    grads16 = [p.grad for p in stash.all_fp16_params]
+    grads32 = [g for p in stash.all_fp32_from_fp32_params if (g := p.grad) is not None]
+    if None in grads16 or [m.grad for m in masters].count(None) != len(masters) or \
+            [g for g in grads16 + grads32 if g.is_sparse]:
+        return None
+    fresh = [torch.empty_like(m) for m in masters]
+    if fresh:
+        torch._foreach_copy_(fresh, grads16)
+        for master, grad in zip(masters, fresh):
+            master.grad = grad
+    grads = fresh + grads32
+    scaler.unscale_groups_((grads,))
+    return bool(grads)
+
+
+def _unscale_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
+    """Any O2 pass: half grads into new or accumulating master grads, sparse ones too; FP32 params'
+    grads unscaled with their stashed grads added back."""
+    _coalesce_sparse(stash.all_fp16_params)
+    fresh_dst, fresh_src, acc_dst, acc_src, sparse = [], [], [], [], []
+    for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
+        grad = model_p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            sparse.append((master, grad.float()))
+        elif master.grad is None:
+            master.grad = torch.empty_like(master)
+            fresh_dst.append(master.grad)
+            fresh_src.append(grad)
+        else:
+            acc_dst.append(master.grad)
+            acc_src.append(grad)
+    if fresh_dst:
+        # Copy, then unscale below with the FP32 params' grads. Unscaling each large FP16 grad into
+        # its master in one pass saves bytes but costs a launch per tensor: no faster on an H100.
+        torch._foreach_copy_(fresh_dst, fresh_src)
+    new, accumulating, previous = _split_new_grads(
+        stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
+    scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
+    if accumulating:
+        torch._foreach_add_(accumulating, previous)
+    scaler.unscale_add_(acc_dst, acc_src)
+    for master, grad in sparse:
+        master.grad = grad if master.grad is None else master.grad + grad
+    return bool(fresh_dst or acc_dst or sparse or new)
+
+
+def _unscale_with_stashes(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
+    """Any O1/O0 pass: the new grads unscaled, the stashed ones added back."""
+    new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
+    new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
+    scaler.unscale_(new16 + new32)
+    if acc16 or acc32:
+        torch._foreach_add_(acc16 + acc32, prev16 + prev32)
+    stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+    stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    return bool(new16 or new32)
 
 
 def _master_params_to_model_params(self: Any) -> None:
-    stash = self._amp_stash
+    _copy_masters_to_model(self._amp_stash)
+
+
+def _copy_masters_to_model(stash: AmpOptimizerState) -> None:
     if stash.all_fp16_params:
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()  # torch.no_grad() without its Python context manager
+        torch._C._set_grad_enabled(False)
+        try:
             torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
 
 
 def refresh_stale_masters(optimizer: Any) -> None:
@@ -363,6 +452,8 @@ def _clear_master_grads(stash: AmpOptimizerState) -> None:
 
 
 # --- the lifecycle: scale_loss blocks and steps -------------------------------------------------------
+# The hot paths look the table up directly (TRANSITIONS[...]); a missing row means a refused or
+# impossible move, and next_state raises its error.
 
 def enter_blocks(optimizers: List[Any], prepare: bool) -> List[Any]:
     """Move every optimizer into a ``scale_loss`` block, stashing existing grads if ``prepare``.
@@ -373,13 +464,16 @@ def enter_blocks(optimizers: List[Any], prepare: bool) -> List[Any]:
     Returns:
         The optimizers whose gradients were stashed (not those still holding delayed, scaled ones).
     """
-    stashes = [optimizer._amp_stash for optimizer in optimizers]
-    for stash in stashes:
-        next_state(stash._state, Event.ENTER)
     for optimizer in optimizers:
-        check_param_groups_unchanged(optimizer)
+        stash = optimizer._amp_stash
+        if (stash._state, Event.ENTER) not in TRANSITIONS:
+            next_state(stash._state, Event.ENTER)
+        expected = stash._param_count
+        if expected is not None and list(map(len, map(_GROUP_PARAMS, optimizer.param_groups))) != expected:
+            check_param_groups_unchanged(optimizer)
     prepared = []
-    for optimizer, stash in zip(optimizers, stashes):
+    for optimizer in optimizers:
+        stash = optimizer._amp_stash
         if prepare and stash._state is not OptState.SCALED:
             optimizer._prepare_amp_backward()
             prepared.append(optimizer)
@@ -404,7 +498,10 @@ def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Opti
     """
     stash = optimizer._amp_stash
     before = stash._entered_from
-    after = next_state(before, event)
+    try:
+        after = TRANSITIONS[before, event]
+    except KeyError:
+        after = next_state(before, event)
     if after is OptState.SKIP_PENDING and before is not OptState.SKIP_PENDING:
         stash._skip_loss_id = loss_id
     if event is Event.EXIT_ON_DEVICE and after is OptState.OVERFLOW_ON_DEVICE:
@@ -415,15 +512,12 @@ def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Opti
         else:
             stash._found_inf, stash._deferred_records = overflow_buf.clamp(max=1.0), []
         stash._deferred_records.append(record)
-    _settle(stash, after)
-    stash._entered_from = None
+    elif after not in _FLAG_STATES and stash._found_inf is not None:
+        stash._found_inf, stash._deferred_records = None, []  # the flag has no use in the new state
+    stash._state, stash._entered_from = after, None
 
 
-def _settle(stash: AmpOptimizerState, state: OptState) -> None:
-    """Put ``stash`` in ``state``, dropping a device flag that state has no use for."""
-    stash._state = state
-    if state not in (OptState.OVERFLOW_ON_DEVICE, OptState.STEPPED_ON_DEVICE, OptState.IN_SCALE_LOSS):
-        stash._found_inf, stash._deferred_records = None, []
+_FLAG_STATES = (OptState.OVERFLOW_ON_DEVICE, OptState.STEPPED_ON_DEVICE)
 
 
 def skips_on_device(optimizer: Any) -> bool:
@@ -439,17 +533,11 @@ def skips_on_device(optimizer: Any) -> bool:
 
 def _step_event(stash: AmpOptimizerState, state: OptState) -> Event:
     """What this ``step()`` call is, where the state alone cannot say."""
-    if state is OptState.NO_GRADS and any(p.grad is not None for p in _model_side_params(stash)):
+    if state is OptState.NO_GRADS and any(p.grad is not None for p in stash._model_side):
         return Event.STEP_WITH_STRAY_GRADS
     if state is OptState.STEPPED_ON_DEVICE and bool(stash._found_inf):
         return Event.STEP_AFTER_KERNEL_SKIP  # the flag is read (one sync) only on this suspicious second step
     return Event.STEP
-
-
-def _model_side_params(stash: AmpOptimizerState) -> List[torch.Tensor]:
-    if stash._master_weights:
-        return stash.all_fp16_params + stash.all_fp32_from_fp32_params
-    return stash.all_fp16_params + stash.all_fp32_params
 
 
 # --- the patched public methods ---------------------------------------------------------------------
@@ -460,33 +548,51 @@ def _amp_step(self: Any, closure: Any = None) -> Any:
     before = stash._state
     if closure is not None and (stash._master_weights or before is OptState.SKIP_PENDING):
         raise RuntimeError(_CLOSURE_MESSAGE)
-    after = next_state(before, _step_event(stash, before))
+    event = _step_event(stash, before) if before in _LOOKS_BEFORE_STEP else Event.STEP
+    try:
+        after = TRANSITIONS[before, event]
+    except KeyError:
+        after = next_state(before, event)
     if before is OptState.SKIP_PENDING:
         _skip_step(self)
-        _settle(stash, after)
+        stash._state = after
         return None
-    handle = active_handle()
-    if stash._master_weights:
+    if stash._master_weights and not stash.lazy_init_called:
         self._amp_lazy_init()
-    original = stash._original_step or _class_method(self, "step")
     found_inf = stash._found_inf if before is OptState.OVERFLOW_ON_DEVICE else None
     if found_inf is not None:
         self.found_inf = found_inf.reshape(())  # the fused kernel leaves params and state alone where it is set
+    handle = getattr(_amp_state, "handle", None)
+    casts_device = handle._device_type if isinstance(handle, O1Scope) and handle._is_active else None
+    if casts_device is not None:
+        casts_were_on = casts_off(casts_device)
     try:
-        with handle._disable_casts() if handle is not None else contextlib.nullcontext():
+        original = stash._original_step  # e.g. an LR scheduler's wrapper; else the class's own step
+        if original is None:
+            retval = type(self).step(self) if closure is None else type(self).step(self, closure)
+        else:
             retval = original() if closure is None else original(closure)
     finally:
+        if casts_device is not None:
+            casts_back(casts_device, casts_were_on)
         if found_inf is not None:
             del self.found_inf
     if stash._master_weights:
-        self._master_params_to_model_params()
-        _clear_master_grads(stash)
+        _copy_masters_to_model(stash)
+        for p in stash.all_fp32_from_fp16_params:
+            p.grad = None
     if found_inf is not None:
         stash._pending_steps.append(stash._deferred_records)
         stash._deferred_records = []
-    _settle(stash, after)
-    report_deferred_skips(self, block=False)
+    elif stash._found_inf is not None:
+        stash._found_inf, stash._deferred_records = None, []
+    stash._state = after
+    if stash._pending_steps:
+        report_deferred_skips(self, block=False)
     return retval
+
+
+_LOOKS_BEFORE_STEP = (OptState.NO_GRADS, OptState.STEPPED_ON_DEVICE)
 
 
 # LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
@@ -524,22 +630,23 @@ def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
 
 def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:
     """Apex's default zeroes the model grads in place; ``set_to_none=True`` drops them. Master grads: None."""
-    self._amp_lazy_init()
     stash = self._amp_stash
-    model_params = stash.all_fp16_params + stash.all_fp32_from_fp32_params
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if set_to_none:
-        for p in model_params:
+        for p in stash._model_side:
             p.grad = None
     else:
-        grads = [p.grad for p in model_params if p.grad is not None]
+        grads = [g for p in stash._model_side if (g := p.grad) is not None]
         for g in grads:
             if g.grad_fn is not None:
                 g.detach_()
-            else:
+            elif g.requires_grad:
                 g.requires_grad_(False)
         if grads:
             torch._foreach_zero_(grads)
-    _clear_master_grads(stash)
+    for p in stash.all_fp32_from_fp16_params:
+        p.grad = None
 
 
 def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
@@ -586,6 +693,7 @@ def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
             else:
                 stash.all_fp32_params.append(p)
                 stash.all_fp32_grad_stash.append(None)
+    _plan(stash, stash._frozen_half + [p for p in params if p.dtype in _HALF_TYPES])
     stash._param_count = _param_counts(self)
 
 

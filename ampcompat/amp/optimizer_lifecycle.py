@@ -23,6 +23,8 @@ from typing import Dict, Optional, Tuple
 class OptState(enum.Enum):
     """Where one optimizer stands in the training loop."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code on the step path
+
     READY = "ready"  # set up by amp.initialize; no scale_loss block or step yet
     IN_SCALE_LOSS = "inside scale_loss"
     SCALED = "grads scaled, awaiting unscale"  # a delay_unscale block ended
@@ -37,6 +39,8 @@ class OptState(enum.Enum):
 
 class Event(enum.Enum):
     """What the patched optimizer or ``scale_loss`` just did."""
+
+    __hash__ = object.__hash__
 
     ENTER = "scale_loss entered"
     ABORT = "scale_loss block raised"
