@@ -473,6 +473,9 @@ def serve(args) -> int:
     """The worker side of :class:`BaselineWorker`: one JSON request per stdin line, one reply each."""
     import ampcompat  # noqa: PLC0415 - the copy this worker was started to measure
 
+    wanted = Path(args.package_path).resolve()
+    if Path(ampcompat.__file__).resolve().parent.parent != wanted:
+        raise SystemExit(f"the baseline worker imported {ampcompat.__file__}, not the package under {wanted}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
