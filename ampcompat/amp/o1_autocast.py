@@ -16,7 +16,6 @@ thread-local state instead of patching torch:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
