@@ -132,6 +132,19 @@ _ENTRIES: Tuple[Entry, ...] = (
           "the GradScaler's public API: `scaler.get_scale()`, `scaler.update(new_scale=...)`",
           "private state kept under Apex's names (`loss_scalers[i]._loss_scale`, `opt_properties`, ...)"),
     Entry("apex.amp.scaler", "module", _S, "`torch.amp.grad_scaler`"),
+    Entry("apex.amp.amp", "module", _S, "—", "Apex's module of `init` and the registration functions"),
+    Entry("apex.amp.frontend", "module", _S, "—", "`initialize`, `state_dict`, `Properties` and the opt-level table"),
+    Entry("apex.amp.handle", "module", _S, "—", "`scale_loss`, `disable_casts` and the old handle classes"),
+    Entry("apex.amp.opt", "module", _S, "—", "the old API's `OptimWrapper`"),
+    Entry("apex.amp._process_optimizer", "module", _S, "—"),
+    Entry("apex.amp._initialize", "module", _U, "—",
+          "Apex's internal casting helpers; ampcompat implements `initialize` differently and has no such module"),
+    Entry("apex.amp.utils", "module", _U, "—", "Apex's internal cast-cache helpers; not part of ampcompat"),
+    Entry("apex.amp.wrap", "module", _U, "—", "Apex's function-patching wrappers; O1 uses native autocast instead"),
+    Entry("apex.amp.compat", "module", _U, "—", "Apex's PyTorch-version shims; not needed on PyTorch 2"),
+    Entry("apex.amp.rnn_compat", "module", _U, "—", "Apex's RNN patching helpers; O1 uses native autocast instead"),
+    Entry("apex.amp.lists", "module", _U, "`torch.autocast`'s op lists",
+          "Apex's O1 op lists; native autocast has its own (see Behaviour that differs)"),
     Entry("apex.amp.scaler.LossScaler", "class", _S, "`torch.amp.GradScaler`",
           "old pickles naming `apex.amp.scaler.LossScaler` load through the import alias"),
     Entry("optimizer._amp_stash", "attribute", _S, "none (GradScaler keeps no per-optimizer stash)",
@@ -188,6 +201,10 @@ _ENTRIES: Tuple[Entry, ...] = (
           "`torch.distributed.all_reduce` on `torch._utils._flatten_dense_tensors(tensors)`"),
     Entry("apex.parallel.sync_batchnorm", "module", _S, "—"),
     Entry("apex.parallel.optimized_sync_batchnorm", "module", _S, "`torch.nn.SyncBatchNorm`"),
+    Entry("apex.parallel.sync_batchnorm_kernel", "module", _U, "`torch.nn.SyncBatchNorm`",
+          "Apex's autograd function behind the Python SyncBatchNorm; use the module instead"),
+    Entry("apex.parallel.optimized_sync_batchnorm_kernel", "module", _U, "`torch.nn.SyncBatchNorm`",
+          "Apex's CUDA-kernel autograd function; use the module instead"),
     Entry("apex.parallel.multiproc", "module", _S, "`torchrun --nproc_per_node=N script.py`",
           "Apex's one-process-per-GPU launcher, run as `python -m ampcompat.parallel.multiproc`"),
     # --- apex.optimizers ------------------------------------------------------------------------
@@ -205,8 +222,17 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", Verdict.UNSUPPORTED, "none in torch",
           "constructing it raises NotImplementedError: use ampcompat.optimizers.FusedLAMB with amp O2 master "
           "weights or torch.amp.GradScaler"),
+    Entry("apex.optimizers.fused_adam", "module", _S, "—"),
+    Entry("apex.optimizers.fused_lamb", "module", _S, "—"),
+    Entry("apex.optimizers.fused_sgd", "module", _S, "—"),
+    Entry("apex.optimizers.fused_novograd", "module", _S, "—"),
+    Entry("apex.optimizers.fused_adagrad", "module", _S, "—"),
+    Entry("apex.optimizers.fused_mixed_precision_lamb", "module", _S, "—",
+          "the module imports; its `FusedMixedPrecisionLamb` is not supported"),
     # --- apex.normalization ---------------------------------------------------------------------
     Entry("apex.normalization", "module", _S, "`torch.nn`"),
+    Entry("apex.normalization.fused_layer_norm", "module", _S, "`torch.nn` / `torch.nn.functional`",
+          "where 2019-era BERT code imported `FusedLayerNorm` from; also the functional forms"),
     Entry("apex.normalization.FusedLayerNorm", "class", _S,
           "`torch.nn.LayerNorm` (same parameters and state_dict; under autocast its output is FP32, "
           "not the autocast dtype)",
@@ -219,6 +245,8 @@ _ENTRIES: Tuple[Entry, ...] = (
           "`torch.nn.RMSNorm`, output cast to the parameter dtype"),
     # --- apex.multi_tensor_apply / amp_C ---------------------------------------------------------
     Entry("apex.multi_tensor_apply", "module", _S, "`torch._foreach_*`"),
+    Entry("apex.multi_tensor_apply.multi_tensor_apply", "module", _U, "`torch._foreach_*`",
+          "import `multi_tensor_applier` from `apex.multi_tensor_apply` itself"),
     Entry("apex.multi_tensor_apply.multi_tensor_applier", "object", _S, "call the `torch._foreach_*` op directly",
           "always available: every op runs on `torch._foreach_*` kernels on any device"),
     Entry("apex.multi_tensor_apply.MultiTensorApply", "class", _S, "call the `torch._foreach_*` op directly"),
@@ -509,3 +537,34 @@ def markdown_tables() -> str:
                        "| --- | --- | --- | --- |"] + rows)
         )
     return "\n\n".join(blocks) + "\n"
+
+
+_TABLES_START = "<!-- status tables: generated from ampcompat/migrate/catalogue.py"
+_TABLES_END = "<!-- end of status tables -->"
+
+
+def with_current_tables(guide: str) -> str:
+    """``guide`` (the text of ``migration_guide.md``) with its status tables regenerated from ampcompat.
+
+    Run ``python -m ampcompat.migrate.catalogue migration_guide.md`` after ampcompat gains or loses a
+    name, or after editing the table above; ``tests/test_migration_guide.py`` fails until then.
+
+    Raises:
+        ValueError: the guide lacks the markers around the tables.
+    """
+    try:
+        start = guide.index("\n\n", guide.index(_TABLES_START)) + 2
+        end = guide.index(_TABLES_END, start)
+    except ValueError:
+        raise ValueError(f"the guide has no `{_TABLES_START}` ... `{_TABLES_END}` block to regenerate") from None
+    return guide[:start] + markdown_tables() + "\n" + guide[end:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for _path in sys.argv[1:]:
+        with open(_path, encoding="utf-8") as _handle:
+            _text = _handle.read()
+        with open(_path, "w", encoding="utf-8") as _handle:
+            _handle.write(with_current_tables(_text))
