@@ -59,13 +59,14 @@ def align_imports(plan: RewritePlan, still_used: Set[str], exported: AbstractSet
     # A name whose uses here are not all rewritten keeps its Apex meaning: a torch stand-in could
     # reject what those uses pass (SyncBatchNorm(..., channel_last=True)).
     unconverted = {use.local_name for use in result.uses if use.kind != "import" and not plan.is_converted(use)}
+    converted = {use.local_name for use in result.uses if use.kind != "import" and plan.is_converted(use)}
     removals: List[ast.stmt] = []
     for node in result.nodes:
         if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) not in import_uses:
             continue
         fallback = _in_import_fallback(node, plan)
         decisions = [_decide(node, alias, import_uses[id(node)], still_used | _star_supplied(plan, node, still_used),
-                             exported, public, fallback, unconverted) for alias in node.names]
+                             exported, public, fallback, unconverted, converted) for alias in node.names]
         actions = {decision.action for decision in decisions}
         for decision in decisions:
             _note(plan, node, decision)
@@ -81,7 +82,7 @@ def align_imports(plan: RewritePlan, still_used: Set[str], exported: AbstractSet
 
 
 def _decide(node: ast.stmt, alias: ast.alias, uses: List[Use], still_used: Set[str], exported: AbstractSet[str],
-            public: Set[str], fallback: bool, unconverted: Set[str]) -> _Decision:
+            public: Set[str], fallback: bool, unconverted: Set[str], converted: Set[str]) -> _Decision:
     if isinstance(node, ast.Import):
         local = alias.asname or alias.name.split(".")[0]
         mapped = catalogue.apex_module(alias.name)
@@ -99,11 +100,13 @@ def _decide(node: ast.stmt, alias: ast.alias, uses: List[Use], still_used: Set[s
     target, problem = catalogue.provided_module(module_path)
     reasons = _needed(local, alias, still_used, exported, public, fallback)
     if not reasons:
+        if local in converted and target is not None:
+            return _Decision(_REMOVE, alias, local, api, "every use of it here is now plain PyTorch")
         if target is None or isinstance(node, ast.Import):
-            return _Decision(_LEAVE, alias, local, api, "nothing in this file uses it (any more), but a module import "
-                             "can matter for its side effects or as a check that Apex is there: remove it by hand "
-                             "if nothing needs it" if target is not None else problem)
-        return _Decision(_REMOVE, alias, local, api, "nothing uses it any more")
+            return _Decision(_LEAVE, alias, local, api, "nothing in this file uses it, but a module import can matter "
+                             "for its side effects or as a check that Apex is there: remove it by hand if nothing "
+                             "needs it" if target is not None else problem)
+        return _Decision(_REMOVE, alias, local, api, "nothing in this file or the scanned tree uses it")
     native = catalogue.NATIVE_BINDINGS.get(api, "") if alias.name != "*" and local not in unconverted else ""
     if native:
         return _Decision(_NATIVE, alias, local, api, reasons, native)
