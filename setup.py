@@ -17,7 +17,15 @@ setup(
     packages=find_packages(include=["ampcompat", "ampcompat.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "packaging"],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    extras_require={
+        "test": ["pytest"],
+        "bench": ["matplotlib"],
+        # tests/test_integrations_cpu.py and test_alias.py's RequirementCache test; pinned to releases
+        # whose Apex integrations still exist (transformers' Trainer backend, Lightning's Apex plugin).
+        # Lightning 1.x imports pkg_resources, which setuptools 81 dropped.
+        "integrations": ["transformers==4.45.2", "accelerate==1.0.1", "pytorch_lightning==1.9.5",
+                         "lightning-utilities==0.15.3", "setuptools<81"],
+    },
     entry_points={"console_scripts": ["ampcompat=ampcompat.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -5,20 +5,25 @@
     with amp.scale_loss(loss, optimizer) as scaled_loss:
         scaled_loss.backward()
     optimizer.step()
+
+Everything but ``__version__`` loads on first use (``ampcompat.amp``, ``from ampcompat import amp``),
+so ``import ampcompat`` and ``python -m ampcompat --help`` do not pay for importing torch.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, List
 
-import torch
-
-from . import amp  # noqa: F401
 from ._version import __version__  # noqa: F401
-from .scaler import amp_state_to_grad_scaler, grad_scaler_to_amp_state  # noqa: F401
 
 __all__ = ["amp", "install_apex_alias", "reset", "amp_state_to_grad_scaler", "grad_scaler_to_amp_state",
            "__version__"]
 
+# Submodules importable as attributes: the amp core and Apex's neighbours.
+_SUBMODULES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C",
+               "apex_C", "contrib", "mlp", "fused_dense")
+# Public functions defined further down the package: name -> the module that defines it.
+_FUNCTIONS = {"amp_state_to_grad_scaler": ".amp.scaler", "grad_scaler_to_amp_state": ".amp.scaler"}
 _STATE_ATTRIBUTES = ("opt_properties", "loss_scalers", "handle", "min_loss_scale", "max_loss_scale")
 
 
@@ -28,8 +33,10 @@ def reset() -> None:
     Models and optimizers already patched keep their casts and master weights; this resets the global
     state so a new ``initialize`` (or a test) starts clean.
     """
-    from . import autocast_scope
-    from .state import _amp_state
+    import torch
+
+    from .amp import o1_autocast
+    from .amp.process_state import _amp_state
 
     handle = getattr(_amp_state, "handle", None)
     if handle is not None:
@@ -39,7 +46,7 @@ def reset() -> None:
     _amp_state.hard_override = False
     _amp_state.allow_incoming_model_not_fp32 = False
     _amp_state.verbosity = 1
-    autocast_scope.clear_registry()
+    o1_autocast.clear_registry()
     for device_type in ("cpu", "cuda"):
         torch.set_autocast_enabled(device_type, False)
     torch.set_autocast_cache_enabled(True)
@@ -48,15 +55,18 @@ def reset() -> None:
 
 def install_apex_alias() -> None:
     """Make ``import apex`` / ``from apex import amp`` / ``import amp_C`` resolve to ampcompat (opt-in)."""
-    from .alias import install_apex_alias as _install
+    from .tools.alias import install_apex_alias as _install
 
     _install()
 
 
 def __getattr__(name: str) -> Any:
-    # Legacy surfaces load on first use, so ``import ampcompat`` stays light.
-    if name in ("fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C"):
-        import importlib
-
+    if name in _SUBMODULES:
         return importlib.import_module("." + name, __name__)
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(_FUNCTIONS[name], __name__), name)
     raise AttributeError("module 'ampcompat' has no attribute {!r}".format(name))
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_FUNCTIONS))

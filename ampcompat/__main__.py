@@ -92,24 +92,24 @@ def _run(args: List[str]) -> int:
     else:
         rest = args[1:]
 
-    from . import _runner
-    from .alias import enable_alias_in_child_processes, install_apex_alias
+    from .tools import runner
+    from .tools.alias import enable_alias_in_child_processes, install_apex_alias
 
     enable_alias_in_child_processes()
     install_apex_alias()
     if module is not None:
-        return _runner.run_module(module, rest)
-    return _runner.run_path(first, rest)
+        return runner.run_module(module, rest)
+    return runner.run_path(first, rest)
 
 
 def _migrate(args: List[str]) -> int:
-    from .migrate import main as migrate_main
+    from .tools.migrate import main as migrate_main
 
     return migrate_main(args)
 
 
 def _doctor(args: List[str]) -> int:
-    from .doctor import main as doctor_main
+    from .tools.doctor import main as doctor_main
 
     return doctor_main(args)
 

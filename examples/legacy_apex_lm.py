@@ -9,9 +9,11 @@ This is mixed-precision training code as it was written for NVIDIA Apex: ``from 
     python -m ampcompat run examples/legacy_apex_lm.py --opt-level O5 --device cuda   # bf16 masters
 
 The corpus is the standard library's own ``.py`` files (no download): every 10th file, in name
-order, is held out for validation.
+order, is held out for validation. It prints the device, a line every few steps, then saves a
+checkpoint, resumes it into new objects and ends with a one-line summary.
 """
 import argparse
+import functools
 import glob
 import math
 import os
@@ -32,10 +34,19 @@ parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--seq-len", type=int, default=64)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--eval-interval", type=int, default=20)
+parser.add_argument("--log-interval", type=int, default=5)
 parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--seed", type=int, default=0)
 
 D_MODEL, N_LAYER, N_HEAD = 64, 2, 4
+log = functools.partial(print, flush=True)  # progress shows at once, also through a pipe or a log file
+
+
+def describe_device(device):
+    if device.startswith("cuda"):
+        return "%s (%s)" % (device, torch.cuda.get_device_name(torch.device(device)))
+    note = "" if torch.cuda.is_available() else "; no CUDA GPU found"
+    return "%s (%d threads%s)" % (device, torch.get_num_threads(), note)
 
 
 def read_corpus():
@@ -44,7 +55,7 @@ def read_corpus():
     train = b"".join(open(f, "rb").read() for i, f in enumerate(files) if i % 10 != 9)
     val = b"".join(open(f, "rb").read() for i, f in enumerate(files) if i % 10 == 9)
     as_tensor = lambda raw: torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return as_tensor(train), as_tensor(val)
+    return as_tensor(train), as_tensor(val), len(files)
 
 
 def get_batch(data, args, generator):
@@ -101,13 +112,13 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def build(args):
+def build(args, verbosity=1):
     model = TinyGPT(args.seq_len).to(args.device)
     # eps=1e-5: under O3 the optimizer state is fp16 too, and 1e-8 would round away.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.01)
     model, optimizer = amp.initialize(model, optimizer, opt_level=args.opt_level,
                                       keep_batchnorm_fp32=args.keep_batchnorm_fp32,
-                                      loss_scale=args.loss_scale)
+                                      loss_scale=args.loss_scale, verbosity=verbosity)
     return model, optimizer
 
 
@@ -135,14 +146,18 @@ def learning_rate(step, args):
 def main():
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    train_data, val_data = read_corpus()
-    print("corpus: %d train bytes, %d validation bytes" % (len(train_data), len(val_data)))
+    log("device: %s" % describe_device(args.device))
+    log("data: reading the Python standard library's .py files as training text (no download)...")
+    train_data, val_data, n_files = read_corpus()
+    log("corpus: %d train bytes, %d validation bytes (%d files)" % (len(train_data), len(val_data), n_files))
 
-    model, optimizer = build(args)
-    print("initial: val_loss=%.4f" % evaluate(model, val_data, args))
+    model, optimizer = build(args)  # amp prints its options once, here
+    log("model: %d-layer byte-level GPT, %.2fM parameters, opt_level %s" % (
+        N_LAYER, sum(p.numel() for p in model.parameters()) / 1e6, args.opt_level))
+    log("initial: val_loss=%.4f" % evaluate(model, val_data, args))
 
     generator = torch.Generator().manual_seed(args.seed)
-    start = time.time()
+    train_seconds, interval_start, interval_steps = 0.0, time.time(), 0
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -156,28 +171,39 @@ def main():
         torch.nn.utils.clip_grad_norm_(amp.master_params(optimizer), 1.0)
         optimizer.step()
 
-        if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
-            print("step %4d  train_loss %.4f  val_loss %.4f  loss_scale %g  %.0f ms/step" % (
-                step + 1, loss.item(), evaluate(model, val_data, args),
-                amp._amp_state.loss_scalers[0].loss_scale(), 1000 * (time.time() - start) / (step + 1)))
+        interval_steps += 1
+        evaluating = (step + 1) % args.eval_interval == 0 or step + 1 == args.steps
+        if step == 0 or evaluating or (step + 1) % args.log_interval == 0:
+            train_loss = loss.item()  # waits for the device, so the time below is the steps' own
+            seconds = time.time() - interval_start
+            train_seconds += seconds
+            line = "step %4d/%d  train_loss %.4f  loss_scale %g  %.0f ms/step" % (
+                step + 1, args.steps, train_loss, amp._amp_state.loss_scalers[0].loss_scale(),
+                1000 * seconds / interval_steps)
+            if evaluating:
+                line += "  val_loss %.4f" % evaluate(model, val_data, args)
+            log(line)
+            interval_start, interval_steps = time.time(), 0
 
-    train_loss, val_loss = loss.item(), evaluate(model, val_data, args)
+    val_loss = evaluate(model, val_data, args)
+    loss_scale = amp._amp_state.loss_scalers[0].loss_scale()
 
     # Checkpoint as Apex's README recommends, then resume from it into fresh objects.
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "amp": amp.state_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "checkpoint.pt")
         torch.save(checkpoint, path)
-        model, optimizer = build(args)
+        model, optimizer = build(args, verbosity=0)  # the options were printed for the first build
         checkpoint = torch.load(path, map_location=args.device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         amp.load_state_dict(checkpoint["amp"])
     resumed_val_loss = evaluate(model, val_data, args)
     matches = math.isclose(resumed_val_loss, val_loss, rel_tol=1e-5, abs_tol=1e-6)
-    print("resumed: val_loss=%.4f (%s)" % (resumed_val_loss, "matches" if matches else "MISMATCH"))
-    print("final: train_loss=%.4f val_loss=%.4f loss_scale=%g" % (
-        train_loss, val_loss, amp._amp_state.loss_scalers[0].loss_scale()))
+    log("resumed: saved, rebuilt and reloaded model, optimizer and amp state: val_loss=%.4f (%s)" % (
+        resumed_val_loss, "matches" if matches else "MISMATCH"))
+    log("final: train_loss=%.4f val_loss=%.4f loss_scale=%g steps/s=%.2f resume=%s" % (
+        train_loss, val_loss, loss_scale, args.steps / train_seconds, "matches" if matches else "MISMATCH"))
     if not matches:
         raise SystemExit("the resumed model does not reproduce the saved one's validation loss")
 

@@ -1,4 +1,4 @@
-"""The opt-in ``apex`` import alias (``ampcompat.alias``).
+"""The opt-in ``apex`` import alias (``ampcompat.tools.alias``).
 
 Covers: ``apex.*`` names are the ampcompat module objects themselves (state shared, ``amp._amp_state``
 the object while ``apex.amp._amp_state`` imports the module); lazy loading; normal import errors for
@@ -39,8 +39,8 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
     check("""
         import sys
         import ampcompat
-        import ampcompat.state
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.process_state
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp
@@ -52,7 +52,7 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
         from apex.amp._amp_state import _amp_state, maybe_print, warn_or_err, master_params
         state_module = sys.modules["ampcompat.amp._amp_state"]
         assert sys.modules["apex.amp._amp_state"] is state_module
-        assert _amp_state is ampcompat.amp._amp_state is ampcompat.state._amp_state
+        assert _amp_state is ampcompat.amp._amp_state is ampcompat.amp.process_state._amp_state
         assert (maybe_print, warn_or_err, master_params) == (
             state_module.maybe_print, state_module.warn_or_err, state_module.master_params)
         import apex.amp._amp_state
@@ -62,13 +62,13 @@ def test_apex_amp_names_are_the_ampcompat_modules_themselves():
         import apex.amp.scaler, apex.amp.handle, apex.amp.frontend
         for name in ("scaler", "handle", "frontend"):
             assert sys.modules["apex.amp." + name] is sys.modules["ampcompat.amp." + name], name
-        assert apex.amp.scaler.LossScaler is ampcompat.scaler.LossScaler
+        assert apex.amp.scaler.LossScaler is ampcompat.amp.scaler.LossScaler
         from apex.amp import scale_loss, initialize
         assert (scale_loss, initialize) == (ampcompat.amp.scale_loss, ampcompat.amp.initialize)
 
         # One state, whichever name writes it.
         apex.amp._amp_state.verbosity = 0
-        assert ampcompat.state._amp_state.verbosity == 0
+        assert ampcompat.amp.process_state._amp_state.verbosity == 0
 
         # ampcompat's modules keep their own identity.
         assert ampcompat.amp.__name__ == "ampcompat.amp"
@@ -81,14 +81,19 @@ def test_legacy_surfaces_and_their_submodules_resolve_to_ampcompat():
     check("""
         import importlib, pkgutil, sys
         import ampcompat
-        from ampcompat.alias import APEX_SUBPACKAGES, install_apex_alias
+        from ampcompat.tools.alias import APEX_SUBPACKAGES, install_apex_alias
 
         install_apex_alias()
+        from ampcompat._not_provided import NOT_PROVIDED  # these refuse at import (tests/test_contrib.py)
         for package in APEX_SUBPACKAGES:
+            if "apex." + package in NOT_PROVIDED:
+                continue
             target = importlib.import_module("ampcompat." + package)
             assert importlib.import_module("apex." + package) is target, package
             for info in pkgutil.iter_modules(getattr(target, "__path__", [])):
                 name = package + "." + info.name
+                if "apex." + name in NOT_PROVIDED:
+                    continue
                 assert importlib.import_module("apex." + name) is importlib.import_module("ampcompat." + name)
 
         # The paths legacy code names, explicitly.
@@ -111,7 +116,7 @@ def test_amp_C_resolves_to_ampcompat():
     check("""
         import sys
         import ampcompat.amp_C
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import amp_C
@@ -122,11 +127,11 @@ def test_amp_C_resolves_to_ampcompat():
 def test_names_ampcompat_does_not_provide_fail_as_usual():
     check("""
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import apex
-        for name in ("apex.scaler", "apex.amp.not_a_module", "apex.contrib"):
+        for name in ("apex.scaler", "apex.amp.not_a_module", "apex.contrib.not_a_module"):
             try:
                 __import__(name)
             except ModuleNotFoundError as exc:
@@ -149,9 +154,14 @@ def test_ampcompat_never_creates_apex_without_the_alias():
         import importlib, pkgutil, sys
         import ampcompat
 
+        from ampcompat._not_provided import ApexModuleNotProvided
+
         for info in pkgutil.walk_packages(ampcompat.__path__, "ampcompat."):
-            if not info.name.startswith("ampcompat._bootstrap"):  # start-up hook, not a library module
-                importlib.import_module(info.name)
+            if not info.name.startswith("ampcompat.tools._bootstrap"):  # start-up hook, not a library module
+                try:
+                    importlib.import_module(info.name)
+                except ApexModuleNotProvided:  # a stub that refuses (apex.transformer, ...)
+                    pass
         leaked = [n for n in sys.modules if n == "apex" or n.startswith("apex.") or n == "amp_C"]
         assert not leaked, leaked
         assert not [f for f in sys.meta_path if getattr(f, "_ampcompat_alias", False)], sys.meta_path
@@ -168,7 +178,7 @@ def test_alias_imports_legacy_surfaces_only_on_first_use():
     check("""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         assert "apex" not in sys.modules
@@ -183,7 +193,7 @@ def test_uninstall_removes_every_trace_and_reinstall_works():
     check("""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias, uninstall_apex_alias
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
 
         install_apex_alias()
         install_apex_alias()  # idempotent
@@ -212,7 +222,7 @@ def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_i
     check(f"""
         import sys
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         if {imported_before_install}:
             import apex
@@ -246,7 +256,7 @@ def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_i
 def test_uninstall_takes_back_what_was_given_to_a_real_apex():
     check("""
         import sys
-        from ampcompat.alias import install_apex_alias, uninstall_apex_alias
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
 
         install_apex_alias()
         import apex
@@ -265,7 +275,7 @@ def test_uninstall_takes_back_what_was_given_to_a_real_apex():
 
 def test_real_amp_C_extension_wins():
     check("""
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         import amp_C
@@ -276,7 +286,7 @@ def test_real_amp_C_extension_wins():
 def test_real_apex_that_still_has_amp_keeps_it():
     check("""
         import ampcompat
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp, fp16_utils
@@ -294,12 +304,127 @@ def test_unrelated_package_named_apex_is_not_taken_for_nvidia_apex():
             assert exc.name == "cryptacular_stand_in_that_is_not_installed"
         else:
             raise AssertionError("the unrelated stub imported")
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         from apex import amp
         assert amp is ampcompat.amp
     """, FIXTURES / "unrelated_apex")
+
+
+# --- apex as an installed distribution (package metadata) --------------------------------------------
+
+def test_apex_is_an_installed_distribution_while_the_alias_is_and_only_then():
+    check("""
+        import importlib.metadata as metadata, importlib.util, os, sys
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
+
+        def assert_absent():
+            try:
+                metadata.version("apex")
+            except metadata.PackageNotFoundError:
+                pass
+            else:
+                raise AssertionError("apex metadata without the alias")
+            assert importlib.util.find_spec("apex") is None
+            assert "apex" not in metadata.packages_distributions()
+            assert not [d for d in metadata.distributions() if d.metadata["Name"] == "apex"]
+
+        assert_absent()
+        install_apex_alias()
+        assert "apex" not in sys.modules  # the lookups below import nothing
+        assert metadata.version("apex") == "0.1"
+        assert metadata.version("Apex") == "0.1"
+        distribution = metadata.distribution("apex")
+        assert (distribution.metadata["Name"], distribution.version) == ("apex", "0.1")
+        assert distribution.files is None and distribution.requires is None
+        assert metadata.packages_distributions()["apex"] == ["apex"]
+        assert metadata.packages_distributions()["amp_C"] == ["apex"]
+        assert len([d for d in metadata.distributions() if d.metadata["Name"] == "apex"]) == 1
+        assert not list(metadata.distributions(path=[os.getcwd()], name="apex"))  # a search of chosen dirs
+        assert "apex" not in sys.modules
+
+        spec = importlib.util.find_spec("apex")
+        assert spec is not None and spec.origin.endswith(os.path.join("ampcompat", "__init__.py"))
+        import apex, ampcompat
+        assert apex.__file__ == ampcompat.__file__ and os.path.isfile(apex.__file__)
+        assert apex.__path__ == [] and apex.__version__ == "0.1"
+        assert spec.origin == apex.__spec__.origin
+
+        uninstall_apex_alias()
+        assert_absent()
+    """)
+
+
+def test_lightning_utilities_requirement_cache_sees_apex():
+    pytest.importorskip("lightning_utilities")
+    check("""
+        from lightning_utilities.core.imports import RequirementCache
+        from ampcompat.tools.alias import install_apex_alias
+
+        assert not RequirementCache("apex")
+        install_apex_alias()
+        cache = RequirementCache("apex>=0.1")  # a versioned requirement: metadata alone decides
+        assert cache, str(cache)
+        assert str(RequirementCache("apex")) == "Requirement 'apex' met"
+        assert not RequirementCache("apex>=1.0")
+    """)
+
+
+def test_a_real_apex_distribution_is_never_shadowed():
+    out = check("""
+        import importlib.metadata as metadata
+        from ampcompat.tools.alias import install_apex_alias
+
+        install_apex_alias()
+        assert [d.version for d in metadata.distributions() if d.metadata["Name"] == "apex"] == ["25.7"]
+        import apex
+        print(metadata.version("apex"), apex.__file__, apex.optimizers.MARKER)
+    """, FIXTURES / "installed_apex", FIXTURES / "real_apex")
+    assert out.split() == ["25.7", str(FIXTURES / "real_apex" / "apex" / "__init__.py"), "real", "apex.optimizers"]
+
+
+def _needs_pkg_resources():
+    if python("import pkg_resources").returncode != 0:
+        pytest.skip("pkg_resources is not installed (setuptools >= 81 dropped it)")
+
+
+@pytest.mark.parametrize("imported_before_install", [True, False])
+def test_pkg_resources_sees_apex_while_the_alias_is_active(imported_before_install):
+    _needs_pkg_resources()
+    check(f"""
+        import warnings
+        warnings.simplefilter("ignore")  # pkg_resources warns that it is deprecated
+        from ampcompat.tools.alias import install_apex_alias, uninstall_apex_alias
+
+        if {imported_before_install}:
+            import pkg_resources
+        install_apex_alias()
+        import pkg_resources
+        assert pkg_resources.get_distribution("apex").version == "0.1"
+        assert [d.project_name for d in pkg_resources.require("apex>=0.1")] == ["apex"]
+        uninstall_apex_alias()
+        try:
+            pkg_resources.get_distribution("apex")
+        except pkg_resources.DistributionNotFound:
+            pass
+        else:
+            raise AssertionError("apex still known to pkg_resources")
+    """)
+
+
+def test_pkg_resources_in_a_child_process_sees_apex_before_any_import():
+    _needs_pkg_resources()
+    env = {key: value for key, value in os.environ.items() if key != "AMPCOMPAT_APEX_ALIAS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    from ampcompat.tools.alias import enable_alias_in_child_processes
+
+    enable_alias_in_child_processes(env)
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); import pkg_resources; "
+            "print(pkg_resources.get_distribution('apex').version, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.1", "False"]
 
 
 # --- pickles and checkpoints written by Apex-era code -----------------------------------------------
@@ -331,14 +456,14 @@ def test_apex_era_pickles_name_apex_classes(apex_era_files):
 def test_pickled_apex_amp_loss_scaler_loads_and_keeps_counting(apex_era_files):
     check(f"""
         import pickle
-        import ampcompat.scaler
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.scaler
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         for protocol in (2, 4):
             with open({str(apex_era_files)!r} + f"/amp_scaler_protocol{{protocol}}.pkl", "rb") as f:
                 scaler = pickle.load(f)
-            assert type(scaler) is ampcompat.scaler.LossScaler
+            assert type(scaler) is ampcompat.amp.scaler.LossScaler
             assert (scaler.loss_scale(), scaler._unskipped, scaler.dynamic) == (1024.0, 7, True)
             assert scaler.update_scale() is False and scaler._unskipped == 8  # a clean pass continues the count
     """)
@@ -347,7 +472,7 @@ def test_pickled_apex_amp_loss_scaler_loads_and_keeps_counting(apex_era_files):
 def test_pickled_fp16_utils_loss_scalers_load(apex_era_files):
     check(f"""
         import pickle
-        from ampcompat.alias import install_apex_alias
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         with open({str(apex_era_files / "fp16_utils_scalers.pkl")!r}, "rb") as f:
@@ -364,12 +489,12 @@ def test_pickled_fp16_utils_loss_scalers_load(apex_era_files):
 def test_fp16_optimizer_checkpoint_loads_with_torch_load(apex_era_files):
     check(f"""
         import torch
-        import ampcompat.scaler
-        from ampcompat.alias import install_apex_alias
+        import ampcompat.amp.scaler
+        from ampcompat.tools.alias import install_apex_alias
 
         install_apex_alias()
         checkpoint = torch.load({str(apex_era_files / "fp16_optimizer_checkpoint.pt")!r}, weights_only=False)
-        assert type(checkpoint["loss_scaler"]) is ampcompat.scaler.LossScaler
+        assert type(checkpoint["loss_scaler"]) is ampcompat.amp.scaler.LossScaler
         assert checkpoint["loss_scaler"].loss_scale() == 1024.0
         assert torch.equal(checkpoint["fp32_from_fp16"][0][0], torch.arange(6.0).reshape(2, 3))
         assert checkpoint["dynamic_loss_scale"] is True

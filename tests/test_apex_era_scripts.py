@@ -93,3 +93,82 @@ def test_fp16_optimizer_loop_through_the_alias_matches_a_hand_written_twin(tmp_p
     assert result["scale"] == scale
     for got, want in zip(result["masters"], masters):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+
+def _bert_2019_twin(steps):
+    """The 2019 BERT --fp16 loop in plain PyTorch: FP32 masters, Apex's 2019 FP16_Optimizer scaling rules,
+    ``clip_grad_norm_`` per param group and Adam without bias correction (torch has none) written out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).half()
+    named = list(model.named_parameters())
+    groups = [([p for n, p in named if "bias" not in n], 0.01), ([p for n, p in named if "bias" in n], 0.0)]
+    masters = [[p.detach().clone().float() for p in params] for params, _ in groups]
+    moments = [[(torch.zeros_like(m), torch.zeros_like(m)) for m in group] for group in masters]
+    scale, it, last_overflow = 2.0 ** 16, 0, -1
+    lr, beta1, beta2, eps = 1e-2, 0.9, 0.999, 1e-8
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=data).half()
+        y = torch.randint(0, 4, (32,), generator=data)
+        for p in model.parameters():
+            p.grad = None
+        (nn.functional.cross_entropy(model(x).float(), y).float() * scale).backward()
+        grads = [[p.grad.float() for p in params] for params, _ in groups]
+        if not all(torch.isfinite(g).all() for group in grads for g in group):
+            scale, last_overflow = max(scale / 2, 1), it
+        else:
+            for (params, wd), group_masters, group_grads, group_moments in zip(groups, masters, grads, moments):
+                unscaled = [g / scale for g in group_grads]
+                for m, g in zip(group_masters, unscaled):
+                    m.grad = g
+                torch.nn.utils.clip_grad_norm_(group_masters, 1.0)
+                for m, (exp_avg, exp_avg_sq) in zip(group_masters, group_moments):
+                    exp_avg.mul_(beta1).add_(m.grad, alpha=1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(m.grad, m.grad, value=1 - beta2)
+                    m.sub_(lr * (exp_avg / (exp_avg_sq.sqrt() + eps) + wd * m))
+                    m.grad = None
+                with torch.no_grad():
+                    for p, m in zip(params, group_masters):
+                        p.copy_(m)
+            if (it - last_overflow) % 1000 == 0:
+                scale *= 2
+        it += 1
+    return [m for group in masters for m in group], scale
+
+
+def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_path):
+    """Acceptance 3 of issue 18: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
+    FP16_Optimizer(dynamic_loss_scale=True), optimizer.backward(loss), optimizer.step()."""
+    out = tmp_path / "bert.pt"
+    _run("bert_2019_fp16.py", 6, out)
+    result = torch.load(out, weights_only=True)
+    masters, scale = _bert_2019_twin(6)
+    assert result["scale"] == scale
+    flat_masters = torch.cat([t.reshape(-1) for t in result["masters"]])  # one flat master per group, as Apex
+    assert len(result["masters"]) == 2
+    torch.testing.assert_close(flat_masters, torch.cat([m.reshape(-1) for m in masters]), rtol=1e-5, atol=1e-6)
+    model_in_group_order = [result["model"][i] for i in (0, 2, 1, 3)]  # weights (decay group), then biases
+    for param, master in zip(model_in_group_order, masters):
+        assert param.dtype == torch.float16
+        torch.testing.assert_close(param, master.half(), rtol=0, atol=0)
+
+
+def test_try_block_probing_apex_finds_it_through_the_alias_and_trains_fp16(tmp_path):
+    """Acceptance 1 of issue 18: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
+    out = tmp_path / "trainer.pt"
+    _run("protein_trainer_try_block.py", 12, out)
+    fp16 = torch.load(out, weights_only=True)
+    assert fp16["apex_found"] is True
+    assert fp16["param_dtypes"] == ["torch.float16"] * 4  # O2 ran: the model is half
+    assert fp16["loss_scale"] == 2.0 ** 16 and fp16["grad_norm"] > 0
+    assert fp16["losses"][-1] < 0.9 * fp16["losses"][0]
+    # Without the alias the same script takes its fallback and trains in FP32, to the same losses.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("AMPCOMPAT_APEX_ALIAS", None)
+    plain_out = tmp_path / "plain.pt"
+    done = subprocess.run([sys.executable, str(FIXTURES / "protein_trainer_try_block.py"), "12", str(plain_out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    plain = torch.load(plain_out, weights_only=True)
+    assert plain["apex_found"] is False and plain["param_dtypes"] == ["torch.float32"] * 4
+    torch.testing.assert_close(fp16["losses"], plain["losses"], rtol=2e-3, atol=2e-3)

@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
+from _stderr import own_stderr
 
 from ampcompat import __version__
 from ampcompat.__main__ import main
@@ -22,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alias"
 
 
-def ampcompat_cli(*args: str, cwd: Path = FIXTURES, path_entries=(REPO,), timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ampcompat ARGS`` in ``cwd`` with ``path_entries`` as PYTHONPATH."""
+def ampcompat_cli(*args: str, cwd: Path = FIXTURES, path_entries=(REPO,), timeout: int = 300,
+                  python_args: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m ampcompat ARGS`` (``python ARGS`` with ``python_args``) in ``cwd``, ``path_entries`` as PYTHONPATH."""
     env = {key: value for key, value in os.environ.items() if key not in ("AMPCOMPAT_APEX_ALIAS", "PYTHONPATH")}
     env["PYTHONPATH"] = os.pathsep.join(map(str, path_entries))
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "ampcompat", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, *args] if python_args else [sys.executable, "-m", "ampcompat", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> str:
@@ -85,9 +88,31 @@ def test_migrate_and_doctor_get_the_arguments_after_their_name(monkeypatch, comm
     received = []
     stand_in = types.ModuleType("ampcompat." + command)
     stand_in.main = lambda argv: received.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "ampcompat." + command, stand_in)
+    monkeypatch.setitem(sys.modules, "ampcompat.tools." + command, stand_in)
     assert main([command, "--check", "src", "--version"]) == 7
     assert received == [["--check", "src", "--version"]]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"], ["migrate", "--help"],
+                                  ["doctor", "--help"], []])
+def test_help_version_and_usage_errors_do_not_import_torch(args):
+    """Answering in well under a second means not importing torch (about 2 s here, 5 s on a cold disk)."""
+    result = ampcompat_cli("-X", "importtime", "-m", "ampcompat", *args, python_args=True)
+    assert result.returncode == (2 if not args else 0), result.stderr
+    assert "usage: python -m ampcompat" in result.stdout + result.stderr or result.stdout.startswith("ampcompat ")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "ampcompat" in imported  # the check sees the modules that were imported
+    assert "torch" not in imported and "numpy" not in imported
+
+
+def test_importing_ampcompat_does_not_import_torch_until_amp_is_used():
+    code = ("import sys, ampcompat; before = 'torch' in sys.modules; amp = ampcompat.amp; "
+            "from ampcompat import amp as amp2, reset, amp_state_to_grad_scaler; "
+            "print(before, 'torch' in sys.modules, amp is amp2, callable(amp.initialize), "
+            "amp_state_to_grad_scaler.__module__)")
+    assert succeeded(ampcompat_cli("-c", code, python_args=True)).split() == [
+        "False", "True", "True", "True", "ampcompat.amp.scaler"]
 
 
 def test_console_entry_point_reads_sys_argv(monkeypatch, capsys):
@@ -137,7 +162,7 @@ def test_module_sees_what_python_dash_m_gives_it():
 ])
 def test_exit_status_is_the_scripts(exit_arg, status, stderr):
     result = ampcompat_cli("run", "show_main.py", "--exit", exit_arg)
-    assert (result.returncode, result.stderr) == (status, stderr)
+    assert (result.returncode, own_stderr(result.stderr)) == (status, stderr)
     assert shown(result.stdout)["name"] == "__main__"  # the script did run
 
 
@@ -145,7 +170,7 @@ def test_exit_status_is_the_scripts(exit_arg, status, stderr):
 def test_uncaught_exception_prints_the_scripts_traceback_and_exits_1(target):
     result = ampcompat_cli("run", *target)
     assert result.returncode == 1
-    lines = result.stderr.splitlines()
+    lines = own_stderr(result.stderr).splitlines()
     script = str(FIXTURES / "raise_error.py")
     assert lines[0] == "Traceback (most recent call last):"
     assert lines[1] == f'  File "{script}", line 12, in <module>'  # starts at the script: no runner frames
@@ -156,17 +181,58 @@ def test_uncaught_exception_prints_the_scripts_traceback_and_exits_1(target):
 def test_missing_script_and_module():
     result = ampcompat_cli("run", "no_such_script.py")
     assert result.returncode == 2
-    assert result.stderr == (f"python -m ampcompat run: can't open file {str(FIXTURES / 'no_such_script.py')!r}: "
-                             "[Errno 2] No such file or directory\n")
+    assert own_stderr(result.stderr) == (
+        f"python -m ampcompat run: can't open file {str(FIXTURES / 'no_such_script.py')!r}: "
+        "[Errno 2] No such file or directory\n")
     result = ampcompat_cli("run", "-m", "no_such_module")
-    assert (result.returncode, result.stderr) == (1, "python -m ampcompat run: No module named no_such_module\n")
+    assert (result.returncode, own_stderr(result.stderr)) == (
+        1, "python -m ampcompat run: No module named no_such_module\n")
+
+
+def test_folder_zip_or_package_without_main_gets_one_line_as_from_python(tmp_path):
+    """``python DIR`` says "can't find '__main__' module in 'DIR'" and exits 1: no runpy traceback."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    with zipfile.ZipFile(tmp_path / "app.zip", "w") as archive:
+        archive.writestr("helper.py", "")
+    for target, message in [
+        (["pkg"], "can't find '__main__' module in 'pkg'"),
+        (["app.zip"], "can't find '__main__' module in 'app.zip'"),
+        (["-m", "pkg"], "No module named pkg.__main__; 'pkg' is a package and cannot be directly executed"),
+    ]:
+        result = ampcompat_cli("run", *target, cwd=tmp_path)
+        assert (result.returncode, own_stderr(result.stderr)) == (1, f"python -m ampcompat run: {message}\n")
+        python = subprocess.run([sys.executable, *target], cwd=tmp_path, capture_output=True, text=True)
+        assert python.returncode == 1 and message.split(" in '")[0] in python.stderr  # (python shows the full path)
+
+
+def test_a_script_whose_own_import_fails_still_gets_its_traceback(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "__main__.py").write_text("import no_such_dependency\n")
+    result = ampcompat_cli("run", "pkg", cwd=tmp_path)
+    lines = own_stderr(result.stderr).splitlines()
+    assert result.returncode == 1
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "ModuleNotFoundError: No module named 'no_such_dependency'"
 
 
 # --- child processes --------------------------------------------------------------------------------
 
 def test_spawn_worker_imports_apex():
     out = succeeded(ampcompat_cli("run", "spawn_child.py"))
-    assert "worker saw: [True, 'ampcompat.scaler'] exit code: 0" in out
+    assert "worker saw: [True, 'ampcompat.amp.scaler'] exit code: 0" in out
+
+
+def test_child_processes_see_apex_installed_before_importing_it():
+    seen = json.loads(succeeded(ampcompat_cli("run", "apex_metadata_child.py")))
+    expected = {"version": "0.1", "name": "apex", "packages_distributions": ["apex"], "apex_distributions": 1,
+                "find_spec": True, "file": str(REPO / "ampcompat" / "__init__.py"), "path": [],
+                "version_attribute": "0.1"}
+    for where in ("main", "spawn", "subprocess"):
+        assert {k: v for k, v in seen[where].items() if k != "torch_imported_by_lookups"} == expected, where
+    # Metadata lookups in a child cost no ampcompat (torch) import: only ``import apex`` does.
+    assert not seen["spawn"]["torch_imported_by_lookups"] and not seen["subprocess"]["torch_imported_by_lookups"]
 
 
 def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():

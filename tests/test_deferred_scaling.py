@@ -35,7 +35,7 @@ def test_fused_adamw_twin_with_overflow_matches_host_path(device, opt_level, cap
             opt.zero_grad()
         hook.remove()
         amp.state_dict()  # reading host-visible state brings everything up to date
-        from ampcompat.master import report_deferred_skips
+        from ampcompat.amp.master_weights import report_deferred_skips
 
         report_deferred_skips(opt)
         results[fused] = (params_of(model), amp.state_dict(), seen_skip, opt.state_dict(), capsys.readouterr().out)
@@ -99,7 +99,7 @@ def test_setting_private_scale_reaches_the_device():
 
 def test_training_loop_never_waits_for_the_device(monkeypatch):
     """With fused optimizers nothing in scale_loss/step may block on an unfinished on-device update."""
-    from ampcompat import scaler as scaler_module
+    from ampcompat.amp import scaler as scaler_module
 
     def not_yet(self):
         return False

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ampcompat import __version__, doctor
+from ampcompat import __version__
+from ampcompat.tools import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,11 @@ def test_versions_and_cpu_capabilities(capsys):
     assert cpu["autocast_dtypes"] == [name for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16))
                                       if autocast_produces("cpu", dtype)]
     assert cpu["autocast_dtypes"]  # torch >= 2.1 autocasts both on the CPU
-    assert cpu["fused_amp_kernels"] is None
+    assert cpu["fused_amp_kernels"] == {"status": "ok"}
     param = torch.nn.Parameter(torch.ones(2))
     param.grad = torch.ones(2)
     torch.optim.AdamW([param], fused=True).step()  # what the report claims below
-    assert cpu["fused_optimizers"]["AdamW"] is None
+    assert cpu["fused_optimizers"]["AdamW"] == {"status": "ok"}
     assert [d["device"] for d in report["devices"]] == ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
@@ -61,6 +62,9 @@ def test_a_refused_fused_optimizer_is_reported_with_its_reason(capsys, monkeypat
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
+    report = json.loads(run_doctor(capsys, "--format", "json"))
+    assert report["devices"][0]["fused_optimizers"]["AdamW"] == {
+        "status": "missing", "reason": "RuntimeError: `fused=True` requires floating point params of"}
     out = run_doctor(capsys)
     assert "    fused optimizers (fused=True): Adam, SGD, Adagrad\n" in out
     assert "      AdamW: unavailable (RuntimeError: `fused=True` requires floating point params of)\n" in out
@@ -108,6 +112,9 @@ def test_old_apex_that_fails_on_modern_torch(capsys, fake_site):
     out = run_doctor(capsys)
     apex_part = out[out.index("NVIDIA Apex: "):]
     error = "ModuleNotFoundError: No module named 'torch._six'"
+    imports = json.loads(run_doctor(capsys, "--format", "json"))["apex"]["imports"]
+    assert imports == {name: {"status": "fails", "reason": error}
+                       for name in ("apex", "apex.amp", "apex.fp16_utils", "apex.parallel", "apex.optimizers")}
     assert apex_part == "\n".join([
         f"NVIDIA Apex: {fake_site / 'apex'}",
         f"  import apex: fails: {error}",
@@ -134,7 +141,8 @@ def test_current_apex_without_amp(capsys, fake_site):
     })
     report = json.loads(run_doctor(capsys, "--format", "json"))["apex"]
     assert report["nvidia"] is True
-    assert report["import_errors"] == {"apex": None, "apex.optimizers": None, "apex.normalization": None}
+    assert report["imports"] == {"apex": {"status": "ok"}, "apex.optimizers": {"status": "ok"},
+                                 "apex.normalization": {"status": "ok"}}
     out = run_doctor(capsys)
     assert "  import apex: works\n" in out
     assert "  apex.amp: missing (removed from Apex in 2025; ampcompat provides it)\n" in out
@@ -156,12 +164,12 @@ def test_the_alias_does_not_count_as_apex(capsys):
         assert run_doctor(capsys).endswith("NVIDIA Apex: not installed (ampcompat stands in for it: "
                                            "`python -m ampcompat run script.py`)\n")
     finally:
-        from ampcompat import alias
+        from ampcompat.tools import alias
 
         alias.uninstall_apex_alias()
 
 
-@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.doctor", "--format", "json"]])
+@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.tools.doctor", "--format", "json"]])
 def test_command_line(command):
     proc = subprocess.run([sys.executable, *command], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)
@@ -176,4 +184,4 @@ def test_cuda_devices_are_probed(capsys):
     assert cuda["device"] == "cuda:0" and torch.cuda.get_device_name(0) in cuda["name"]
     assert "float16" in cuda["autocast_dtypes"]
     assert ("bfloat16" in cuda["autocast_dtypes"]) == autocast_produces("cuda", torch.bfloat16)
-    assert cuda["fused_optimizers"]["AdamW"] is None and cuda["fused_amp_kernels"] is None
+    assert cuda["fused_optimizers"]["AdamW"] == cuda["fused_amp_kernels"] == {"status": "ok"}

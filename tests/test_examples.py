@@ -1,8 +1,9 @@
-"""The legacy Apex-style example runs unchanged on ampcompat, learns, and resumes from its checkpoint.
+"""The README's main job and ten-line example run, learn, and say so.
 
 ``examples/legacy_apex_lm.py`` says ``from apex import amp``. It is run two ways, each in a fresh
-interpreter: through ``python -m ampcompat run`` (the opt-in apex alias), and with a hand-made module
-alias (``sys.modules["apex.amp"] = ampcompat.amp``), which needs nothing but ``ampcompat.amp``.
+interpreter: through ``python -m ampcompat run`` (the opt-in apex alias: the README's main command,
+which must print no warning, ours or another package's), and with a hand-made module alias
+(``sys.modules["apex.amp"] = ampcompat.amp``), which needs nothing but ``ampcompat.amp``.
 """
 import importlib.util
 import math
@@ -14,14 +15,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _stderr import split_stderr
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "legacy_apex_lm.py"
-QUICK = ["--device", "cpu", "--steps", "8", "--eval-interval", "4", "--batch-size", "8", "--seq-len", "32"]
+QUICK = ["--device", "cpu", "--steps", "8", "--eval-interval", "4", "--log-interval", "4", "--batch-size", "8",
+         "--seq-len", "32"]
 
 _INITIAL = re.compile(r"^initial: val_loss=(?P<val>\S+)$", re.M)
-_FINAL = re.compile(r"^final: train_loss=(?P<train>\S+) val_loss=(?P<val>\S+) loss_scale=(?P<scale>\S+)$", re.M)
-_RESUMED = re.compile(r"^resumed: val_loss=(?P<val>\S+) \((?P<verdict>matches|MISMATCH)\)$", re.M)
+_FINAL = re.compile(r"^final: train_loss=(?P<train>\S+) val_loss=(?P<val>\S+) loss_scale=(?P<scale>\S+) "
+                    r"steps/s=(?P<speed>\S+) resume=(?P<resume>matches|MISMATCH)$", re.M)
+_RESUMED = re.compile(r"^resumed: .*val_loss=(?P<val>\S+) \((?P<verdict>matches|MISMATCH)\)$", re.M)
+_STEP = re.compile(r"^step +(?P<step>\d+)/(?P<steps>\d+)  train_loss (?P<loss>\S+)  loss_scale \S+  \d+ ms/step", re.M)
+_BANNER = "Selected optimization level "
 
 _MODULE_ALIAS = textwrap.dedent("""
     import runpy, sys, types
@@ -48,6 +54,8 @@ def _outcome(proc) -> dict:
     initial, final, resumed = _INITIAL.search(proc.stdout), _FINAL.search(proc.stdout), _RESUMED.search(proc.stdout)
     assert initial and final and resumed, proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith("final: "), "the final line must be the summary"
+    assert proc.stdout.count(_BANNER) == 1, "amp's options are printed for the first initialize, not on resume"
+    assert float(final["speed"]) > 0 and final["resume"] == resumed["verdict"]
     return {
         "initial_val": float(initial["val"]),
         "final_train": float(final["train"]),
@@ -75,11 +83,22 @@ def test_example_is_unchanged_legacy_apex_code():
         assert call in code
 
 
-def test_runs_through_python_m_ampcompat_run():
-    if importlib.util.find_spec("ampcompat.alias") is None:
-        pytest.skip("awaiting apex alias")
-    result = _outcome(_run(["-m", "ampcompat", "run", str(EXAMPLE), "--opt-level", "O1"] + QUICK))
+def test_the_readme_main_command_says_what_it_does_and_prints_no_warning():
+    """``python -m ampcompat run examples/legacy_apex_lm.py``, made short: device first, progress from step 1."""
+    proc = _run(["-m", "ampcompat", "run", "examples/legacy_apex_lm.py"] + QUICK)
+    kept, foreign = split_stderr(proc.stderr)
+    assert foreign == [], ("another package warned: install what the README's commands install "
+                           "(torch's wheel warns at every import without numpy)")
+    assert kept == ""
+    result = _outcome(proc)
     _assert_learned_and_resumed(result)
+    # O1's dynamic scale starts at 2**16 and only ever halves (or doubles after 2000 clean steps).
+    assert result["loss_scale"] <= 2.0 ** 16 and math.log2(result["loss_scale"]).is_integer()
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device: cpu (")
+    assert lines[1].startswith("data: reading ")  # said before the (short) wait for the corpus
+    steps = [int(match["step"]) for match in _STEP.finditer(proc.stdout)]
+    assert steps == [1, 4, 8]  # the first step at once, then every --log-interval/--eval-interval step
     # O1's dynamic scale starts at 2**16 and only ever halves (or doubles after 2000 clean steps).
     assert result["loss_scale"] <= 2.0 ** 16 and math.log2(result["loss_scale"]).is_integer()
 
@@ -105,3 +124,15 @@ def test_without_any_alias_the_legacy_import_fails_as_it_does_today():
     proc = _run([str(EXAMPLE), "--steps", "1"])
     assert proc.returncode != 0
     assert "No module named 'apex'" in proc.stderr
+
+
+def test_the_readme_ten_line_example_trains_and_prints_its_loss():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Ten lines"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+    proc = _run(["-c", "import torch; torch.manual_seed(0)\n" + code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(_BANNER + "O2") == 1
+    losses = [float(value) for value in re.findall(r"^step \d: loss (\S+)$", proc.stdout, re.M)]
+    assert len(losses) == 10
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses  # one batch, AdamW: falls

@@ -30,13 +30,15 @@ from ampcompat.fp16_utils import (
     to_python_float,
     tofp16,
 )
-from ampcompat.scaler import LossScaler as AmpLossScaler
+from ampcompat.amp.scaler import LossScaler as AmpLossScaler
 
 DEPRECATION_LINE = (
     "Warning:  FP16_Optimizer is deprecated and dangerous, and will be deleted soon.  "
     "If it still works, you're probably getting lucky.  "
     "For mixed precision, use the documented API https://nvidia.github.io/apex/amp.html, with opt_level=O1."
 )
+MAINTAINED_PATH_LINE = ("ampcompat: FP16_Optimizer keeps working; amp.initialize(model, optimizer, opt_level='O2') "
+                        "gives the same FP32 master weights and is the maintained path.")
 INF = float("inf")
 
 
@@ -482,7 +484,8 @@ def test_construction_prints_apex_lines_and_puts_masters_in_param_groups(device,
 
     opt = FP16_Optimizer(inner)
     assert capsys.readouterr().out.splitlines() == [
-        DEPRECATION_LINE,
+        DEPRECATION_LINE,  # Apex's line, unchanged: logs and scripts look for it
+        MAINTAINED_PATH_LINE,
         "FP16_Optimizer processing param group 0:",
         "FP16_Optimizer received {}HalfTensor with torch.Size([8, 6])".format(prefix),
         "FP16_Optimizer received {}HalfTensor with torch.Size([8])".format(prefix),
@@ -503,7 +506,7 @@ def test_construction_prints_apex_lines_and_puts_masters_in_param_groups(device,
     assert opt.fp32_from_fp32_groups == [[], list(net.head.parameters())]
 
     FP16_Optimizer(torch.optim.SGD(make_net(device).parameters(), lr=0.1), verbose=False)
-    assert capsys.readouterr().out == DEPRECATION_LINE + "\n"
+    assert capsys.readouterr().out == DEPRECATION_LINE + "\n" + MAINTAINED_PATH_LINE + "\n"
 
 
 def test_frozen_params_stay_in_place_and_bf16_gets_fp32_masters(capsys):

@@ -145,8 +145,10 @@ def test_scale_loss_before_initialize_raises_apex_message():
 
 @pytest.mark.parametrize("kwargs,exc,message", [
     (dict(opt_level="01"), RuntimeError,
+     # Apex's sentence, then ampcompat's two extra levels.
      "Unexpected optimization level 01. Options are 'O0', 'O1', 'O2', 'O3'.  Note that in `O0`, `O1`, etc., "
-     "the prefix O is the letter O, not the number zero."),
+     "the prefix O is the letter O, not the number zero. ampcompat also accepts 'O4' and 'O5' (O1 and O2 in "
+     "bfloat16, as in ROCm Apex)."),
     (dict(opt_level="O1", cast_model_type=torch.float16), RuntimeError,
      "O1 inserts casts around Torch functions rather than model weights, so with O1, the model weights themselves "
      "should remain FP32. If you wish to cast the model to a different type, use opt_level='O2' or 'O3'. "
@@ -160,7 +162,13 @@ def test_scale_loss_before_initialize_raises_apex_message():
      "keep_batchnorm_fp32 must be a boolean, the string 'True' or 'False', or None, found keep_batchnorm_fp32=yes"),
     (dict(opt_level="O1", master_weights=True), RuntimeError,
      "It doesn't make sense to use master_weights with O1. With O1, your model weights themselves should be FP32."),
-    (dict(opt_level="O2", loss_scale="abc"), ValueError, "could not convert string to float: 'abc'"),
+    # Apex let float()'s message through ("could not convert string to float: 'banana'"); same type, clearer.
+    (dict(opt_level="O2", loss_scale="banana"), ValueError,
+     "loss_scale must be 'dynamic' or a number (a float such as 128.0, or a string such as '128.0'), "
+     "found loss_scale='banana'"),
+    (dict(opt_level="O1", loss_scale=[128.0]), TypeError,
+     "loss_scale must be 'dynamic' or a number (a float such as 128.0, or a string such as '128.0'), "
+     "found loss_scale=[128.0]"),
 ])
 def test_option_errors_are_apex_verbatim(kwargs, exc, message):
     model, opt = _model_opt()

@@ -60,7 +60,7 @@ def _rss_kib() -> int:
 
 def _amp_containers(opt) -> Dict[str, int]:
     """Sizes of every list amp keeps per optimizer and per scaler; they must not grow."""
-    from ampcompat import autocast_scope
+    from ampcompat.amp import o1_autocast as autocast_scope
 
     sizes = {"stash." + k: len(v) for k, v in vars(opt._amp_stash).items() if isinstance(v, list)}
     for i, scaler in enumerate(amp._amp_state.loss_scalers):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ampcompat.migrate import catalogue
-from ampcompat.migrate.catalogue import Verdict
-from ampcompat.migrate.scanner import scan
-from ampcompat.migrate.sources import load_source
+from ampcompat.tools.migrate import catalogue
+from ampcompat.tools.migrate.catalogue import Verdict
+from ampcompat.tools.migrate.scanner import scan
+from ampcompat.tools.migrate.sources import load_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,8 +113,51 @@ SNIPPETS = {
         from apex.optimizers import FusedMixedPrecisionLamb
         FusedMixedPrecisionLamb(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
     """,
+    "fused_adam_2019_keyword_with_todays": """
+        import torch
+        from apex.optimizers import FusedAdam
+        FusedAdam(torch.nn.Linear(2, 2).parameters(), lr=1e-3, max_grad_norm=1.0, adam_w_mode=False)
+    """,
     "contrib_xentropy": """
         from apex.contrib.xentropy import SoftmaxCrossEntropyLoss
+    """,
+    "contrib_optimizers_2019": """
+        import torch
+        from apex.contrib.optimizers import FP16_Optimizer, FusedAdam
+        model = torch.nn.Linear(2, 2)
+        FP16_Optimizer(FusedAdam(model.parameters(), lr=1e-3), dynamic_loss_scale=True)
+    """,
+    "optimizers_fp16_optimizer_2019": """
+        import torch
+        from apex.optimizers import FusedAdam, FP16_Optimizer
+        model = torch.nn.Linear(2, 2)
+        FP16_Optimizer(FusedAdam(model.parameters(), lr=1e-3, bias_correction=False, max_grad_norm=1.0),
+                       dynamic_loss_scale=True)
+    """,
+    "contrib_refused_submodule": """
+        from apex.contrib.sparsity import ASP
+    """,
+    "contrib_refused_from_parent": """
+        from apex.contrib import multihead_attn
+    """,
+    "transformer_refused": """
+        from apex.transformer import parallel_state
+        parallel_state.get_tensor_model_parallel_world_size()
+    """,
+    "contrib_missing_name": """
+        from apex.contrib.xentropy import NoSuchLoss
+    """,
+    "mlp_and_fused_dense": """
+        import torch
+        from apex.mlp import MLP
+        from apex.fused_dense import FusedDense
+        MLP([4, 8, 2])(torch.randn(3, 4))
+        FusedDense(4, 2)
+    """,
+    "apex_C_from_import": """
+        import torch
+        from apex_C import flatten, unflatten
+        unflatten(flatten([torch.ones(2), torch.zeros(3)]), [torch.ones(2), torch.zeros(3)])
     """,
     "apex_C_flatten": """
         import torch
@@ -207,13 +250,34 @@ def test_the_issue_examples(probe, tmp_path):
     [call] = [u for u in _snippet_verdicts(tmp_path, "fused_adam_unknown_keyword") if u.kind == "call"]
     assert call.verdict is Verdict.UNSUPPORTED and "`no_such_option_in_any_apex`" in call.reason
 
+    # The 2019 keywords are accepted now (issue 18): the call runs unchanged, with that era's arithmetic.
+    assert probe["snippets"]["fused_adam_max_grad_norm"] == "ok"
     [call] = [u for u in _snippet_verdicts(tmp_path, "fused_adam_max_grad_norm") if u.kind == "call"]
-    if probe["snippets"]["fused_adam_max_grad_norm"] != "ok":
-        assert call.verdict is Verdict.UNSUPPORTED and "`max_grad_norm`" in call.reason
+    assert call.verdict is Verdict.SUPPORTED and "`max_grad_norm`" in call.reason and "2019" in call.reason
+    # ...but not combined with today's options, which ampcompat rejects.
+    assert probe["snippets"]["fused_adam_2019_keyword_with_todays"].startswith("ValueError")
+    [call] = [u for u in _snippet_verdicts(tmp_path, "fused_adam_2019_keyword_with_todays") if u.kind == "call"]
+    assert call.verdict is Verdict.UNSUPPORTED and "`adam_w_mode=False`" in call.reason
+
+
+def test_refused_modules_report_ampcompats_own_error(probe, tmp_path):
+    """A refused Apex module is "not supported" with the message importing it raises, replacement included."""
+    for key in ("contrib_refused_submodule", "transformer_refused"):
+        ran = probe["snippets"][key]
+        assert ran.startswith("ApexModuleNotProvided: "), ran
+        [use] = [u for u in _snippet_verdicts(tmp_path, key) if u.kind == "import"]
+        assert use.verdict is Verdict.UNSUPPORTED
+        assert ran.split(": ", 1)[1] in use.reason, (ran, use.reason)
+    # `from package import refused_submodule`: Python's from-import turns the error into a plain
+    # "cannot import name"; migrate still names the module and its replacement.
+    assert probe["snippets"]["contrib_refused_from_parent"].startswith("ImportError")
+    [use] = [u for u in _snippet_verdicts(tmp_path, "contrib_refused_from_parent") if u.kind == "import"]
+    assert use.verdict is Verdict.UNSUPPORTED
+    assert use.reason.startswith("apex.contrib.multihead_attn is not provided by ampcompat: ") and "Use " in use.reason
 
 
 def test_check_gates_on_derived_verdicts(tmp_path, capsys):
-    from ampcompat import migrate
+    from ampcompat.tools import migrate
 
     good = tmp_path / "good.py"
     good.write_text("from apex.normalization.fused_layer_norm import FusedLayerNorm\nFusedLayerNorm(8)\n")

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ampcompat import migrate
-from ampcompat.migrate.alias_line import ALIAS_LINE
-from ampcompat.migrate.edits import split_lines
-from ampcompat.migrate.progress import Progress
-from ampcompat.migrate.scanner import scan
-from ampcompat.migrate.sources import iter_python_files, load_source
-from ampcompat.migrate.to_native import to_native
+from ampcompat.tools import migrate
+from ampcompat.tools.migrate.alias_line import ALIAS_LINE
+from ampcompat.tools.migrate.edits import split_lines
+from ampcompat.tools.migrate.progress import Progress
+from ampcompat.tools.migrate.scanner import scan
+from ampcompat.tools.migrate.sources import iter_python_files, load_source
+from ampcompat.tools.migrate.to_native import to_native
 
 REPO = Path(__file__).resolve().parents[1]
 TREE = REPO / "tests" / "fixtures" / "migrate_tree"
@@ -293,7 +293,8 @@ def test_write_keeps_the_apex_path_and_the_losses(tmp_path, capsys):
                  "train.py:21:12: checks for Apex by name (`apex_available()`)",
                  "utils.py:20:37: checks for Apex by name (`importlib.util.find_spec(\"apex\")`)",
                  "utils.py:25:43: checks for Apex by name (`importlib.metadata.version(\"apex\")`)",
-                 "utils.py:14:5: left `from apex.contrib.optimizers import ...` unchanged"):
+                 "utils.py:14:5: left `from apex.contrib.sparsity import ...` unchanged: apex.contrib.sparsity is "
+                 "not provided by ampcompat"):
         assert f"{work}/{line}" in out, line
     for name in ("train.py", "models.py", "utils.py"):
         assert ALIAS_LINE in (work / name).read_text().splitlines()
@@ -353,8 +354,9 @@ def test_to_native_keeps_exported_and_fallback_names_and_never_drops_unmappable_
         from apex.optimizers import FusedAdam
         from apex.fp16_utils import to_python_float
         import amp_C
-        import apex_C
-        from apex.contrib.optimizers import FP16_Optimizer
+        import apex.transformer
+        from apex.contrib.sparsity import ASP
+        from apex.contrib import xentropy, sparsity
     """))
     (package / "train.py").write_text("from .compat import LayerNorm, FusedAdam\nimport torch\n"
                                       "opt = FusedAdam(torch.nn.Linear(2, 2).parameters(), lr=0.1)\n")
@@ -368,22 +370,25 @@ def test_to_native_keeps_exported_and_fallback_names_and_never_drops_unmappable_
         "    from torch.nn import LayerNorm",
         "from ampcompat.optimizers import FusedAdam",
         "import amp_C",
-        "import apex_C",
-        "from apex.contrib.optimizers import FP16_Optimizer",
+        "import apex.transformer",
+        "from apex.contrib.sparsity import ASP",
+        "from apex.contrib import sparsity",
     ]
     prefix = re.compile(re.escape(str(package / "compat.py")) + r":(\d+):\d+: ")
     notes = {prefix.match(line).group(1): line for line in out.splitlines() if prefix.match(line)}
-    assert set(notes) == {"2", "5", "6", "7", "8", "9"}  # every import has its line in the report
+    assert set(notes) == {"2", "5", "6", "7", "8", "9", "10"}  # every import has its line in the report
     assert "another scanned file imports `FusedAdam`" in notes["5"]
     assert "removed `to_python_float`" in notes["6"]
     assert "left `import amp_C` as it was" in notes["7"]
-    assert "left `import apex_C` as it was" in notes["8"] and "left `FP16_Optimizer`" in notes["9"]
+    assert "left `import apex.transformer` as it was: apex.transformer is not provided by ampcompat" in notes["8"]
+    assert "left `ASP` from `apex.contrib.sparsity` as it was: apex.contrib.sparsity is not provided" in notes["9"]
+    assert f"{package / 'compat.py'}:10:1: removed `xentropy` from `apex.contrib`" in out  # provided, unused
+    assert f"{package / 'compat.py'}:10:1: left `sparsity` from `apex.contrib` as it was" in out
     # The tree still imports and runs (ampcompat where nothing native stands in).
     result = _python(["-c", "import pkg.train, pkg.compat; print(pkg.compat.LayerNorm is __import__('torch').nn.LayerNorm)"],
                      tmp_path)
     assert result.returncode != 0 and "No module named 'amp_C'" in result.stderr  # left in place, as reported
-    (package / "compat.py").write_text(compat.replace("import apex_C\n", "").replace(
-        "from apex.contrib.optimizers import FP16_Optimizer\n", "").replace("import amp_C\n", ""))
+    (package / "compat.py").write_text("\n".join(compat.splitlines()[:5]) + "\n")
     result = _python(["-c", "import pkg.train, pkg.compat; print(pkg.compat.LayerNorm is __import__('torch').nn.LayerNorm)"],
                      tmp_path)
     assert result.returncode == 0 and result.stdout == "True\n", result.stderr

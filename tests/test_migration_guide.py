@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ampcompat
-from ampcompat.migrate import catalogue
+from ampcompat.tools.migrate import catalogue
 
 GUIDE_PATH = Path(__file__).resolve().parents[1] / "migration_guide.md"
 GUIDE = GUIDE_PATH.read_text(encoding="utf-8")
@@ -67,7 +67,7 @@ def test_every_public_apex_name_has_a_status_row(name):
 
 
 def test_status_tables_are_the_catalogue():
-    start = GUIDE.index("<!-- status tables: generated from ampcompat/migrate/catalogue.py")
+    start = GUIDE.index("<!-- status tables: generated from ampcompat/tools/migrate/catalogue.py")
     start = GUIDE.index("\n\n", start) + 2
     end = GUIDE.index("<!-- end of status tables -->")
     assert GUIDE[start:end] == catalogue.markdown_tables() + "\n"

@@ -8,9 +8,12 @@ survive ``copy.deepcopy``, ``torch.save``/``torch.load`` and ``pickle`` (Apex's 
 forward patch broke all three).
 """
 import collections
+import collections.abc
 import copy
+import dataclasses
 import io
 import pickle
+from typing import Optional
 
 import pytest
 import torch
@@ -345,3 +348,186 @@ def test_pickle_of_the_model_keeps_casting(device):
     restored = pickle.loads(pickle.dumps(model))
 
     assert torch.equal(_assert_casts(restored, x), expected)
+
+
+# --- every container a model takes or returns (DESIGN decision 10) ------------------------------------
+
+class NoUpdateDict(dict):
+    """A dict subclass that forbids the in-place bulk operations (as ``ModelOutput`` does)."""
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError(f"You cannot use ``update`` on a {type(self).__name__} instance.")
+
+    def setdefault(self, *args, **kwargs):
+        raise RuntimeError(f"You cannot use ``setdefault`` on a {type(self).__name__} instance.")
+
+
+@dataclasses.dataclass
+class FakeModelOutput(collections.OrderedDict):
+    """A hand-written ``transformers.ModelOutput``: dataclass fields mirrored as the non-None mapping items,
+    index access by position, and every in-place mapping operation forbidden."""
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                collections.OrderedDict.__setitem__(self, field.name, value)
+
+    def _forbidden(self, *args, **kwargs):
+        raise Exception(f"You cannot use this method on a {type(self).__name__} instance.")
+
+    update = setdefault = pop = __delitem__ = _forbidden
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return collections.OrderedDict.__getitem__(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self):
+        return tuple(self[name] for name in self.keys())
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    value: torch.Tensor
+    steps: torch.Tensor
+    note: str = "kept"
+
+
+class Returns(torch.nn.Module):
+    """Returns whatever ``make(h)`` builds from its half activation ``h``."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.make = make
+        self.seen = None
+
+    def forward(self, x, extra=None):
+        self.seen = extra
+        return self.make(self.linear(x))
+
+
+def _run(make, device, level="O2", extra=None):
+    torch.manual_seed(0)
+    model = Returns(make).to(device)
+    _initialize(model, level=level)
+    return model(torch.randn(2, 4, device=device), extra), model
+
+
+def test_dict_subclass_that_forbids_update_keeps_its_type(device):
+    originals = []
+
+    def make(h):
+        originals.append(NoUpdateDict(a=h, b=torch.arange(2, device=h.device)))
+        return originals[-1]
+
+    out, _ = _run(make, device)
+
+    assert type(out) is NoUpdateDict and list(out) == ["a", "b"]
+    assert out["a"].dtype == FP32 and out["b"].dtype == torch.int64
+    assert originals[0]["a"].dtype == HALF  # rebuilt, never mutated
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_model_output_style_container_keeps_attribute_index_and_tuple_access(level, device):
+    def make(h):
+        return FakeModelOutput(loss=h.sum(), logits=h, hidden_states=(h, h * 2))
+
+    out, _ = _run(make, device, level)
+
+    assert type(out) is FakeModelOutput and list(out) == ["loss", "logits", "hidden_states"]
+    assert out.loss.dtype == FP32 and out["logits"].dtype == FP32 and out[0] is out.loss
+    assert type(out.hidden_states) is tuple and [t.dtype for t in out.hidden_states] == [FP32, FP32]
+    assert out.to_tuple()[1] is out.logits and out["hidden_states"] is out.hidden_states
+    out.loss.backward()  # the cast is part of the graph
+
+
+def test_model_output_style_container_without_optional_fields(device):
+    out, _ = _run(lambda h: FakeModelOutput(logits=h), device)
+
+    assert type(out) is FakeModelOutput and list(out) == ["logits"] and out.loss is None
+    assert out[0].dtype == FP32
+
+
+def test_dataclasses_namedtuples_and_nested_mixtures(device):
+    def make(h):
+        ints = torch.arange(2, device=h.device)
+        return [Frozen(h, ints), {"pairs": (Pair(h, ints),), "set": frozenset({"tag"})},
+                collections.defaultdict(list, {"x": [h]})]
+
+    out, _ = _run(make, device)
+
+    frozen, mapping, default = out
+    assert type(out) is list and type(frozen) is Frozen and frozen.note == "kept"
+    assert frozen.value.dtype == FP32 and frozen.steps.dtype == torch.int64
+    assert type(mapping["pairs"]) is tuple and type(mapping["pairs"][0]) is Pair
+    assert mapping["pairs"][0].value.dtype == FP32 and mapping["set"] == frozenset({"tag"})
+    assert type(default) is collections.defaultdict and default.default_factory is list
+    assert default["x"][0].dtype == FP32
+
+
+def test_inputs_in_model_output_style_containers_are_cast(device):
+    x = torch.randn(2, 4, device=device)
+    _, model = _run(lambda h: h, device, extra=FakeModelOutput(logits=x, hidden_states=(x,)))
+
+    seen = model.seen
+    assert type(seen) is FakeModelOutput and seen.logits.dtype == HALF and seen.hidden_states[0].dtype == HALF
+
+
+class OddMapping(collections.abc.Mapping):
+    """A read-only mapping whose constructor takes no items and which has no ``copy``."""
+
+    def __init__(self, source_name):
+        self._data = {"t": torch.ones(2, dtype=HALF)}
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+class OddTuple(tuple):
+    def __new__(cls, first, second):
+        return super().__new__(cls, (first, second))
+
+
+@dataclasses.dataclass
+class InitOnlyFailure:
+    value: torch.Tensor
+
+    def __post_init__(self):
+        if self.value.dtype != HALF:
+            raise ValueError("this type only accepts half tensors")
+
+
+def test_containers_that_cannot_be_rebuilt_fall_back_to_apex_behaviour():
+    from ampcompat.amp.model_casting import cast_tree
+
+    half = torch.ones(2, dtype=HALF)
+    mapping = cast_tree(OddMapping("x"), FP32)
+    assert type(mapping) is dict and mapping["t"].dtype == FP32  # Apex returned a plain dict
+    odd = cast_tree(OddTuple(half, 1), FP32)
+    assert type(odd) is tuple and odd[0].dtype == FP32 and odd[1] == 1
+    original = InitOnlyFailure(half)
+    assert cast_tree(original, FP32) is original  # Apex passed unknown objects through
+
+
+def test_transformers_model_output_when_installed():
+    transformers = pytest.importorskip("transformers")
+    from ampcompat.amp.model_casting import cast_tree
+
+    half = torch.randn(2, 3, dtype=HALF)
+    output = transformers.modeling_outputs.SequenceClassifierOutput(loss=half.sum(), logits=half)
+    out = cast_tree(output, FP32)
+    assert type(out) is type(output) and list(out.keys()) == ["loss", "logits"]
+    assert out.loss.dtype == FP32 and out["logits"].dtype == FP32 and out[0] is out.loss
+    assert out.to_tuple()[1] is out.logits and output.logits.dtype == HALF

@@ -247,21 +247,6 @@ def test_fused_adam_errors_are_apex_messages():
         FusedAdam(params, master_weights=True)
 
 
-@pytest.mark.parametrize("legacy", ["grads", "output_params", "scale", "grad_norms"])
-def test_fused_adam_legacy_step_arguments_raise(legacy):
-    params = make_params("cpu")
-    opt = FusedAdam(params)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    before = [p.detach().clone() for p in params]
-    message = ("FusedAdam has been updated.  Simply initialize it identically to torch.optim.Adam, "
-               "and call step() with no arguments.")
-    with pytest.raises(RuntimeError) as info:
-        opt.step(**{legacy: 1.0})
-    assert str(info.value) == message
-    assert_params_equal(params, before)
-
-
 def test_fused_adam_loads_apex_format_state_dict():
     """Apex kept `step` in the param group and none per parameter; loading it resumes the same run."""
     params, twin = make_params("cpu"), make_params("cpu")

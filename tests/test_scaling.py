@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import ampcompat
 from ampcompat import amp
-from ampcompat.scaler import LossScaler
+from ampcompat.amp.scaler import LossScaler
 
 from _models import batches, make_mlp, params_of
 

@@ -1,4 +1,4 @@
-"""Apex's ``apex.amp`` surface, name for name; the work is done in the modules of ``ampcompat``.
+"""Apex's ``apex.amp`` surface, name for name; the work is done in the core modules beside this file.
 
 ``amp._amp_state`` is the state *object* (as in Apex), while ``ampcompat.amp._amp_state`` as an
 import path is the module holding it, so both spellings legacy code uses keep working.

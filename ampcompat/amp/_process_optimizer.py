@@ -1,2 +1,2 @@
 """Apex's ``apex.amp._process_optimizer`` module path."""
-from ..master import AmpOptimizerState  # noqa: F401
+from .master_weights import AmpOptimizerState  # noqa: F401

@@ -1,5 +1,5 @@
 """Apex's ``apex.amp.amp`` module path: ``init`` and the function-casting registry."""
-from ..autocast_scope import (  # noqa: F401
+from .o1_autocast import (  # noqa: F401
     float_function,
     half_function,
     promote_function,
@@ -7,4 +7,4 @@ from ..autocast_scope import (  # noqa: F401
     register_half_function,
     register_promote_function,
 )
-from ..old_api import init  # noqa: F401
+from .legacy_handle import init  # noqa: F401

@@ -1,2 +1,2 @@
 """Apex's ``apex.amp.opt`` module path."""
-from ..old_api import OptimWrapper  # noqa: F401
+from .legacy_handle import OptimWrapper  # noqa: F401

@@ -2,7 +2,7 @@
 
 The names (and what ``from ampcompat.fp16_utils import *`` brings) are exactly Apex's. Note the
 two ``LossScaler`` classes: the one exported here is the legacy static scaler whose ``loss_scale``
-is a property; ``FP16_Optimizer`` itself uses amp's ``ampcompat.scaler.LossScaler``.
+is a property; ``FP16_Optimizer`` itself uses amp's ``ampcompat.amp.scaler.LossScaler``.
 """
 from . import fp16_optimizer, fp16util, loss_scaler
 from .fp16_optimizer import FP16_Optimizer

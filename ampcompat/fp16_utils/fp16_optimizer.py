@@ -33,6 +33,11 @@ _DEPRECATION_LINE = (
     "If it still works, you're probably getting lucky.  "
     "For mixed precision, use the documented API https://nvidia.github.io/apex/amp.html, with opt_level=O1."
 )
+# Apex's line stays (logs and scripts look for it); this one says where to go instead.
+_MAINTAINED_PATH_LINE = (
+    "ampcompat: FP16_Optimizer keeps working; amp.initialize(model, optimizer, opt_level='O2') gives the same "
+    "FP32 master weights and is the maintained path."
+)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _STATE_KEYS = (
     "loss_scaler",
@@ -42,7 +47,7 @@ _STATE_KEYS = (
     "optimizer_state_dict",
     "fp32_from_fp16",
 )
-# Serialized name -> attribute of ampcompat.scaler.LossScaler (Apex's attribute names).
+# Serialized name -> attribute of ampcompat.amp.scaler.LossScaler (Apex's attribute names).
 _SCALER_FIELDS = {
     "loss_scale": "_loss_scale",
     "unskipped": "_unskipped",
@@ -64,7 +69,7 @@ def _amp_maybe_print(msg: str) -> None:
 def _make_loss_scaler(
     dynamic_loss_scale: bool, static_loss_scale: float, dynamic_loss_args: Optional[Mapping[str, Any]]
 ):
-    from ampcompat.scaler import LossScaler
+    from ampcompat.amp.scaler import LossScaler
 
     if dynamic_loss_scale:
         return LossScaler("dynamic", **(dynamic_loss_args or {}))
@@ -131,6 +136,7 @@ class FP16_Optimizer:
         verbose: bool = True,
     ) -> None:
         print(_DEPRECATION_LINE)
+        print(_MAINTAINED_PATH_LINE)
         self.verbose = verbose
         self.optimizer = init_optimizer
 

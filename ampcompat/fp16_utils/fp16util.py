@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors
 
-from ..casting import _is_kept_fp32 as _is_fp32_batchnorm
-from ..casting import convert_module, convert_network
+from ..amp.model_casting import _is_kept_fp32 as _is_fp32_batchnorm
+from ..amp.model_casting import convert_module, convert_network
 
 __all__ = [
     "tofp16",
@@ -81,7 +81,7 @@ def network_to_half(network: nn.Module) -> nn.Sequential:
     return nn.Sequential(tofp16(), BN_convert_float(network.half()))
 
 
-# convert_module / convert_network are amp O2/O3's own casting (ampcompat.casting), re-exported here.
+# convert_module / convert_network are amp O2/O3's own casting (ampcompat.amp.model_casting), re-exported here.
 class FP16Model(nn.Module):
     """Wrap a network cast with :func:`convert_network` to FP16; positional inputs are halved.
 

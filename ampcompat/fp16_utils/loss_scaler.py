@@ -1,6 +1,6 @@
 """The pre-amp loss scalers of ``apex.fp16_utils``: ``LossScaler`` (static) and ``DynamicLossScaler``.
 
-These are the *legacy* classes, distinct from amp's ``ampcompat.scaler.LossScaler`` that
+These are the *legacy* classes, distinct from amp's ``ampcompat.amp.scaler.LossScaler`` that
 ``FP16_Optimizer`` uses today. The trap legacy code relies on is kept: here ``loss_scale`` is a
 **property**, there it is a method. Attribute names (``cur_scale``, ``cur_iter``,
 ``last_overflow_iter``, ``scale_factor``, ``scale_window``) are Apex's, and methods use nothing

@@ -6,12 +6,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import _functional, _native
+from ._legacy_adam import legacy_adam_step
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
 from ._tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
                             group_indices, pick)
 
-_LEGACY_STEP_MESSAGE = ("FusedAdam has been updated.  Simply initialize it identically to torch.optim.Adam, "
-                        "and call step() with no arguments.")
 
 
 class FusedAdam(FusedOptimizerBase):
@@ -27,6 +26,13 @@ class FusedAdam(FusedOptimizerBase):
     (+ ``master_param`` with ``master_weights``). Apex kept one ``step`` per param group; Apex
     checkpoints are converted on ``load_state_dict``.
 
+    The API of Apex before September 2019 works too: the keywords ``eps_inside_sqrt`` and
+    ``max_grad_norm``, and ``step(closure, grads, output_params, scale, grad_norms)`` as
+    ``apex.optimizers.FP16_Optimizer`` calls it. An optimizer built with either keyword, and every
+    ``step`` given one of those arguments, uses that era's arithmetic (see ``_legacy_adam``: ``eps`` is
+    not bias-corrected and the weight decay is scaled by the bias-corrected step size; with
+    ``bias_correction=False`` it equals today's AdamW mode).
+
     Args:
         params: parameters or parameter-group dicts.
         lr: learning rate.
@@ -40,10 +46,14 @@ class FusedAdam(FusedOptimizerBase):
         capturable: use torch's graph-capturable implementation where the device supports it; also makes
             ``step`` accept ``grad_scaler`` from ``torch.amp.GradScaler.step`` (unscale + skip inside).
         master_weights: keep FP32 master copies of FP16/BF16 parameters (requires ``capturable``).
+        eps_inside_sqrt: (2019 API) ``sqrt(v + eps)`` instead of ``sqrt(v) + eps``.
+        max_grad_norm: (2019 API) clip the gradients of each param group to this L2 norm (0: no clipping).
 
     Raises:
         RuntimeError: with Apex's messages for ``amsgrad=True`` and ``master_weights`` without
             ``capturable``.
+        ValueError: for a 2019 keyword with ``adam_w_mode=False``, ``capturable`` or ``master_weights``,
+            which that era's arithmetic does not have.
     """
 
     _fp32_state_keys = ("exp_avg", "exp_avg_sq", "master_param")
@@ -51,13 +61,23 @@ class FusedAdam(FusedOptimizerBase):
     def __init__(self, params: Iterable, lr: float = 1e-3, bias_correction: bool = True,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adam_w_mode: bool = True,
                  weight_decay: float = 0.0, amsgrad: bool = False, set_grad_none: bool = True,
-                 capturable: bool = False, master_weights: bool = False) -> None:
+                 capturable: bool = False, master_weights: bool = False, eps_inside_sqrt: bool = False,
+                 max_grad_norm: float = 0.0) -> None:
         if amsgrad:
             raise RuntimeError("FusedAdam does not support the AMSGrad variant.")
         if master_weights and not capturable:
             raise RuntimeError("Master weights is currently only supported with the capturable version.")
+        self._legacy_math = bool(eps_inside_sqrt) or max_grad_norm != 0
+        if self._legacy_math and (not adam_w_mode or capturable or master_weights):
+            raise ValueError("FusedAdam: eps_inside_sqrt/max_grad_norm (the 2019 API) cannot be combined with "
+                             "adam_w_mode=False, capturable or master_weights (today's API)")
+        if max_grad_norm < 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay)
+        if self._legacy_math:
+            defaults["max_grad_norm"] = max_grad_norm
         super().__init__(params, defaults, set_grad_none)
+        self.eps_mode = 0 if eps_inside_sqrt else 1  # Apex's 2019 attribute
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.capturable = capturable
         self.master_weights = master_weights
@@ -71,7 +91,13 @@ class FusedAdam(FusedOptimizerBase):
 
         Args:
             closure: re-evaluates the model and returns the loss.
-            grads, output_params, scale, grad_norms: removed legacy arguments; passing any raises.
+            grads: (2019 API) gradients to use instead of ``.grad``: a list per param group (or one
+                flat list for one group); typically FP16 and multiplied by ``scale``.
+            output_params: (2019 API) tensors (per group, like ``grads``) that receive a copy of the
+                updated parameters, e.g. the FP16 model weights.
+            scale: (2019 API) divide the gradients by this (the loss scale); default 1.
+            grad_norms: (2019 API) per param group, the L2 norm of the still-scaled gradients, used for
+                ``max_grad_norm`` clipping (computed here when absent).
             grad_scaler: a ``torch.amp.GradScaler`` whose scale is divided out of the gradients here and
                 whose inf/NaN check skips the step (passed by ``GradScaler.step`` when ``capturable``).
                 Without it, ``grad_scale``/``found_inf`` attributes set on the optimizer (torch's newer
@@ -81,10 +107,19 @@ class FusedAdam(FusedOptimizerBase):
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: Apex's message when a legacy argument is given.
+            RuntimeError: for a sparse gradient (Apex's message).
+            ValueError: for 2019 arguments that do not match the param groups, or combined with
+                ``grad_scaler`` / ``capturable``.
         """
-        if any(arg is not None for arg in (grads, output_params, scale, grad_norms)):
-            raise RuntimeError(_LEGACY_STEP_MESSAGE)
+        legacy_args = any(arg is not None for arg in (grads, output_params, scale, grad_norms))
+        if legacy_args or getattr(self, "_legacy_math", False):
+            if grad_scaler is not None or self.capturable:
+                raise ValueError("FusedAdam.step: grads/output_params/scale/grad_norms (the 2019 API) cannot be "
+                                 "combined with a GradScaler or capturable=True")
+            loss = self._closure_loss(closure)
+            legacy_adam_step(self, grads=grads, output_params=output_params, scale=1.0 if scale is None else scale,
+                             grad_norms=grad_norms, eps_inside_sqrt=getattr(self, "eps_mode", 1) == 0)
+            return loss
         loss = self._closure_loss(closure)
         if grad_scaler is not None:
             grad_scale, found_inf = _scaler_tensors(self, grad_scaler)

@@ -1,0 +1,279 @@
+"""O1/O4: Apex's "casts around functions" on native autocast, with Apex's scope.
+
+Apex O1 monkey-patched torch for the whole process from ``initialize`` on, so a loss computed outside
+``forward`` also ran ``cross_entropy`` in FP32. ampcompat reproduces that scope with autocast's
+thread-local state instead of patching torch:
+
+* :class:`O1Scope` (Apex's ``AmpHandle``, see ``legacy_handle``) turns autocast on for the model's device type in the
+  thread that called
+  ``initialize`` (outside ``forward`` the weight-cast cache is off, so nothing stale can be served);
+* every model's ``forward`` runs inside a ``torch.autocast`` region entered by a forward pre-hook, so the
+  cast cache is used within one forward and cleared when the outermost forward returns (this also makes
+  models called from other threads, ``DataParallel`` replicas included, autocast);
+* :meth:`O1Scope._disable_casts` turns autocast off for a block (``amp.disable_casts``, the backward
+  inside ``scale_loss``, ``optimizer.step``), and registered half/float/promote functions cast their
+  inputs and run with autocast off.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+
+import torch
+
+from .process_state import _amp_state
+
+_HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
+
+#: Functions registered with ``register_{half,float,promote}_function`` before ``initialize``.
+_registry: Set[Tuple[Any, str, str]] = set()
+
+_tls = threading.local()
+
+
+def _casts_disabled_here() -> bool:
+    return getattr(_tls, "disabled_depth", 0) > 0
+
+
+def active_handle() -> Optional["O1Scope"]:
+    """The O1 handle if O1 casting applies in this thread right now, else None."""
+    handle = getattr(_amp_state, "handle", None)
+    if isinstance(handle, O1Scope) and handle._is_active and not _casts_disabled_here():
+        return handle
+    return None
+
+
+class O1Scope:
+    """O1's autocast scope: the base of ``_amp_state.handle`` (Apex's ``AmpHandle``), with Apex's private methods.
+
+    Args:
+        device_type: the autocast device type (``"cuda"``, ``"cpu"``, ...), taken from the model.
+        dtype: ``torch.float16`` (O1) or ``torch.bfloat16`` (O4).
+        enable_caching: kept for Apex's signature; autocast caches weight casts within one forward.
+        verbose: Apex printed every cast; native autocast casts inside ATen, so this only records it.
+    """
+
+    def __init__(self, device_type: str, dtype: torch.dtype, enable_caching: bool = True,
+                 verbose: bool = False) -> None:
+        self._device_type = device_type
+        self._dtype = dtype
+        self._enable_caching = enable_caching
+        self._verbose = verbose
+        self._cache: dict = {}
+        self._is_active = True
+        self._hook_handles: List[Any] = []
+        self._patched: List[Tuple[Any, str, Any]] = []
+        self._saved_tls = (
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_cache_enabled(),
+        )
+        torch.set_autocast_dtype(device_type, dtype)
+        torch.set_autocast_enabled(device_type, True)
+        torch.set_autocast_cache_enabled(False)
+
+    # --- Apex's surface ---------------------------------------------------------------------------
+
+    def is_active(self) -> bool:
+        return self._is_active
+
+    @property
+    def has_cache(self) -> bool:
+        return self._enable_caching
+
+    @property
+    def cache(self) -> dict:
+        return self._cache
+
+    @property
+    def verbose(self) -> bool:
+        return self._verbose
+
+    def remove_cache(self, param: torch.Tensor) -> None:
+        """Apex dropped one cached cast; autocast's cache lives for one forward, so there is nothing to drop."""
+        torch.clear_autocast_cache()
+
+    def _clear_cache(self) -> None:
+        torch.clear_autocast_cache()
+
+    @contextlib.contextmanager
+    def _disable_casts(self) -> Iterator[None]:
+        """Run the block with autocast off for this handle's device (and no O1 forward regions)."""
+        _tls.disabled_depth = getattr(_tls, "disabled_depth", 0) + 1
+        was_enabled = torch.is_autocast_enabled(self._device_type)
+        torch.set_autocast_enabled(self._device_type, False)
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled(self._device_type, was_enabled)
+            _tls.disabled_depth -= 1
+
+    def _deactivate(self) -> None:
+        """Undo everything this handle did: autocast state, model hooks, patched functions."""
+        if not self._is_active:
+            return
+        self._is_active = False
+        enabled, dtype, cache = self._saved_tls
+        torch.set_autocast_enabled(self._device_type, enabled)
+        torch.set_autocast_dtype(self._device_type, dtype)
+        torch.set_autocast_cache_enabled(cache)
+        torch.clear_autocast_cache()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        for module, name, original in reversed(self._patched):
+            setattr(module, name, original)
+        self._patched.clear()
+
+    # --- ampcompat's wiring -----------------------------------------------------------------------
+
+    def attach_model(self, model: torch.nn.Module) -> None:
+        """Make ``model.forward`` an autocast region (pre-hook enters it, an always-called hook exits)."""
+        self._hook_handles.append(model.register_forward_pre_hook(_enter_forward_region))
+        self._hook_handles.append(model.register_forward_hook(_exit_forward_region, always_call=True))
+
+    def patch_registered_functions(self) -> None:
+        """Wrap every registered ``module.name`` with its cast, then clear the registry (as Apex)."""
+        for module, name, kind in sorted(_registry, key=lambda entry: (id(entry[0]), entry[1], entry[2])):
+            original = getattr(module, name)
+            self._patched.append((module, name, original))
+            setattr(module, name, _casting_wrapper(original, kind))
+        _registry.clear()
+
+
+# --- forward regions --------------------------------------------------------------------------------
+
+def _region_stack() -> list:
+    stack = getattr(_tls, "regions", None)
+    if stack is None:
+        stack = _tls.regions = []
+    return stack
+
+
+def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():
+        return  # traced code runs under the thread's autocast state, which dynamo records and guards on
+    handle = active_handle()
+    region = (
+        torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
+        if handle is not None
+        else contextlib.nullcontext()
+    )
+    region.__enter__()
+    _region_stack().append(region)
+
+
+def _exit_forward_region(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
+    stack = _region_stack()
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def _reset_in_forked_child() -> None:
+    # A forked DataLoader worker inherits the parent's thread state; it must not run under O1.
+    handle = getattr(_amp_state, "handle", None)
+    if isinstance(handle, O1Scope):
+        torch.set_autocast_enabled(handle._device_type, False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_forked_child)
+
+
+# --- registered and decorated functions -------------------------------------------------------------
+
+def register(module: Any, name: str, kind: str) -> None:
+    """Record ``module.name`` for casting at the next O1 ``initialize`` (Apex's registry rules)."""
+    if not hasattr(module, name):
+        raise ValueError("No function named {} in module {}.".format(name, module))
+    _registry.add((module, name, kind))
+
+
+def _cast_leaf(value: Any, device_type: str, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+        return value.to(dtype)
+    return value
+
+
+def _cast_arg(value: Any, device_type: str, dtype: torch.dtype) -> Any:
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, torch.Tensor) and v.is_floating_point() for v in value
+    ):
+        return type(value)(_cast_leaf(v, device_type, dtype) for v in value)
+    return _cast_leaf(value, device_type, dtype)
+
+
+def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> Iterator[torch.Tensor]:
+    for value in list(args) + list(kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.is_floating_point():
+                yield item
+
+
+def _target_dtype(kind: str, handle: O1Scope, args: Tuple[Any, ...], kwargs: dict) -> Optional[torch.dtype]:
+    if kind == _HALF:
+        return handle._dtype
+    if kind == _FLOAT:
+        return torch.float32
+    dtypes = {t.dtype for t in _floating_tensors(args, kwargs) if t.device.type == handle._device_type}
+    if len(dtypes) <= 1:
+        return None
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _casting_wrapper(fn: Callable, kind: str) -> Callable:
+    """Wrap ``fn`` so that under active O1 its floating inputs are cast and it runs with autocast off."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        handle = active_handle()
+        if handle is None:
+            return fn(*args, **kwargs)
+        dtype = _target_dtype(kind, handle, args, kwargs)
+        if dtype is not None:
+            args = tuple(_cast_arg(a, handle._device_type, dtype) for a in args)
+            kwargs = {k: _cast_arg(v, handle._device_type, dtype) for k, v in kwargs.items()}
+        with torch.autocast(handle._device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def half_function(fn: Callable) -> Callable:
+    """Decorator: under O1, cast ``fn``'s floating inputs to the O1 dtype and run it with autocast off."""
+    return _casting_wrapper(fn, _HALF)
+
+
+def float_function(fn: Callable) -> Callable:
+    """Decorator: under O1, cast ``fn``'s floating inputs to FP32 and run it with autocast off."""
+    return _casting_wrapper(fn, _FLOAT)
+
+
+def promote_function(fn: Callable) -> Callable:
+    """Decorator: under O1, cast ``fn``'s floating inputs to their widest dtype and run it with autocast off."""
+    return _casting_wrapper(fn, _PROMOTE)
+
+
+def register_half_function(module: Any, name: str) -> None:
+    """Cast ``module.name``'s inputs to half under O1. Call before ``amp.initialize``."""
+    register(module, name, _HALF)
+
+
+def register_float_function(module: Any, name: str) -> None:
+    """Cast ``module.name``'s inputs to FP32 under O1. Call before ``amp.initialize``."""
+    register(module, name, _FLOAT)
+
+
+def register_promote_function(module: Any, name: str) -> None:
+    """Cast ``module.name``'s inputs to their widest type under O1. Call before ``amp.initialize``."""
+    register(module, name, _PROMOTE)
+
+
+def clear_registry() -> None:
+    _registry.clear()
