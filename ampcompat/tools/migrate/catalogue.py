@@ -250,8 +250,8 @@ _ENTRIES: Tuple[Entry, ...] = (
           "`torch.nn.RMSNorm`, output cast to the parameter dtype"),
     # --- apex.multi_tensor_apply / amp_C ---------------------------------------------------------
     Entry("apex.multi_tensor_apply", "module", _S, "`torch._foreach_*`"),
-    Entry("apex.multi_tensor_apply.multi_tensor_apply", "module", _U, "`torch._foreach_*`",
-          "import `multi_tensor_applier` from `apex.multi_tensor_apply` itself"),
+    Entry("apex.multi_tensor_apply.multi_tensor_apply", "module", _S, "`torch._foreach_*`",
+          "the submodule Apex defined `MultiTensorApply` in"),
     Entry("apex.multi_tensor_apply.multi_tensor_applier", "object", _S, "call the `torch._foreach_*` op directly",
           "always available: every op runs on `torch._foreach_*` kernels on any device"),
     Entry("apex.multi_tensor_apply.MultiTensorApply", "class", _S, "call the `torch._foreach_*` op directly"),
