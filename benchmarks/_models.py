@@ -289,3 +289,48 @@ def build_resnet(tiny: bool) -> nn.Module:
     if models is None:
         raise ImportError("torchvision is not importable; the ResNet workload needs it.")
     return models.resnet18(num_classes=10) if tiny else models.resnet50()
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's two-3x3-conv residual block (BatchNorm after each conv, projection shortcut when needed)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 for 32x32 images, as CIFAR research code writes it: a 3x3 stem without max-pooling,
+    four stages of two basic blocks (``width``, 2x, 4x, 8x channels), global average pool, linear head.
+
+    At ``width=64`` it has 11.2M parameters, the network of the common CIFAR-10 training scripts.
+    """
+
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks: List[nn.Module] = []
+        in_channels = width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            channels = width * 2 ** stage
+            blocks += [_BasicBlock(in_channels, channels, stride), _BasicBlock(channels, channels, 1)]
+            in_channels = channels
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))

@@ -10,6 +10,9 @@ Workloads:
     resnet    torchvision ResNet-50, channels_last, batch 128, 224x224 (skipped without torchvision).
     mlp       4 x 256 ReLU MLP, batch 64: host time per step dominates, so per-step overhead shows.
               Host-bound timings drift with the machine, so its modes run in 5 interleaved rounds.
+    cifar_resnet18
+              ResNet-18 for 32x32 images (the CIFAR research scripts' network), batch 128, SGD with
+              momentum: a legacy research loop, host-sensitive on a fast GPU. 3 interleaved rounds.
     overhead  host microseconds spent in loss scaling + ``step()`` (entering/leaving ``amp.scale_loss``
               vs ``GradScaler.scale/step/update``) on a tiny model; forward and backward excluded.
 
@@ -18,11 +21,21 @@ CPU ``perf_counter``), throughput, peak memory (reset per mode), and host syncs 
 separate steps, see ``_syncs.py``). Ratios to native fp16 autocast and to the pure-fp16 floor come from
 the same run. A mode that fails (e.g. out of memory) is recorded with its error and the run goes on.
 
+Host work per step, beside the times: Python function calls and aten ops per step (deterministic,
+``_counts.py``, counted on extra steps in the first round) and host microseconds per phase (forward,
+``scale_loss`` enter, backward, ``scale_loss`` exit, step, zero_grad; medians over ``--phase-steps``
+extra steps, each begun on an idle device so no phase waits for the GPU's queue).
+
+``--baseline-path DIR`` times a second copy of ampcompat (the package folder ``DIR/ampcompat``, e.g. an
+older commit) in the same run: a worker process importing it measures the ampcompat modes of the
+``--baseline-workloads`` as ``O1@base``, ``O2@base``..., interleaved with the others round by round.
+
 Examples::
 
     python benchmarks/speed.py --json out/speed.json --markdown out/speed.md      # GPU, ~2-3 minutes
     python benchmarks/speed.py --device cpu --tiny                                 # smoke test
     python benchmarks/speed.py --workloads gpt --modes native_fp16,pure_fp16,O2 --steps 100
+    python benchmarks/speed.py --workloads gpt,mlp --modes native_fp16,O1,O2 --baseline-path /tmp/old
 """
 from __future__ import annotations
 
@@ -31,7 +44,9 @@ import contextlib
 import gc
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,18 +58,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:  # run from a checkout without installing: use the checkout's ampcompat
+# A baseline worker (--package-path DIR) imports ampcompat from DIR; otherwise the checkout's is used,
+# so the benchmark runs from a checkout without installing.
+_PACKAGE_PATH = sys.argv[sys.argv.index("--package-path") + 1] if "--package-path" in sys.argv[:-1] else None
+if _PACKAGE_PATH is not None:
+    sys.path.insert(1, str(Path(_PACKAGE_PATH).resolve()))
+elif str(_REPO) not in sys.path:
     sys.path.insert(1, str(_REPO))
 
 from _env import run_metadata  # noqa: E402
-from _models import GPT, GPT2_124M, GPTConfig, build_mlp, build_resnet, count_parameters, lm_loss  # noqa: E402
+from _counts import count_aten_ops, count_calls  # noqa: E402
+from _models import GPT, GPT2_124M, CifarResNet18, GPTConfig, build_mlp, build_resnet, count_parameters  # noqa: E402
+from _models import lm_loss  # noqa: E402
 from _models import torchvision_or_none  # noqa: E402
 from _modes import AMPCOMPAT_LEVELS, ALL_MODES, MODE_DESCRIPTIONS, make_adamw_factory, make_recipe  # noqa: E402
 from _modes import parse_modes  # noqa: E402
 from _syncs import count_host_syncs  # noqa: E402
 
 DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5")
-WORKLOADS = ("gpt", "resnet", "mlp", "overhead")
+WORKLOADS = ("gpt", "resnet", "mlp", "cifar_resnet18", "overhead")
+BASELINE_SUFFIX = "@base"
+PHASES = ("forward_us", "enter_us", "backward_us", "exit_us", "step_us", "zero_grad_us")
 REFERENCE_MODE = "native_fp16"
 FLOOR_MODE = "pure_fp16"
 SIZES = ("full", "small", "tiny")
@@ -76,6 +100,7 @@ class Workload:
     default_steps: int = 50
     default_warmup: int = 10
     default_rounds: int = 1
+    optimizer: str = "adamw"  # or "sgd_momentum"
 
 
 def _classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,6 +154,20 @@ def mlp_workload(size: str) -> Workload:
                     default_steps=200, default_warmup=20, default_rounds=5)
 
 
+def cifar_resnet18_workload(size: str) -> Workload:
+    batch, width = {"full": (128, 64), "small": (8, 16), "tiny": (2, 4)}[size]
+
+    def make_batch(device, generator):
+        images = torch.randn(batch, 3, 32, 32, generator=generator)
+        return images.to(device), torch.randint(0, 10, (batch,), generator=generator).to(device)
+
+    return Workload("cifar_resnet18", f"CIFAR ResNet-18 (width {width}), batch {batch}, 32x32, SGD momentum",
+                    lambda: CifarResNet18(width), make_batch, _classification_loss, batch, "images/s",
+                    {"model": "CifarResNet18", "width": width, "batch_size": batch, "pixels": 32,
+                     "optimizer": "SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)"},
+                    default_steps=100, default_warmup=10, default_rounds=3, optimizer="sgd_momentum")
+
+
 def overhead_workload(size: str) -> Workload:
     width, batch = 32, 8
 
@@ -144,7 +183,7 @@ def overhead_workload(size: str) -> Workload:
 
 
 _WORKLOAD_BUILDERS = {"gpt": gpt_workload, "resnet": resnet_workload, "mlp": mlp_workload,
-                      "overhead": overhead_workload}
+                      "cifar_resnet18": cifar_resnet18_workload, "overhead": overhead_workload}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +213,11 @@ def _prepare(workload: Workload, mode: str, device: torch.device, seed: int):
         model = workload.build()
     if workload.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer_factory = make_adamw_factory(lr=1e-4, weight_decay=0.01, eps=1e-5)
+    if workload.optimizer == "sgd_momentum":  # as the research scripts write it: torch's default (foreach)
+        optimizer_factory = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,  # noqa: E731
+                                                      weight_decay=5e-4)
+    else:
+        optimizer_factory = make_adamw_factory(lr=1e-4, weight_decay=0.01, eps=1e-5)
     # No per-step skip tracking while timing: reading a loss scale is a host sync that native modes do not pay.
     recipe = make_recipe(mode, model, optimizer_factory, device, track_skips=False)
     generator = torch.Generator().manual_seed(seed)
@@ -215,7 +258,8 @@ def _time_steps(run_step: Callable[[int], torch.Tensor], steps: int, device: tor
 
 @contextlib.contextmanager
 def _training_steps(workload: Workload, mode: str, device: torch.device, seed: int):
-    """``mode`` prepared on ``workload``: yields (recipe, run_step(i), parameter count); closes the recipe."""
+    """``mode`` prepared on ``workload``: yields (recipe, run_step(i), parameter count, batches); closes the
+    recipe."""
     _release_memory(device)
     recipe, batches, parameters = _prepare(workload, mode, device, seed)
     try:
@@ -223,7 +267,7 @@ def _training_steps(workload: Workload, mode: str, device: torch.device, seed: i
             inputs, targets = batches[i % len(batches)]
             return recipe.train_step(inputs, targets, workload.loss_fn)
 
-        yield recipe, run_step, parameters
+        yield recipe, run_step, parameters, batches
     finally:
         recipe.close()
 
@@ -255,16 +299,60 @@ def profile_training(workload: Workload, mode: str, device: torch.device, steps:
                      seed: int) -> List[dict]:
     """Kernel time per step of ``mode``'s most expensive kernels (run after all timing: once a profiler
     has been attached, kernel launches stay slower for the rest of the process)."""
-    with _training_steps(workload, mode, device, seed) as (_, run_step, _):
+    with _training_steps(workload, mode, device, seed) as (_, run_step, _, _):
         for i in range(warmup):
             run_step(i)
         return _profile_kernels(run_step, steps, device)
 
 
+def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    kind = "fused" if optimizer.defaults.get("fused") else "foreach"
+    return f"{type(optimizer).__name__}({kind})"
+
+
+def phase_times(recipe, batches, loss_fn: Callable, device: torch.device, steps: int) -> Dict[str, float]:
+    """Median host microseconds of each phase of a training step, over ``steps`` steps.
+
+    Each step starts on an idle device (one synchronisation before it, none inside), so a phase's time
+    is the host's own work: launching kernels, Python, and any sync the phase itself makes.
+    """
+    phases: Dict[str, List[float]] = {key: [] for key in PHASES}
+    clock = time.perf_counter
+    for i in range(steps):
+        inputs, targets = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = clock()
+        with recipe.autocast():
+            loss = loss_fn(recipe.model(recipe.cast_inputs(inputs)), targets)
+        t1 = clock()
+        scaled = recipe.scaled(loss)
+        t2 = clock()
+        scaled.backward()
+        t3 = clock()
+        recipe.after_backward()
+        t4 = clock()
+        recipe.step()
+        t5 = clock()
+        recipe.zero_grad()
+        t6 = clock()
+        for key, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6))):
+            phases[key].append(1e6 * (b - a))
+    return {key: statistics.median(values) for key, values in phases.items()}
+
+
+def host_counts(run_step: Callable[[int], torch.Tensor], steps: int) -> dict:
+    """Python calls (all, and those of Python functions) and aten ops per training step."""
+    calls = count_calls(run_step, steps)
+    return {"calls_per_step": calls.total, "python_calls_per_step": calls.python,
+            "aten_ops_per_step": count_aten_ops(run_step, steps)}
+
+
 def measure_training(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int,
-                     sync_steps: int, seed: int) -> dict:
-    """Time ``steps`` training steps of ``mode`` after ``warmup``; count syncs on ``sync_steps`` more."""
-    with _training_steps(workload, mode, device, seed) as (recipe, run_step, parameters):
+                     sync_steps: int, seed: int, count_steps: int = 0, phase_steps: int = 0) -> dict:
+    """Time ``steps`` training steps of ``mode`` after ``warmup``; count syncs on ``sync_steps`` more,
+    host work on ``count_steps`` more (none if 0) and phase times on ``phase_steps`` more."""
+    with _training_steps(workload, mode, device, seed) as (recipe, run_step, parameters, batches):
         for i in range(warmup):
             run_step(i)
         steps_before = _optimizer_step_count(recipe.optimizer)
@@ -276,7 +364,7 @@ def measure_training(workload: Workload, mode: str, device: torch.device, steps:
             for i in range(sync_steps):
                 run_step(i)
         median = statistics.median(times)
-        return {
+        record = {
             "step_times_ms": times,
             "median_ms": median,
             "p10_ms": _percentile(times, 0.1),
@@ -293,39 +381,24 @@ def measure_training(workload: Workload, mode: str, device: torch.device, steps:
             "final_loss": float(last_loss),
             "parameters": parameters,
             "param_dtype": str(next(recipe.model.parameters()).dtype).replace("torch.", ""),
-            "optimizer": "AdamW(fused)" if recipe.optimizer.defaults.get("fused") else "AdamW(foreach)",
+            "optimizer": _optimizer_name(recipe.optimizer),
             "error": None,
         }
+        if count_steps:
+            record.update(host_counts(run_step, count_steps))
+        if phase_steps:
+            record["phases_us"] = phase_times(recipe, batches, workload.loss_fn, device, phase_steps)
+        return record
 
 
 def measure_overhead(workload: Workload, mode: str, device: torch.device, iterations: int, warmup: int,
                      seed: int) -> dict:
-    """Median host microseconds of each phase of a step around backward (forward excluded)."""
+    """Median host microseconds of each phase of a step (the loss scaling and step ones summed)."""
     _release_memory(device)
     recipe, batches, parameters = _prepare(workload, mode, device, seed)
-    phases: Dict[str, List[float]] = {"enter_us": [], "backward_us": [], "exit_us": [], "step_us": [],
-                                      "zero_grad_us": []}
-    clock = time.perf_counter
     try:
-        for i in range(warmup + iterations):
-            inputs, targets = batches[i % len(batches)]
-            with recipe.autocast():
-                loss = workload.loss_fn(recipe.model(recipe.cast_inputs(inputs)), targets)
-            t0 = clock()
-            scaled = recipe.scaled(loss)
-            t1 = clock()
-            scaled.backward()
-            t2 = clock()
-            recipe.after_backward()
-            t3 = clock()
-            recipe.step()
-            t4 = clock()
-            recipe.zero_grad()
-            t5 = clock()
-            if i >= warmup:
-                for key, (a, b) in zip(phases, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
-                    phases[key].append(1e6 * (b - a))
-        result = {key: statistics.median(values) for key, values in phases.items()}
+        phase_times(recipe, batches, workload.loss_fn, device, warmup)
+        result = phase_times(recipe, batches, workload.loss_fn, device, iterations)
         result["total_us"] = result["enter_us"] + result["exit_us"] + result["step_us"]
         result["parameters"] = parameters
         result["error"] = None
@@ -356,7 +429,73 @@ def add_ratios(modes: Dict[str, dict]) -> None:
                 record[key] = record["median_ms"] / reference if reference else None
 
 
-def run_workload(workload: Workload, modes: List[str], device: torch.device, args) -> dict:
+def describe(mode: str) -> str:
+    """A mode's description; a baseline mode (``O2@base``) is the same recipe on the baseline package."""
+    if mode.endswith(BASELINE_SUFFIX):
+        return MODE_DESCRIPTIONS[mode[: -len(BASELINE_SUFFIX)]] + ", baseline package (--baseline-path)"
+    return MODE_DESCRIPTIONS[mode]
+
+
+class BaselineWorker:
+    """A ``speed.py --serve`` process importing ampcompat from ``path``: measures modes on request.
+
+    One worker serves the whole run (one interpreter start), so its modes can be interleaved with the
+    parent's round by round at the cost of a JSON line each way.
+    """
+
+    def __init__(self, path: str, args) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--package-path", str(path),
+                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.package = self._reply()["ampcompat"]
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        raise RuntimeError(f"the baseline worker exited with status {self.proc.wait()}")
+
+    def measure(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+_REPLY = "@@speed-worker "
+
+
+def serve(args) -> int:
+    """The worker side of :class:`BaselineWorker`: one JSON request per stdin line, one reply each."""
+    import ampcompat  # noqa: PLC0415 - the copy this worker was started to measure
+
+    wanted = Path(args.package_path).resolve()
+    if Path(ampcompat.__file__).resolve().parent.parent != wanted:
+        raise SystemExit(f"the baseline worker imported {ampcompat.__file__}, not the package under {wanted}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size = "tiny" if args.tiny else ("full" if device.type == "cuda" else "small")
+    print(_REPLY + json.dumps({"ampcompat": str(Path(ampcompat.__file__).parent)}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        workload = _WORKLOAD_BUILDERS[request.pop("workload")](size)
+        try:
+            record = measure_training(workload, device=device, **request)
+        except Exception as error:
+            record = _error_record(error)
+        finally:
+            _release_memory(device)
+        print(_REPLY + json.dumps(record), flush=True)
+    return 0
+
+
+def run_workload(workload: Workload, modes: List[str], device: torch.device, args,
+                 baseline: Optional[BaselineWorker] = None) -> dict:
     steps = args.steps or workload.default_steps
     warmup = workload.default_warmup if args.warmup is None else args.warmup
     section = {"title": workload.title, "config": workload.config, "unit": workload.unit,
@@ -368,6 +507,9 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
         return section
     rounds = 1 if workload.name == "overhead" else (args.rounds or workload.default_rounds)
     section["rounds"] = rounds
+    if baseline is not None and workload.name in args.baseline_workloads:
+        modes = modes + [m + BASELINE_SUFFIX for m in modes if m in AMPCOMPAT_LEVELS]
+        section["baseline_package"] = baseline.package
     per_mode: Dict[str, List[dict]] = {mode: [] for mode in modes}
     for round_index in range(rounds):  # modes interleaved, so drift in the machine hits every mode alike
         for mode in modes:
@@ -378,7 +520,14 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
                 if workload.name == "overhead":
                     record = measure_overhead(workload, mode, device, steps, warmup, args.seed)
                 else:
-                    record = measure_training(workload, mode, device, steps, warmup, args.sync_steps, args.seed)
+                    request = dict(steps=steps, warmup=warmup, sync_steps=args.sync_steps, seed=args.seed,
+                                   count_steps=args.count_steps if round_index == 0 else 0,
+                                   phase_steps=args.phase_steps)
+                    if mode.endswith(BASELINE_SUFFIX):
+                        record = baseline.measure(workload=workload.name, mode=mode[: -len(BASELINE_SUFFIX)],
+                                                  **request)
+                    else:
+                        record = measure_training(workload, mode, device, **request)
             except Exception as error:  # one failing mode (OOM, missing feature) must not stop the others
                 record = _error_record(error)
             finally:
@@ -388,7 +537,7 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
             print(f"[{workload.name}] {mode:12s} {_one_line(record)}  ({time.perf_counter() - began:.1f}s){label}")
     for mode, records in per_mode.items():
         record = records[-1] if records[-1].get("error") else _merge_rounds(records, workload.items_per_step)
-        record["description"] = MODE_DESCRIPTIONS[mode]
+        record["description"] = describe(mode)
         section["modes"][mode] = record
     if workload.name != "overhead":
         add_ratios(section["modes"])
@@ -399,7 +548,8 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
 
 
 def _merge_rounds(records: List[dict], items_per_step: int) -> dict:
-    """One record from several rounds of a mode: statistics over all rounds' steps pooled."""
+    """One record from several rounds of a mode: statistics over all rounds' steps pooled; host counts
+    from the round that took them, phase times the median of the rounds'."""
     if len(records) == 1:
         return records[0]
     merged = dict(records[-1])
@@ -415,6 +565,13 @@ def _merge_rounds(records: List[dict], items_per_step: int) -> dict:
     )
     peaks = [r["peak_mem_bytes"] for r in records if r["peak_mem_bytes"] is not None]
     merged["peak_mem_bytes"] = max(peaks) if peaks else None
+    for record in records:
+        for key in ("calls_per_step", "python_calls_per_step", "aten_ops_per_step"):
+            if key in record:
+                merged[key] = record[key]
+    phases = [r["phases_us"] for r in records if "phases_us" in r]
+    if phases:
+        merged["phases_us"] = {key: statistics.median(p[key] for p in phases) for key in PHASES}
     return merged
 
 
@@ -496,8 +653,30 @@ def markdown_report(report: dict) -> str:
                 notes.append(f"{mode}: loss became {r['final_loss']} (speed only; see convergence.py)")
         lines.append("")
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+        lines += _host_work_table(section)
     lines += ["Modes: " + "; ".join(f"`{m}` {MODE_DESCRIPTIONS[m]}" for m in report["modes"]) + ".", ""]
+    if any(m.endswith(BASELINE_SUFFIX) for section in report["workloads"].values() for m in section["modes"]):
+        lines += [f"`<mode>{BASELINE_SUFFIX}`: the same mode on the baseline package "
+                  f"(`--baseline-path`, imported from `{report['meta'].get('baseline_package')}`).", ""]
     return "\n".join(lines)
+
+
+def _host_work_table(section: dict) -> List[str]:
+    """Python calls and aten ops per step (counted) and host µs per phase (medians), one row per mode."""
+    rows = [(mode, r) for mode, r in section["modes"].items() if not r.get("error")]
+    if not any("calls_per_step" in r or "phases_us" in r for _, r in rows):
+        return []
+    lines = ["Host work per step: function calls (all / Python-level, `sys.setprofile`) and aten ops "
+             "(`TorchDispatchMode`), counted; host µs per phase, medians over steps begun on an idle device.", "",
+             "| mode | calls | Python calls | aten ops | forward µs | scale_loss enter µs | backward µs "
+             "| scale_loss exit µs | step µs | zero_grad µs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mode, r in rows:
+        phases = r.get("phases_us") or {}
+        cells = [_cell(r.get("calls_per_step"), ".0f"), _cell(r.get("python_calls_per_step"), ".0f"),
+                 _cell(r.get("aten_ops_per_step"), ".0f")] + [_cell(phases.get(key), ".0f") for key in PHASES]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -514,6 +693,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="repeat every mode this many times, interleaved (default: per workload; mlp 5)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after timing, profile this many steps per mode; the JSON gets each mode's top kernels")
+    parser.add_argument("--count-steps", type=int, default=3,
+                        help="extra steps (first round) over which Python calls and aten ops are counted; 0: none")
+    parser.add_argument("--phase-steps", type=int, default=10,
+                        help="extra steps per round whose phases (forward, scale_loss, ...) are timed; 0: none")
+    parser.add_argument("--baseline-path",
+                        help="also time the ampcompat modes with the package DIR/ampcompat (e.g. an older commit)")
+    parser.add_argument("--baseline-workloads", default="gpt,mlp",
+                        help="the workloads --baseline-path applies to (default: gpt,mlp)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a baseline worker
+    parser.add_argument("--package-path", help=argparse.SUPPRESS)  # read at import time (see the top)
     parser.add_argument("--tiny", action="store_true", help="minimal sizes and step counts (CPU tests)")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--markdown", help="write the tables (for docs/benchmarks.md) here")
@@ -523,6 +712,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not workloads:
         parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     args.workloads = workloads
+    args.baseline_workloads = [w.strip() for w in args.baseline_workloads.split(",") if w.strip()]
+    for flag in ("count_steps", "phase_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must not be negative")
     for flag in ("steps", "sync_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -536,11 +729,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps = args.steps or 3
         args.warmup = 1 if args.warmup is None else args.warmup
         args.sync_steps = 1
+        args.count_steps = min(args.count_steps, 1)
+        args.phase_steps = min(args.phase_steps, 2)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        return serve(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -549,18 +746,26 @@ def main(argv=None) -> int:
     print(f"device: {report['meta']['device']}; torch {torch.__version__}; sizes: {size}; "
           f"modes: {', '.join(args.modes)}")
     workloads = {name: _WORKLOAD_BUILDERS[name](size) for name in args.workloads}
-    for name, workload in workloads.items():
-        print(f"== {name}: {workload.title}")
-        report["workloads"][name] = run_workload(workload, args.modes, device, args)
-        if args.json:  # keep what is finished if a later workload is cut short
-            _write(args.json, json.dumps(report, indent=1))
+    baseline = BaselineWorker(args.baseline_path, args) if args.baseline_path else None
+    if baseline is not None:
+        report["meta"]["baseline_package"] = baseline.package
+        print(f"baseline package: {baseline.package}")
+    try:
+        for name, workload in workloads.items():
+            print(f"== {name}: {workload.title}")
+            report["workloads"][name] = run_workload(workload, args.modes, device, args, baseline)
+            if args.json:  # keep what is finished if a later workload is cut short
+                _write(args.json, json.dumps(report, indent=1))
+    finally:
+        if baseline is not None:
+            baseline.close()
     if args.profile_steps:  # last: an attached profiler slows every later kernel launch in the process
         for name, workload in workloads.items():
             section = report["workloads"][name]
             if name == "overhead" or section.get("skipped"):
                 continue
             for mode, record in section["modes"].items():
-                if not record.get("error"):
+                if not record.get("error") and not mode.endswith(BASELINE_SUFFIX):
                     record["top_kernels"] = profile_training(workload, mode, device, args.profile_steps,
                                                              min(section["warmup"], 3), args.seed)
     markdown = markdown_report(report)

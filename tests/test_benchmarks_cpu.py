@@ -152,7 +152,7 @@ def speed(tmp_path_factory):
 def test_speed_json_has_every_workload_and_mode(speed):
     report = speed["report"]
     assert report["modes"] == SPEED_MODES
-    assert list(report["workloads"]) == ["gpt", "resnet", "mlp", "overhead"]
+    assert list(report["workloads"]) == ["gpt", "resnet", "mlp", "cifar_resnet18", "overhead"]
     for name, section in report["workloads"].items():
         if section["skipped"]:
             assert name == "resnet" and "torchvision" in section["skipped"]
@@ -164,7 +164,7 @@ def test_speed_json_has_every_workload_and_mode(speed):
 
 
 def test_speed_training_records(speed):
-    for name in ("gpt", "mlp"):
+    for name in ("gpt", "mlp", "cifar_resnet18"):
         section = speed["report"]["workloads"][name]
         assert section["parameters"] > 0
         native = section["modes"]["native_fp16"]["median_ms"]
@@ -177,17 +177,64 @@ def test_speed_training_records(speed):
             assert r["syncs_per_step"] is None and r["peak_mem_bytes"] is None  # CUDA-only numbers
             assert r["host_reads_per_step"] >= 0
             assert math.isfinite(r["final_loss"]), (name, mode)
+        optimizers = {r["optimizer"] for r in section["modes"].values()}
+        assert optimizers == ({"SGD(foreach)"} if name == "cifar_resnet18" else {"AdamW(fused)"}), name
         dtypes = {mode: r["param_dtype"] for mode, r in section["modes"].items()}
         assert dtypes["pure_fp16"] == dtypes["O2"] == dtypes["O3"] == "float16"
         assert dtypes["O5"] == "bfloat16" and dtypes["O1"] == dtypes["fp32"] == "float32"
+        if name == "cifar_resnet18":  # SGD keeps no step counter to count skipped steps by
+            assert section["modes"]["O2"]["skipped_steps"] is None
+            continue
         assert isinstance(section["modes"]["native_fp16"]["skipped_steps"], int)  # from the optimizer step count
         assert isinstance(section["modes"]["O2"]["skipped_steps"], int)
+
+
+def test_speed_reports_host_work_per_step_for_every_mode(speed):
+    """Calls and aten ops per step (counted) and every phase's host time, in the JSON and the Markdown."""
+    for name in ("gpt", "mlp", "cifar_resnet18"):
+        section = speed["report"]["workloads"][name]
+        for mode, r in section["modes"].items():
+            assert r["calls_per_step"] > r["python_calls_per_step"] > 0, (name, mode)
+            assert r["aten_ops_per_step"] > 0, (name, mode)
+            assert set(r["phases_us"]) == {"forward_us", "enter_us", "backward_us", "exit_us", "step_us",
+                                           "zero_grad_us"}
+            assert all(v > 0 for v in r["phases_us"].values()), (name, mode)
+        table = speed["markdown"].split(f"## {name}:", 1)[1].split("\n## ", 1)[0].split("Host work per step", 1)[1]
+        for mode, r in section["modes"].items():
+            assert f"\n| {mode} | {r['calls_per_step']:.0f} | {r['python_calls_per_step']:.0f} | " in table
+    counts = speed["report"]["workloads"]["mlp"]["modes"]
+    # The same loop counted twice gives the same numbers: pure fp16 does strictly less than O2.
+    assert counts["pure_fp16"]["aten_ops_per_step"] < counts["O2"]["aten_ops_per_step"]
+
+
+def test_speed_baseline_package_is_timed_in_the_same_run(tmp_path):
+    """--baseline-path: a worker importing ampcompat from another folder adds `<mode>@base` rows.
+
+    Here the baseline is this checkout itself, so its deterministic counts must equal the modes' own.
+    """
+    proc = _run("speed.py", ["--device", "cpu", "--tiny", "--workloads", "mlp,cifar_resnet18", "--modes",
+                             "native_fp16,O2", "--rounds", "2", "--baseline-path", str(REPO),
+                             "--baseline-workloads", "mlp", "--json", str(tmp_path / "b.json"),
+                             "--markdown", str(tmp_path / "b.md")], tmp_path)
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["meta"]["baseline_package"] == str(REPO / "ampcompat")
+    mlp = report["workloads"]["mlp"]
+    assert list(mlp["modes"]) == ["native_fp16", "O2", "O2@base"]
+    base, own = mlp["modes"]["O2@base"], mlp["modes"]["O2"]
+    assert base["error"] is None and len(base["round_medians_ms"]) == 2
+    assert base["vs_native_fp16"] == pytest.approx(base["median_ms"] / mlp["modes"]["native_fp16"]["median_ms"])
+    for key in ("calls_per_step", "python_calls_per_step", "aten_ops_per_step"):
+        assert base[key] == own[key], key
+    assert list(report["workloads"]["cifar_resnet18"]["modes"]) == ["native_fp16", "O2"]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("[mlp] O2@base")]
+    assert len(printed) == 2
+    assert "| O2@base |" in (tmp_path / "b.md").read_text()
 
 
 def test_speed_overhead_records(speed):
     section = speed["report"]["workloads"]["overhead"]
     for mode, r in section["modes"].items():
-        for key in ("enter_us", "backward_us", "exit_us", "step_us", "zero_grad_us"):
+        for key in ("forward_us", "enter_us", "backward_us", "exit_us", "step_us", "zero_grad_us"):
             assert r[key] > 0, (mode, key)
         assert r["total_us"] == pytest.approx(r["enter_us"] + r["exit_us"] + r["step_us"])
 
@@ -197,7 +244,7 @@ def test_speed_markdown_is_ready_for_the_docs(speed):
     meta = speed["report"]["meta"]
     assert f"`{meta['command']}`" in markdown and "--tiny" in meta["command"]
     assert meta["device"] in markdown and torch.__version__ in markdown and meta["date"] in markdown
-    for name in ("gpt", "mlp", "overhead"):
+    for name in ("gpt", "mlp", "cifar_resnet18", "overhead"):
         table = markdown.split(f"## {name}:", 1)[1].split("\n## ", 1)[0]
         for mode in SPEED_MODES:
             assert f"\n| {mode} |" in table, (name, mode)

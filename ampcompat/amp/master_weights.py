@@ -9,14 +9,15 @@ launches per backward pass whatever the number of parameters.
 """
 from __future__ import annotations
 
-import contextlib
+import operator
 import types
 from collections import deque
 from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from .o1_autocast import active_handle
+from .o1_autocast import O1Scope, casts_back, casts_off
+from .optimizer_lifecycle import TRANSITIONS, Event, OptState, next_state
 from .process_state import _amp_state, maybe_print
 from .scaler import LossScaler
 
@@ -33,32 +34,46 @@ MASTERS_KEY = "amp_master_params"
 
 
 class AmpOptimizerState:
-    """``optimizer._amp_stash``: Apex's per-optimizer bookkeeping, under Apex's attribute names."""
+    """``optimizer._amp_stash``: Apex's per-optimizer bookkeeping, under Apex's attribute names.
+
+    Where the optimizer stands between steps is one :class:`OptState` (``_state``), moved only through
+    ``optimizer_lifecycle``'s table; Apex's flags ``already_patched`` and ``params_have_scaled_gradients``
+    are read-only views of it.
+    """
 
     def __init__(self) -> None:
-        self.lazy_init_called = False
-        self._already_patched = False
-        self.params_have_scaled_gradients = False
-        self._found_inf = None  # on-device overflow flags of the backward passes since the last step
+        self.lazy_init_called = False  # written by legacy code that runs the lazy init itself (BERT)
+        self._state = OptState.READY
+        self._entered_from: Optional[OptState] = None  # inside a scale_loss block: the state before it
+        self._skip_loss_id = 0  # SKIP_PENDING: the loss whose overflow the skip message names
+        # OVERFLOW_ON_DEVICE: the flag the next fused step skips on, and the scale updates behind it;
+        # STEPPED_ON_DEVICE: the flag the last fused step used.
+        self._found_inf: Optional[torch.Tensor] = None
         self._deferred_records: list = []
-        self._pending_steps: Deque[list] = deque()
+        self._pending_steps: Deque[list] = deque()  # fused steps whose skip message waits for the host copy
         self._initialised = False  # lazy init done (masters built / params classified)
         self._param_count: Optional[List[int]] = None  # group sizes amp knows about
         self._refresh_masters_from_model = False  # loaded a checkpoint without masters
-        self._in_scale_loss = False
-        self._stale_overflow_grads = False  # the last step was skipped and nothing new was computed since
-        self._last_found_inf = None  # the flag the last fused step skipped on
-        self._empty_exit = False  # the last scale_loss block produced no gradient
-        self._produced_grads = False
+        self._grads_stashed = False  # the running block found grads already there (accumulation)
+        self._model_side: List[torch.Tensor] = []  # the rest is set by _plan at lazy init
+        self._frozen_half: List[torch.Tensor] = []
+        self._one_group = True
+
+    def _verdict(self) -> OptState:
+        """The state that decides the next step (inside a block: the state the block was entered in)."""
+        return self._entered_from if self._state is OptState.IN_SCALE_LOSS else self._state
 
     @property
     def already_patched(self) -> bool:
         """Whether the next ``step()`` will be skipped (reads any on-device overflow flag: a host sync)."""
-        return self._already_patched or any(r.values()[0] for r in self._deferred_records)
+        verdict = self._verdict()
+        return verdict is OptState.SKIP_PENDING or (
+            verdict is OptState.OVERFLOW_ON_DEVICE and any(r.values()[0] for r in self._deferred_records))
 
-    @already_patched.setter
-    def already_patched(self, value: bool) -> None:
-        self._already_patched = value
+    @property
+    def params_have_scaled_gradients(self) -> bool:
+        """Whether a ``delay_unscale`` block left the gradients multiplied by the loss scale."""
+        return self._verdict() is OptState.SCALED
 
 
 def check_optimizer(optimizer: Any) -> None:
@@ -105,12 +120,33 @@ def _lazy_init_maybe_master_weights(self: Any) -> None:
                 raise _type_error(p)
         stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
         stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+        _plan(stash)
     stash._param_count = _param_counts(self)
     stash._initialised = True
 
 
+def _plan(stash: AmpOptimizerState, frozen_half: Optional[List[torch.Tensor]] = None) -> None:
+    """Work out once (at lazy init, and when the parameters change) what every backward pass needs.
+
+    ``_model_side``: the parameters backward writes gradients to. ``_unscaled``: with masters, the FP32
+    tensors whose gradients get unscaled (masters, then FP32 params); without, the params themselves.
+    ``_one_group``: those all share one (device, dtype), so a clean pass unscales them with one launch
+    without grouping. ``_frozen_half``: half params left out of the masters because they were frozen.
+    """
+    if stash._master_weights:
+        stash._model_side = stash.all_fp16_params + stash.all_fp32_from_fp32_params
+        unscaled = stash.all_fp32_from_fp16_params + stash.all_fp32_from_fp32_params
+        stash._frozen_half = frozen_half or []
+    else:
+        stash._model_side = unscaled = stash.all_fp16_params + stash.all_fp32_params
+    stash._one_group = len({(p.device, p.dtype) for p in unscaled}) <= 1
+
+
+_GROUP_PARAMS = operator.itemgetter("params")
+
+
 def _param_counts(optimizer: Any) -> List[int]:
-    return [len(group["params"]) for group in optimizer.param_groups]
+    return list(map(len, map(_GROUP_PARAMS, optimizer.param_groups)))
 
 
 def check_param_groups_unchanged(optimizer: Any) -> None:
@@ -138,6 +174,7 @@ def _build_masters(self: Any, known: Optional[Dict[int, torch.Tensor]] = None) -
     stash.all_fp32_from_fp32_params = [p for g in stash.fp32_from_fp32_groups for p in g]
     stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
     stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
+    _plan(stash, [p for group in self.param_groups for p in group["params"] if p.dtype in _HALF_TYPES])
     if self.state:
         # Re-cast state moved onto the masters (e.g. momentum created for half params) to FP32.
         _class_method(self, "load_state_dict")(_class_method(self, "state_dict")())
@@ -177,11 +214,6 @@ def _masters_for_unfrozen_params(self: Any) -> None:
     Without this the optimizer would step the half param itself, with its still-scaled gradient.
     """
     stash = self._amp_stash
-    seen = {id(p) for g in stash.fp32_from_fp16_groups for p in g}
-    seen.update(id(p) for g in stash.fp32_from_fp32_groups for p in g)
-    if not any(p.requires_grad and p.dtype in _HALF_TYPES and id(p) not in seen
-               for group in self.param_groups for p in group["params"]):
-        return
     known = {id(m): p for g16, g32 in zip(stash.fp16_groups, stash.fp32_from_fp16_groups) for p, m in zip(g16, g32)}
     _build_masters(self, known)
 
@@ -202,26 +234,31 @@ def _stash_and_clear(params: List[torch.Tensor]) -> List[Optional[torch.Tensor]]
 
 
 def _prepare_amp_backward(self: Any) -> None:
-    self._amp_lazy_init()
     stash = self._amp_stash
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if stash._master_weights:
-        _masters_for_unfrozen_params(self)
-        refresh_stale_masters(self)
+        for p in stash._frozen_half:
+            if p.requires_grad:
+                _masters_for_unfrozen_params(self)
+                break
+        if stash._refresh_masters_from_model:
+            refresh_stale_masters(self)
+        # The model's half grads are dropped (as Apex): the masters' grads carry any accumulation.
         stash._fp16_grads_before = [p.grad for p in stash.all_fp16_params]
         for p in stash.all_fp16_params:
             p.grad = None
-        stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
+        if stash.all_fp32_from_fp32_params:
+            stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
+            stash._grads_stashed = stash.all_fp32_from_fp32_grad_stash.count(None) != len(
+                stash.all_fp32_from_fp32_params)
     else:
-        stash.all_fp16_grad_stash = _stash_and_clear(stash.all_fp16_params)
-        stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
-
-
-def begin_backward(stash: AmpOptimizerState) -> None:
-    """Mark the start of a ``scale_loss`` block (for the nesting, stale-gradient and empty-block checks)."""
-    stash._in_scale_loss = True
-    stash._stale_overflow_grads = False
-    stash._last_found_inf = None
-    stash._empty_exit = False
+        for p in stash._model_side:
+            if p.grad is not None:  # accumulating onto existing grads: only the new ones get unscaled
+                stash.all_fp16_grad_stash = _stash_and_clear(stash.all_fp16_params)
+                stash.all_fp32_grad_stash = _stash_and_clear(stash.all_fp32_params)
+                stash._grads_stashed = True
+                break
 
 
 def restore_amp_backward(self: Any) -> None:
@@ -239,6 +276,7 @@ def restore_amp_backward(self: Any) -> None:
     for params, stashed in pairs:
         for p, old in zip(params, stashed):
             p.grad = old
+    stash._grads_stashed = False
 
 
 def _coalesce_sparse(params: List[torch.Tensor]) -> None:
@@ -277,56 +315,114 @@ def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed:
 
 
 
-def _post_amp_backward(self: Any, scaler: LossScaler) -> None:
-    self._amp_lazy_init()
+def _post_amp_backward(self: Any, scaler: LossScaler) -> bool:
+    """Unscale (and check) the gradients this backward pass produced; add back the stashed ones.
+
+    Returns:
+        Whether the pass produced any gradient for this optimizer.
+    """
     stash = self._amp_stash
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if stash._master_weights:
-        _coalesce_sparse(stash.all_fp16_params)
-        fresh_dst, fresh_src, acc_dst, acc_src, sparse = [], [], [], [], []
-        for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
-            grad = model_p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                sparse.append((master, grad.float()))
-            elif master.grad is None:
-                master.grad = torch.empty_like(master)
-                fresh_dst.append(master.grad)
-                fresh_src.append(grad)
-            else:
-                acc_dst.append(master.grad)
-                acc_src.append(grad)
-        if fresh_dst:
-            # Copy, then unscale below with the FP32 params' grads. Unscaling each large FP16 grad into
-            # its master in one pass saves bytes but costs a launch per tensor: no faster on an H100.
-            torch._foreach_copy_(fresh_dst, fresh_src)
-        new, accumulating, previous = _split_new_grads(
-            stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
-        scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
-        if accumulating:
-            torch._foreach_add_(accumulating, previous)
-        scaler.unscale_add_(acc_dst, acc_src)
-        for master, grad in sparse:
-            master.grad = grad if master.grad is None else master.grad + grad
-        produced = bool(fresh_dst or acc_dst or sparse or new)
+        produced = _unscale_fast_into_masters(stash, scaler)
+        if produced is None:
+            produced = _unscale_into_masters(stash, scaler)
         stash.all_fp32_from_fp32_grad_stash = [None] * len(stash.all_fp32_from_fp32_params)
     else:
-        new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
-        new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
-        scaler.unscale_(new16 + new32)
-        produced = bool(new16 or new32)
-        if acc16 or acc32:
-            torch._foreach_add_(acc16 + acc32, prev16 + prev32)
-        stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
-        stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
-    stash._produced_grads = produced
+        produced = None
+        if not stash._grads_stashed and stash._one_group:
+            grads = [g for p in stash._model_side if (g := p.grad) is not None and not g.is_sparse]
+            if len(grads) == len(stash._model_side):  # every param got a dense grad: the usual pass
+                scaler.unscale_groups_((grads,))
+                produced = bool(grads)
+        if produced is None:
+            produced = _unscale_with_stashes(stash, scaler)
+    stash._grads_stashed = False
+    return produced
+
+
+def _unscale_fast_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> Optional[bool]:
+    """The usual O2 pass in a few multi-tensor calls; None when it does not apply (see below).
+
+    It applies when every half param got a dense grad, no master has a grad yet (no accumulation),
+    no FP32 param had a grad stashed, and masters and FP32 params share one device.
+    """
+    masters = stash.all_fp32_from_fp16_params
+    if stash._grads_stashed or not stash._one_group:
+        return None
+    grads16 = [p.grad for p in stash.all_fp16_params]
+    grads32 = [g for p in stash.all_fp32_from_fp32_params if (g := p.grad) is not None]
+    if None in grads16 or [m.grad for m in masters].count(None) != len(masters) or \
+            [g for g in grads16 + grads32 if g.is_sparse]:
+        return None
+    fresh = [torch.empty_like(m) for m in masters]
+    if fresh:
+        torch._foreach_copy_(fresh, grads16)
+        for master, grad in zip(masters, fresh):
+            master.grad = grad
+    grads = fresh + grads32
+    scaler.unscale_groups_((grads,))
+    return bool(grads)
+
+
+def _unscale_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
+    """Any O2 pass: half grads into new or accumulating master grads, sparse ones too; FP32 params'
+    grads unscaled with their stashed grads added back."""
+    _coalesce_sparse(stash.all_fp16_params)
+    fresh_dst, fresh_src, acc_dst, acc_src, sparse = [], [], [], [], []
+    for model_p, master in zip(stash.all_fp16_params, stash.all_fp32_from_fp16_params):
+        grad = model_p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            sparse.append((master, grad.float()))
+        elif master.grad is None:
+            master.grad = torch.empty_like(master)
+            fresh_dst.append(master.grad)
+            fresh_src.append(grad)
+        else:
+            acc_dst.append(master.grad)
+            acc_src.append(grad)
+    if fresh_dst:
+        # Copy, then unscale below with the FP32 params' grads. Unscaling each large FP16 grad into
+        # its master in one pass saves bytes but costs a launch per tensor: no faster on an H100.
+        torch._foreach_copy_(fresh_dst, fresh_src)
+    new, accumulating, previous = _split_new_grads(
+        stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
+    scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
+    if accumulating:
+        torch._foreach_add_(accumulating, previous)
+    scaler.unscale_add_(acc_dst, acc_src)
+    for master, grad in sparse:
+        master.grad = grad if master.grad is None else master.grad + grad
+    return bool(fresh_dst or acc_dst or sparse or new)
+
+
+def _unscale_with_stashes(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
+    """Any O1/O0 pass: the new grads unscaled, the stashed ones added back."""
+    new16, acc16, prev16 = _split_new_grads(stash.all_fp16_params, stash.all_fp16_grad_stash)
+    new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
+    scaler.unscale_(new16 + new32)
+    if acc16 or acc32:
+        torch._foreach_add_(acc16 + acc32, prev16 + prev32)
+    stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
+    stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
+    return bool(new16 or new32)
 
 
 def _master_params_to_model_params(self: Any) -> None:
-    stash = self._amp_stash
+    _copy_masters_to_model(self._amp_stash)
+
+
+def _copy_masters_to_model(stash: AmpOptimizerState) -> None:
     if stash.all_fp16_params:
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()  # torch.no_grad() without its Python context manager
+        torch._C._set_grad_enabled(False)
+        try:
             torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
 
 
 def refresh_stale_masters(optimizer: Any) -> None:
@@ -355,70 +451,152 @@ def _clear_master_grads(stash: AmpOptimizerState) -> None:
         p.grad = None
 
 
+# --- the lifecycle: scale_loss blocks and steps -------------------------------------------------------
+# The hot paths look the table up directly (TRANSITIONS[...]); a missing row means a refused or
+# impossible move, and next_state raises its error.
+
+def enter_blocks(optimizers: List[Any], prepare: bool) -> List[Any]:
+    """Move every optimizer into a ``scale_loss`` block, stashing existing grads if ``prepare``.
+
+    All are checked before any is changed (Apex's AttributeError for one that skipped ``initialize``,
+    the nesting and param-group errors), so a refused call leaves them all as they were.
+
+    Returns:
+        The optimizers whose gradients were stashed (not those still holding delayed, scaled ones).
+    """
+    for optimizer in optimizers:
+        stash = optimizer._amp_stash
+        if (stash._state, Event.ENTER) not in TRANSITIONS:
+            next_state(stash._state, Event.ENTER)
+        expected = stash._param_count
+        if expected is not None and list(map(len, map(_GROUP_PARAMS, optimizer.param_groups))) != expected:
+            check_param_groups_unchanged(optimizer)
+    prepared = []
+    for optimizer in optimizers:
+        stash = optimizer._amp_stash
+        if prepare and stash._state is not OptState.SCALED:
+            optimizer._prepare_amp_backward()
+            prepared.append(optimizer)
+        stash._entered_from, stash._state = stash._state, OptState.IN_SCALE_LOSS
+    return prepared
+
+
+def abort_blocks(optimizers: List[Any]) -> None:
+    """Return the optimizers still inside a block that raised to the state they entered it in."""
+    for optimizer in optimizers:
+        if optimizer._amp_stash._state is OptState.IN_SCALE_LOSS:
+            end_block(optimizer, Event.ABORT)
+
+
+def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Optional[torch.Tensor] = None,
+              record: Any = None) -> None:
+    """Leave the ``scale_loss`` block with ``event`` (``ABORT`` after :func:`restore_amp_backward`).
+
+    For ``EXIT_ON_DEVICE``, ``overflow_buf`` is this pass's overflow flag and ``record`` its scale update:
+    the next step hands the flag to its fused kernel. For ``EXIT_OVERFLOW``, ``loss_id`` names the loss
+    in the skip message.
+    """
+    stash = optimizer._amp_stash
+    before = stash._entered_from
+    try:
+        after = TRANSITIONS[before, event]
+    except KeyError:
+        after = next_state(before, event)
+    if after is OptState.SKIP_PENDING and before is not OptState.SKIP_PENDING:
+        stash._skip_loss_id = loss_id
+    if event is Event.EXIT_ON_DEVICE and after is OptState.OVERFLOW_ON_DEVICE:
+        if before is OptState.OVERFLOW_ON_DEVICE:
+            # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
+            # the step counts they restore by subtracting found_inf).
+            torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
+        else:
+            stash._found_inf, stash._deferred_records = overflow_buf.clamp(max=1.0), []
+        stash._deferred_records.append(record)
+    elif after not in _FLAG_STATES and stash._found_inf is not None:
+        stash._found_inf, stash._deferred_records = None, []  # the flag has no use in the new state
+    stash._state, stash._entered_from = after, None
+
+
+_FLAG_STATES = (OptState.OVERFLOW_ON_DEVICE, OptState.STEPPED_ON_DEVICE)
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or \
+            optimizer._amp_stash._verdict() is OptState.SKIP_PENDING:
+        return False
+    # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
+    # when found_inf skips that step: take the host-synced path until every buffer exists.
+    return not any(group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
+                   for group in optimizer.param_groups if "dampening" in group for p in group["params"])
+
+
+def _step_event(stash: AmpOptimizerState, state: OptState) -> Event:
+    """What this ``step()`` call is, where the state alone cannot say."""
+    if state is OptState.NO_GRADS and any(p.grad is not None for p in stash._model_side):
+        return Event.STEP_WITH_STRAY_GRADS
+    if state is OptState.STEPPED_ON_DEVICE and bool(stash._found_inf):
+        return Event.STEP_AFTER_KERNEL_SKIP  # the flag is read (one sync) only on this suspicious second step
+    return Event.STEP
+
+
 # --- the patched public methods ---------------------------------------------------------------------
 
 def _amp_step(self: Any, closure: Any = None) -> Any:
     stash = self._amp_stash
     self._opt_called = True  # what an LR scheduler's step wrapper would have recorded
-    if stash._already_patched:
-        if closure is not None:
-            raise RuntimeError(_CLOSURE_MESSAGE)
-        _skip_step(self)
-        return None
-    if closure is not None and stash._master_weights:
+    before = stash._state
+    if closure is not None and (stash._master_weights or before is OptState.SKIP_PENDING):
         raise RuntimeError(_CLOSURE_MESSAGE)
-    last_found_inf = stash._last_found_inf
-    if stash._stale_overflow_grads or (
-            last_found_inf is not None and stash._found_inf is None and bool(last_found_inf)):
-        # The fused path's flag is read (one sync) only on this suspicious second step.
-        raise RuntimeError(_STEP_AFTER_SKIP)
-    if stash._empty_exit and any(p.grad is not None for p in _model_side_params(stash)):
-        raise RuntimeError(_GRADS_OUTSIDE_SCALE_LOSS)
-    handle = active_handle()
-    if stash._master_weights:
+    event = _step_event(stash, before) if before in _LOOKS_BEFORE_STEP else Event.STEP
+    try:
+        after = TRANSITIONS[before, event]
+    except KeyError:
+        after = next_state(before, event)
+    if before is OptState.SKIP_PENDING:
+        _skip_step(self)
+        stash._state = after
+        return None
+    if stash._master_weights and not stash.lazy_init_called:
         self._amp_lazy_init()
-    original = stash._original_step or _class_method(self, "step")
-    found_inf = stash._found_inf
+    found_inf = stash._found_inf if before is OptState.OVERFLOW_ON_DEVICE else None
     if found_inf is not None:
         self.found_inf = found_inf.reshape(())  # the fused kernel leaves params and state alone where it is set
+    handle = getattr(_amp_state, "handle", None)
+    casts_device = handle._device_type if isinstance(handle, O1Scope) and handle._is_active else None
+    if casts_device is not None:
+        casts_were_on = casts_off(casts_device)
     try:
-        with handle._disable_casts() if handle is not None else contextlib.nullcontext():
+        original = stash._original_step  # e.g. an LR scheduler's wrapper; else the class's own step
+        if original is None:
+            retval = type(self).step(self) if closure is None else type(self).step(self, closure)
+        else:
             retval = original() if closure is None else original(closure)
     finally:
+        if casts_device is not None:
+            casts_back(casts_device, casts_were_on)
         if found_inf is not None:
             del self.found_inf
     if stash._master_weights:
-        self._master_params_to_model_params()
-        _clear_master_grads(stash)
-    stash._last_found_inf = found_inf
+        _copy_masters_to_model(stash)
+        for p in stash.all_fp32_from_fp16_params:
+            p.grad = None
     if found_inf is not None:
-        stash._found_inf = None
         stash._pending_steps.append(stash._deferred_records)
         stash._deferred_records = []
-    report_deferred_skips(self, block=False)
+    elif stash._found_inf is not None:
+        stash._found_inf, stash._deferred_records = None, []
+    stash._state = after
+    if stash._pending_steps:
+        report_deferred_skips(self, block=False)
     return retval
+
+
+_LOOKS_BEFORE_STEP = (OptState.NO_GRADS, OptState.STEPPED_ON_DEVICE)
 
 
 # LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
 _amp_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-
-
-_STEP_AFTER_SKIP = (
-    "optimizer.step() was called again after a step skipped for gradient overflow, with no amp.scale_loss "
-    "backward pass in between: the gradients still hold inf/NaN. Call optimizer.zero_grad() and compute new "
-    "gradients inside `with amp.scale_loss(...)` first."
-)
-_GRADS_OUTSIDE_SCALE_LOSS = (
-    "optimizer.step() found gradients that were not produced inside `with amp.scale_loss(...)`: the last "
-    "scale_loss block ended without a backward pass, so these gradients are still multiplied by the loss "
-    "scale. Call scaled_loss.backward() inside the with block."
-)
-
-
-def _model_side_params(stash: AmpOptimizerState) -> List[torch.Tensor]:
-    if stash._master_weights:
-        return stash.all_fp16_params + stash.all_fp32_from_fp32_params
-    return stash.all_fp16_params + stash.all_fp32_params
 
 
 def _skip_step(self: Any) -> None:
@@ -432,30 +610,6 @@ def _skip_step(self: Any) -> None:
         maybe_print("Gradient overflow.  Skipping step, loss scaler {} keeps its static loss scale {}".format(
             loss_id, scaler.loss_scale()))
     _clear_master_grads(stash)
-    stash._already_patched = False
-    stash._stale_overflow_grads = True
-
-
-def skips_on_device(optimizer: Any) -> bool:
-    """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False) or optimizer._amp_stash._already_patched:
-        return False
-    # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
-    # when found_inf skips that step: take the host-synced path until every buffer exists.
-    return not any(group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
-                   for group in optimizer.param_groups if "dampening" in group for p in group["params"])
-
-
-def defer_skip(optimizer: Any, overflow_buf: torch.Tensor, record: Any) -> None:
-    """Let the next ``step()`` skip on the device if this backward pass overflowed."""
-    stash = optimizer._amp_stash
-    if stash._found_inf is None:
-        stash._found_inf = overflow_buf.clamp(max=1.0)
-    else:
-        # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
-        # the step counts they restore by subtracting found_inf).
-        torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
-    stash._deferred_records.append(record)
 
 
 def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
@@ -474,32 +628,25 @@ def report_deferred_skips(optimizer: Any, block: bool = True) -> None:
                 loss_id, scale))
 
 
-def mark_skip(optimizer: Any, loss_id: int) -> None:
-    """Make the next ``optimizer.step()`` a skip (Apex's one-shot ``skip_step`` patch)."""
-    stash = optimizer._amp_stash
-    if not stash._already_patched:
-        stash._already_patched = True
-        stash._skip_loss_id = loss_id
-
-
 def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:
     """Apex's default zeroes the model grads in place; ``set_to_none=True`` drops them. Master grads: None."""
-    self._amp_lazy_init()
     stash = self._amp_stash
-    model_params = stash.all_fp16_params + stash.all_fp32_from_fp32_params
+    if not stash.lazy_init_called:
+        self._amp_lazy_init()
     if set_to_none:
-        for p in model_params:
+        for p in stash._model_side:
             p.grad = None
     else:
-        grads = [p.grad for p in model_params if p.grad is not None]
+        grads = [g for p in stash._model_side if (g := p.grad) is not None]
         for g in grads:
             if g.grad_fn is not None:
                 g.detach_()
-            else:
+            elif g.requires_grad:
                 g.requires_grad_(False)
         if grads:
             torch._foreach_zero_(grads)
-    _clear_master_grads(stash)
+    for p in stash.all_fp32_from_fp16_params:
+        p.grad = None
 
 
 def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
@@ -546,6 +693,7 @@ def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
             else:
                 stash.all_fp32_params.append(p)
                 stash.all_fp32_grad_stash.append(None)
+    _plan(stash, stash._frozen_half + [p for p in params if p.dtype in _HALF_TYPES])
     stash._param_count = _param_counts(self)
 
 

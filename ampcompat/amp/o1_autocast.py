@@ -16,7 +16,6 @@ thread-local state instead of patching torch:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -99,17 +98,9 @@ class O1Scope:
     def _clear_cache(self) -> None:
         torch.clear_autocast_cache()
 
-    @contextlib.contextmanager
-    def _disable_casts(self) -> Iterator[None]:
+    def _disable_casts(self) -> "_CastsOff":
         """Run the block with autocast off for this handle's device (and no O1 forward regions)."""
-        _tls.disabled_depth = getattr(_tls, "disabled_depth", 0) + 1
-        was_enabled = torch.is_autocast_enabled(self._device_type)
-        torch.set_autocast_enabled(self._device_type, False)
-        try:
-            yield
-        finally:
-            torch.set_autocast_enabled(self._device_type, was_enabled)
-            _tls.disabled_depth -= 1
+        return _CastsOff(self._device_type)
 
     def _deactivate(self) -> None:
         """Undo everything this handle did: autocast state, model hooks, patched functions."""
@@ -144,9 +135,41 @@ class O1Scope:
         _registry.clear()
 
 
-# --- forward regions --------------------------------------------------------------------------------
+class _CastsOff:
+    """The context manager of :meth:`O1Scope._disable_casts`."""
+
+    __slots__ = ("_device_type", "_was_enabled")
+
+    def __init__(self, device_type: str) -> None:
+        self._device_type = device_type
+
+    def __enter__(self) -> None:
+        self._was_enabled = casts_off(self._device_type)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        casts_back(self._device_type, self._was_enabled)
+
+
+def casts_off(device_type: str) -> bool:
+    """Turn autocast off for ``device_type`` in this thread, and O1's forward regions with it.
+
+    The backward inside ``scale_loss`` and ``optimizer.step`` call this pair directly (no context
+    manager object: they run on every training step). Returns what :func:`casts_back` restores.
+    """
+    _tls.disabled_depth = getattr(_tls, "disabled_depth", 0) + 1
+    was_enabled = torch.is_autocast_enabled(device_type)
+    torch.set_autocast_enabled(device_type, False)
+    return was_enabled
+
+
+def casts_back(device_type: str, was_enabled: bool) -> None:
+    """Undo :func:`casts_off`."""
+    torch.set_autocast_enabled(device_type, was_enabled)
+    _tls.disabled_depth -= 1
+
 
 def _region_stack() -> list:
+    """The forward regions open in this thread (the hooks below read ``_tls.regions`` inline)."""
     stack = getattr(_tls, "regions", None)
     if stack is None:
         stack = _tls.regions = []
@@ -157,21 +180,42 @@ def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
         return  # traced code runs under the thread's autocast state, which dynamo records and guards on
     handle = active_handle()
-    region = (
-        torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
-        if handle is not None
-        else contextlib.nullcontext()
-    )
-    region.__enter__()
-    _region_stack().append(region)
+    stack = getattr(_tls, "regions", None)
+    if stack is None:
+        stack = _tls.regions = []
+    if handle is None:
+        stack.append(None)
+    elif torch._C._is_torch_function_mode_enabled():  # e.g. torch.export: autocast must be seen entering
+        region = torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
+        region.__enter__()
+        stack.append(region)
+    else:
+        # What torch.autocast(...).__enter__ does, in C calls only (this runs on every forward).
+        device = handle._device_type
+        stack.append((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                      torch.is_autocast_cache_enabled()))
+        torch.set_autocast_enabled(device, True)
+        torch.set_autocast_dtype(device, handle._dtype)
+        torch.autocast_increment_nesting()
+        torch.set_autocast_cache_enabled(handle._enable_caching)
 
 
 def _exit_forward_region(module: torch.nn.Module, args: Any, output: Any) -> None:
     if torch.compiler.is_compiling():
         return
-    stack = _region_stack()
-    if stack:
-        stack.pop().__exit__(None, None, None)
+    stack = getattr(_tls, "regions", None)
+    if not stack:
+        return
+    region = stack.pop()
+    if type(region) is tuple:
+        device, enabled, dtype, cache_enabled = region
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, dtype)
+        torch.set_autocast_cache_enabled(cache_enabled)
+    elif region is not None:
+        region.__exit__(None, None, None)
 
 
 def _reset_in_forked_child() -> None:

@@ -1,9 +1,10 @@
-"""``amp.scale_loss`` and ``amp.disable_casts``: the per-backward state machine (spec §6).
+"""``amp.scale_loss`` and ``amp.disable_casts``: what happens around one backward pass (spec §6).
 
 Entering ``scale_loss`` stashes gradients that already exist (so only the new ones get unscaled) and
 yields ``loss.float() * scale``; leaving it unscales the new gradients into FP32 (adding the stashed
 ones back), checks them for inf/NaN, updates the scale and, on overflow, makes the next
-``optimizer.step()`` a skip. Under O1 the backward inside the block runs with autocast off.
+``optimizer.step()`` a skip (each optimizer's lifecycle: ``optimizer_lifecycle``). Under O1 the
+backward inside the block runs with autocast off.
 
 With optimizers whose fused kernel can skip a step itself (``fused=True`` Adam/AdamW/SGD), the scale
 is updated on the device and the skip happens in the kernel, so a training step needs no host sync;
@@ -13,31 +14,20 @@ whenever they are read. Otherwise the overflow flag is read once per ``scale_los
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional
+import sys
+from typing import Any, List, Optional
 
 import torch
 
-from .o1_autocast import active_handle
-from .master_weights import (
-    begin_backward,
-    check_param_groups_unchanged,
-    defer_skip,
-    mark_skip,
-    restore_amp_backward,
-    skips_on_device,
-)
+from .o1_autocast import O1Scope, casts_back, casts_off
+from .master_weights import abort_blocks, end_block, enter_blocks, restore_amp_backward, skips_on_device
+from .optimizer_lifecycle import Event
 from .process_state import _amp_state
 
 _NOT_INITIALIZED = (
     "Invoked 'with amp.scale_loss`, but internal Amp state has not been initialized.  "
     "model, optimizer = amp.initialize(model, optimizer, opt_level=...) must be called before "
     "`with amp.scale_loss`."
-)
-
-
-_NESTED = (
-    "amp.scale_loss blocks cannot be nested for the same optimizer: finish the first block (call "
-    "scaled_loss.backward() inside it) before opening another one."
 )
 
 
@@ -55,26 +45,12 @@ def _check_loss_id(loss_id: int) -> None:
             "between 0 and {}.".format(loss_id, num_losses, num_losses - 1))
 
 
-def _as_list(optimizers: Any) -> Any:
-    if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "_amp_stash"):
-        return [optimizers]
-    return optimizers
+_PASS_THROUGH, _UNSCALED, _SCALED = range(3)  # what a block does: amp disabled / static scale 1 / scaling
 
 
-def _casts_off() -> contextlib.AbstractContextManager:
-    handle = active_handle()
-    return handle._disable_casts() if handle is not None else contextlib.nullcontext()
-
-
-def _clear_cast_cache() -> None:
-    if getattr(_amp_state, "handle", None) is not None:
-        torch.clear_autocast_cache()
-
-
-@contextlib.contextmanager
-def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Optional[torch.nn.Module] = None,
-               delay_unscale: bool = False, delay_overflow_check: bool = False) -> Iterator[torch.Tensor]:
-    """Yield the scaled loss for ``backward()``; on exit, unscale, check and update (Apex's sequence).
+class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and leaving cost few calls
+    """``with amp.scale_loss(loss, optimizer) as scaled_loss:`` yields the scaled loss for ``backward()``;
+    leaving the block unscales, checks and updates (Apex's sequence).
 
     Args:
         loss: the loss tensor.
@@ -84,91 +60,116 @@ def scale_loss(loss: torch.Tensor, optimizers: Any, loss_id: int = 0, model: Opt
         delay_unscale: leave gradients scaled (accumulate several backward passes; no step between).
         delay_overflow_check: unscale but leave ``update_scale()`` (and the skip) to the caller.
 
-    Yields:
-        ``loss.float() * loss_scale``.
+    Entering returns ``loss.float() * loss_scale``.
 
     Raises:
-        RuntimeError: if ``amp.initialize`` was never called.
+        RuntimeError: on entering, if ``amp.initialize`` was never called.
     """
-    props = getattr(_amp_state, "opt_properties", None)
-    if props is None:
-        raise RuntimeError(_NOT_INITIALIZED)
-    if not props.enabled:
-        yield loss
-        return
-    _check_loss(loss)
-    _check_loss_id(loss_id)
-    optimizers = _as_list(optimizers)
-    loss_scaler = _amp_state.loss_scalers[loss_id]
-    # A dynamic scale is never read on the host here: reading it would wait for the GPU.
-    if not props.master_weights and not loss_scaler.dynamic and loss_scaler.loss_scale() == 1.0:
-        with _casts_off():
-            yield loss.float()
-        _clear_cast_cache()
-        return
 
-    prepared = _prepare(optimizers, delay_unscale)
-    try:
-        with _casts_off():
-            yield loss_scaler.scaled(loss)
-    except BaseException:
-        for optimizer in prepared:
-            restore_amp_backward(optimizer)
-        raise
-    finally:
-        for optimizer in optimizers:
-            optimizer._amp_stash._in_scale_loss = False
+    def __init__(self, loss: torch.Tensor, optimizers: Any, loss_id: int = 0,
+                 model: Optional[torch.nn.Module] = None, delay_unscale: bool = False,
+                 delay_overflow_check: bool = False) -> None:
+        self._loss = loss
+        self._optimizers = optimizers
+        self._loss_id = loss_id
+        self._delay_unscale = delay_unscale
+        self._delay_overflow_check = delay_overflow_check
 
+    def __enter__(self) -> torch.Tensor:
+        props = getattr(_amp_state, "opt_properties", None)
+        if props is None:
+            raise RuntimeError(_NOT_INITIALIZED)
+        loss = self._loss
+        if not props.options["enabled"]:
+            self._kind = _PASS_THROUGH
+            return loss
+        if not (isinstance(loss, torch.Tensor) and loss.is_floating_point()):
+            _check_loss(loss)
+        loss_id = self._loss_id
+        if not 0 <= loss_id < len(_amp_state.loss_scalers):
+            _check_loss_id(loss_id)
+        optimizers = self._optimizers
+        if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "_amp_stash"):
+            optimizers = [optimizers]
+        self._optimizers = optimizers
+        self._scaler = scaler = _amp_state.loss_scalers[loss_id]
+        # A dynamic scale is never read on the host here: reading it would wait for the GPU.
+        if not props.options["master_weights"] and not scaler.dynamic and scaler.loss_scale() == 1.0:
+            self._kind = _UNSCALED
+            self._prepared = ()
+        else:
+            self._kind = _SCALED
+            self._prepared = enter_blocks(optimizers, not self._delay_unscale and isinstance(optimizers, list))
+        # The backward inside the block runs without O1's casts.
+        handle = getattr(_amp_state, "handle", None)
+        if isinstance(handle, O1Scope) and handle._is_active:
+            self._casts_device = handle._device_type
+            self._casts_were_on = casts_off(self._casts_device)
+        else:
+            self._casts_device = None
+        try:
+            return loss.float() if self._kind == _UNSCALED else scaler.scaled(loss)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> bool:
+        kind = self._kind
+        if kind == _PASS_THROUGH:
+            return False
+        if self._casts_device is not None:
+            casts_back(self._casts_device, self._casts_were_on)
+        if exc_type is not None:
+            for optimizer in self._prepared:
+                restore_amp_backward(optimizer)
+            if kind == _SCALED:
+                abort_blocks(self._optimizers)
+            return False
+        if kind == _SCALED:
+            try:
+                _unscale_and_update(self._scaler, self._optimizers, self._loss_id, self._delay_unscale,
+                                    self._delay_overflow_check)
+            except BaseException:
+                abort_blocks(self._optimizers)
+                raise
+        if getattr(_amp_state, "handle", None) is not None:
+            torch.clear_autocast_cache()
+        return False
+
+
+def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_unscale: bool,
+                        delay_overflow_check: bool) -> None:
+    """Leaving the block: unscale the new grads, update the scale, and tell each optimizer how it ended."""
     if delay_unscale:
         for optimizer in optimizers:
-            optimizer._amp_stash.params_have_scaled_gradients = True
-    else:
-        _unscale_and_update(loss_scaler, optimizers, loss_id, delay_overflow_check)
-    _clear_cast_cache()
-
-
-def _prepare(optimizers: List[Any], delay_unscale: bool) -> List[Any]:
-    """Check every optimizer, then stash their existing grads; returns the ones whose grads were stashed.
-
-    Every optimizer is checked before any is changed (Apex's AttributeError for one that skipped
-    ``initialize``), so a refused call leaves them all as they were.
-    """
-    stashes = [optimizer._amp_stash for optimizer in optimizers]
-    if any(stash._in_scale_loss for stash in stashes):
-        raise RuntimeError(_NESTED)
-    for optimizer in optimizers:
-        check_param_groups_unchanged(optimizer)
-    prepared = []
-    if not delay_unscale and isinstance(optimizers, list):
-        for optimizer in optimizers:
-            if not optimizer._amp_stash.params_have_scaled_gradients:
-                optimizer._prepare_amp_backward()
-                prepared.append(optimizer)
-    for stash in stashes:
-        begin_backward(stash)
-    return prepared
-
-
-def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_overflow_check: bool) -> None:
-    """Leaving the block: unscale the new grads, then update the scale and arrange the skip on overflow."""
-    loss_scaler.clear_overflow_state()
-    for optimizer in optimizers:
-        optimizer._post_amp_backward(loss_scaler)
-        optimizer._amp_stash.params_have_scaled_gradients = False
-    empty = not any(optimizer._amp_stash._produced_grads for optimizer in optimizers)
-    for optimizer in optimizers:
-        optimizer._amp_stash._empty_exit = empty
-    if delay_overflow_check:
+            end_block(optimizer, Event.EXIT_DELAYED)
         return
-    if loss_scaler.can_defer() and all(skips_on_device(o) for o in optimizers):
+    loss_scaler.clear_overflow_state()
+    produced = False
+    for optimizer in optimizers:
+        produced = optimizer._post_amp_backward(loss_scaler) or produced
+    record = None
+    if delay_overflow_check:
+        event = Event.EXIT_CLEAN
+    elif _kernels_skip(optimizers) and loss_scaler.can_defer():
         # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
         record = loss_scaler.update_scale_on_device()
-        for optimizer in optimizers:
-            defer_skip(optimizer, loss_scaler._overflow_buf, record)
+        event = Event.EXIT_ON_DEVICE
+    else:
+        event = Event.EXIT_OVERFLOW if loss_scaler.update_scale() else Event.EXIT_CLEAN
+    if event is not Event.EXIT_OVERFLOW and not produced:
+        event = Event.EXIT_NO_GRADS
+    for optimizer in optimizers:
+        end_block(optimizer, event, loss_id, loss_scaler._overflow_buf, record)
+    if record is not None:
         loss_scaler.resolve(block=False)
-    elif loss_scaler.update_scale():
-        for optimizer in optimizers:
-            mark_skip(optimizer, loss_id)
+
+
+def _kernels_skip(optimizers: List[Any]) -> bool:
+    for optimizer in optimizers:
+        if not (getattr(optimizer, "_step_supports_amp_scaling", False) and skips_on_device(optimizer)):
+            return False
+    return True
 
 
 def disable_casts() -> contextlib.AbstractContextManager:

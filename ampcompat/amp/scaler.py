@@ -178,11 +178,13 @@ class LossScaler:
         Returns:
             True if the gradients of this backward pass held inf/NaN and the step must be skipped.
         """
-        self.resolve()
-        if not self._has_overflow and self._overflow_buf is not None and self.checks_overflow():
-            self._has_overflow = bool(self._overflow_buf.item())
+        if self._records:
+            self.resolve()
         scale, unskipped = self._scale_host, self._unskipped_host
-        if self._has_overflow and self.checks_overflow():
+        checks = self.dynamic or scale != 1.0
+        if not self._has_overflow and self._overflow_buf is not None and checks:
+            self._has_overflow = bool(self._overflow_buf.item())
+        if self._has_overflow and checks:
             should_skip = True
             unskipped = 0
             if self.dynamic:
@@ -196,8 +198,12 @@ class LossScaler:
         if unskipped == self._scale_seq_len and self.dynamic:
             scale = min(self._max_loss_scale, scale * self._scale_factor)
             unskipped = 0
-        self._loss_scale, self._unskipped = scale, unskipped
-        self._warn_if_below_one(scale)
+        self._scale_host, self._unskipped_host = scale, unskipped
+        if self._scale_t is not None:  # a device copy exists (the deferred path was used before)
+            self._scale_t.fill_(scale)
+            self._tracker_t.fill_(unskipped)
+        if scale < 1.0:
+            self._warn_if_below_one(scale)
         return should_skip
 
     # --- the deferred path: no host sync per backward pass ----------------------------------------
@@ -267,8 +273,7 @@ class LossScaler:
         return torch.zeros(1, dtype=torch.float32, device=device)
 
     def _merge_flag(self, flag: torch.Tensor) -> None:
-        if flag is not self._overflow_buf:
-            self._overflow_buf.add_(flag.to(self._overflow_buf.device, self._overflow_buf.dtype))
+        self._overflow_buf.add_(flag.to(self._overflow_buf.device, self._overflow_buf.dtype))
 
     def _inv_scale(self, device: torch.device, scale: float) -> torch.Tensor:
         """``1/scale`` as a one-element device tensor, refilled in place when the scale changes.
@@ -289,11 +294,17 @@ class LossScaler:
         """Divide ``grads`` in place by the scale and record inf/NaN in the overflow flag.
 
         Args:
-            grads: gradient tensors (any floating dtype, any mix of devices).
+            grads: gradient tensors (any floating dtype, any mix of devices, sparse ones coalesced).
             scale: the scale the gradients carry; defaults to the current scale.
         """
-        if not grads:
-            return
+        if grads:
+            self.unscale_groups_(list(_group_by_device_and_dtype(_dense(grads)).values()), scale)
+
+    def unscale_groups_(self, groups: Sequence[List[torch.Tensor]], scale: Optional[float] = None) -> None:
+        """:meth:`unscale_` for dense gradients already grouped by (device, dtype): one launch per group.
+
+        The optimizers group their parameters once, at lazy init, and call this on every backward pass.
+        """
         if scale is None and self._scale_t is not None:
             inv_on_device = torch.reciprocal(self._scale_t.double()).float()
         else:
@@ -301,12 +312,18 @@ class LossScaler:
             scale = self._scale_host if scale is None else scale
             if scale == 1.0 and not self.checks_overflow():
                 return
-        for (device, _), group in _group_by_device_and_dtype(_dense(grads)).items():
-            flag = self._flag_for(device)
-            if inv_on_device is not None:
-                inv = inv_on_device.to(device)
+        for group in groups:
+            if not group:
+                continue
+            device = group[0].device
+            flag = self._overflow_buf  # the usual flag and 1/scale are taken without a call
+            if flag is None or flag.device != device or flag.dtype != torch.float32 or flag.shape != (1,):
+                flag = self._flag_for(device)
+            if inv_on_device is None:
+                cached = self._inv_scale_cache.get((device, scale == 1.0))
+                inv = cached[1] if cached is not None and cached[0] == scale else self._inv_scale(device, scale)
             else:
-                inv = self._inv_scale(device, scale)
+                inv = inv_on_device.to(device)
             if group[0].dtype == torch.bfloat16:
                 # The fused check has no bf16 kernel on CUDA: work on FP32 copies (bf16 -> FP32 is exact).
                 work = [g.float() for g in group]
@@ -314,7 +331,8 @@ class LossScaler:
                 torch._foreach_copy_(group, work)
             else:
                 torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
-            self._merge_flag(flag)
+            if flag is not self._overflow_buf:
+                self._merge_flag(flag)
 
     def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         """``dst[i] += src[i] / scale``, checking only the incoming ``src`` for inf/NaN (as Apex)."""
