@@ -34,6 +34,15 @@ def test_applier_forwards_to_op_with_its_chunk_size():
     assert MultiTensorApply(128)(lambda *a: a[0], buf, lists) == 128
 
 
+def test_multi_tensor_apply_keeps_apexs_package_layout():
+    """Apex code imports the class from the submodule: `from apex.multi_tensor_apply.multi_tensor_apply import ...`."""
+    import ampcompat.multi_tensor_apply as package
+    from ampcompat.multi_tensor_apply.multi_tensor_apply import MultiTensorApply as from_submodule
+
+    assert from_submodule is MultiTensorApply and type(multi_tensor_applier) is from_submodule
+    assert package.multi_tensor_apply.__name__ == "ampcompat.multi_tensor_apply.multi_tensor_apply"
+
+
 # --- multi_tensor_scale ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", [

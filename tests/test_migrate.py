@@ -224,7 +224,7 @@ def test_json_report_matches_the_scan(capsys):
 
 def test_check_fails_on_unsupported_uses_and_unreadable_files(capsys, tmp_path):
     assert run_main([FIXTURES / "simple_o1.py", "--check"], capsys)[0] == 0
-    assert run_main([FIXTURES / "bert_style.py", "--check"], capsys)[0] == 1  # apex_C is not supported
+    assert run_main([FIXTURES / "bert_style.py", "--check"], capsys)[0] == 1  # apex.contrib.sparsity is refused
     assert run_main([FIXTURES / "py2_syntax_error.py", FIXTURES / "simple_o1.py", "--check"], capsys)[0] == 1
     assert run_main([FIXTURES], capsys)[0] == 0  # without --check the report never fails
 
@@ -345,7 +345,7 @@ def test_usage_errors_exit_2(capsys):
 
 @pytest.mark.parametrize("command, script, code", [
     (["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0),
-    (["-m", "ampcompat", "migrate"], "bert_style.py", 1),  # --check: apex_C is not supported
+    (["-m", "ampcompat", "migrate"], "bert_style.py", 1),  # --check: apex.contrib.sparsity is refused
 ])
 def test_module_entry_points(command, script, code):
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -374,11 +374,12 @@ def test_write_changes_only_import_lines_and_is_idempotent(capsys, tmp_path):
         changed = {i + 1 for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b}
         assert changed <= import_lines(old) & import_lines(new), name
         remaining = [u for u in scan(load_source(str(folder / name))).uses if u.kind == "import" and u.via == "apex"]
-        assert [u.api for u in remaining] == (["apex_C"] if name == "bert_style.py" else []), name
+        assert [u.api for u in remaining] == (["apex.contrib.sparsity.ASP"] if name == "bert_style.py" else []), name
     for name in BAD_FILES:
         assert (folder / name).read_bytes() == (FIXTURES / name).read_bytes()
-    note = "left `import apex_C` unchanged: ampcompat does not provide `apex_C`"
-    assert f"{folder / 'bert_style.py'}:29:9: {note}" in out
+    note = "left `from apex.contrib.sparsity import ...` unchanged: apex.contrib.sparsity is not provided by ampcompat"
+    assert f"{folder / 'bert_style.py'}:19:5: {note}" in out
+    assert "import ampcompat.apex_C as apex_C  # expect" in (folder / "bert_style.py").read_text()
 
     snapshot = {p.name: p.read_bytes() for p in folder.iterdir()}
     code, out, _ = run_main([folder, "--write"], capsys)
@@ -429,16 +430,31 @@ def test_write_preserves_every_other_byte(capsys, tmp_path):
 
 def test_write_keeps_what_ampcompat_lacks_and_says_why(capsys, tmp_path):
     path = tmp_path / "partial.py"
-    text = "import apex_C\nfrom apex.contrib.optimizers import FP16_Optimizer\nfrom apex import amp, contrib\n"
+    text = ("import apex.transformer\nfrom apex.contrib.sparsity import ASP\nfrom apex.contrib import sparsity\n"
+            "from apex import amp, transformer\nfrom apex import amp, bogus\n")
     path.write_text(text)
     code, out, _ = run_main([path, "--write"], capsys)
     assert code == 0 and path.read_text() == text
-    assert out.splitlines()[:3] == [
-        f"{path}:1:1: left `import apex_C` unchanged: ampcompat does not provide `apex_C`",
-        f"{path}:2:1: left `from apex.contrib.optimizers import ...` unchanged: ampcompat does not provide "
-        "`apex.contrib`",
-        f"{path}:3:1: left `from apex import ...` unchanged: `contrib` is not in ampcompat; split the import",
-    ]
+    refused = "{} is not provided by ampcompat: ".format
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{path}:1:1: left `import apex.transformer` unchanged: {refused('apex.transformer')}")
+    assert lines[1].startswith(f"{path}:2:1: left `from apex.contrib.sparsity import ...` unchanged: "
+                               f"{refused('apex.contrib.sparsity')}")
+    assert lines[2].startswith(f"{path}:3:1: left `from apex.contrib import ...` unchanged: "
+                               f"{refused('apex.contrib.sparsity')}")
+    assert lines[3].startswith(f"{path}:4:1: left `from apex import ...` unchanged: {refused('apex.transformer')}")
+    assert lines[4] == f"{path}:5:1: left `from apex import ...` unchanged: `bogus` is not in ampcompat; split the import"
+    assert all("Use " in line and " instead" in line for line in lines[:4])  # the replacement is named
+
+
+def test_write_points_the_new_surfaces_at_ampcompat(capsys, tmp_path):
+    path = tmp_path / "new.py"
+    path.write_text("import apex_C\nfrom apex.contrib.xentropy import SoftmaxCrossEntropyLoss\n"
+                    "from apex import mlp, fused_dense, contrib\nimport apex.contrib.optimizers as contrib_optim\n")
+    assert run_main([path, "--write"], capsys)[0] == 0
+    assert path.read_text().splitlines()[1:] == [
+        "import ampcompat.apex_C as apex_C", "from ampcompat.contrib.xentropy import SoftmaxCrossEntropyLoss",
+        "from ampcompat import mlp, fused_dense, contrib", "import ampcompat.contrib.optimizers as contrib_optim"]
 
 
 @pytest.mark.parametrize("statement, expression, target", [
@@ -558,7 +574,7 @@ def test_to_native_simple_o1_output(tmp_path, capsys):
                         "several optimizers"]),
     ("bert_style.py", ["opt_level O2 keeps FP16 model weights", "touches amp's private state",
                        "uses `_amp_stash`, which amp adds to optimizers", "overrides one of O1's properties "
-                       "(cast_model_outputs)", "`apex_C.unflatten`: ampcompat does not provide `apex_C`"]),
+                       "(cast_model_outputs)", "no mechanical rewrite of `apex_C.unflatten`"]),
     ("hf_trainer_style.py", ["opt_level is only known at run time", "under autocast, FusedLayerNorm returned"]),
     ("timm_style.py", ["amp.initialize runs elsewhere", "uses the amp module itself as a value"]),
     ("fp16_optimizer_style.py", ["no mechanical rewrite of `apex.fp16_utils.FP16_Optimizer`"]),
@@ -571,13 +587,14 @@ def test_to_native_leaves_todos_and_drops_nothing(tmp_path, name, reasons):
     todo_text = " ".join(c.split("TODO(ampcompat): ", 1)[-1].lstrip("# ") for c in comments if c.startswith("#"))
     for reason in reasons:
         assert reason in " ".join(todo_text.split()), reason
-    assert len(result.notes) == sum(c.startswith("# TODO(ampcompat): ") for c in comments)
+    todo_notes = [n for n in result.notes if n.message.startswith("TODO(ampcompat): ")]
+    assert len(todo_notes) == sum(c.startswith("# TODO(ampcompat): ") for c in comments)
     # Every use is either rewritten to torch or still there (now through ampcompat).
     remaining = collections.Counter(u.api for u in scan_text(tmp_path, result.text).uses if u.kind != "import")
     before = collections.Counter(u.api for u in original.uses if u.kind != "import")
     assert sum(before.values()) - sum(remaining.values()) == result.converted
     assert all(remaining[api] <= count for api, count in before.items())
-    not_imported = ("optimizer.", "apex_C", "apex.amp.init()")  # attributes, a module ampcompat lacks, a handle
+    not_imported = ("optimizer.", "apex.amp.init()")  # attributes amp adds, a handle
     assert all(u.via == "ampcompat" or u.api.startswith(not_imported) or u.kind == "string"
                for u in scan_text(tmp_path, result.text).uses if u.kind != "import")
 
@@ -601,7 +618,8 @@ def native(tmp_path, source):
     path = tmp_path / "snippet.py"
     path.write_text(textwrap.dedent(source))
     result = to_native(scan(load_source(str(path))))
-    return result.text, [note.message.split("TODO(ampcompat): ", 1)[1] for note in result.notes]
+    return result.text, [note.message.split("TODO(ampcompat): ", 1)[1] for note in result.notes
+                         if note.message.startswith("TODO(ampcompat): ")]
 
 
 def test_fused_adam_becomes_adamw_with_apex_defaults(tmp_path):

@@ -26,6 +26,8 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ampcompat._not_provided import NOT_PROVIDED
+
 from . import provided
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 
@@ -132,6 +134,19 @@ _ENTRIES: Tuple[Entry, ...] = (
           "the GradScaler's public API: `scaler.get_scale()`, `scaler.update(new_scale=...)`",
           "private state kept under Apex's names (`loss_scalers[i]._loss_scale`, `opt_properties`, ...)"),
     Entry("apex.amp.scaler", "module", _S, "`torch.amp.grad_scaler`"),
+    Entry("apex.amp.amp", "module", _S, "—", "Apex's module of `init` and the registration functions"),
+    Entry("apex.amp.frontend", "module", _S, "—", "`initialize`, `state_dict`, `Properties` and the opt-level table"),
+    Entry("apex.amp.handle", "module", _S, "—", "`scale_loss`, `disable_casts` and the old handle classes"),
+    Entry("apex.amp.opt", "module", _S, "—", "the old API's `OptimWrapper`"),
+    Entry("apex.amp._process_optimizer", "module", _S, "—"),
+    Entry("apex.amp._initialize", "module", _U, "—",
+          "Apex's internal casting helpers; ampcompat implements `initialize` differently and has no such module"),
+    Entry("apex.amp.utils", "module", _U, "—", "Apex's internal cast-cache helpers; not part of ampcompat"),
+    Entry("apex.amp.wrap", "module", _U, "—", "Apex's function-patching wrappers; O1 uses native autocast instead"),
+    Entry("apex.amp.compat", "module", _U, "—", "Apex's PyTorch-version shims; not needed on PyTorch 2"),
+    Entry("apex.amp.rnn_compat", "module", _U, "—", "Apex's RNN patching helpers; O1 uses native autocast instead"),
+    Entry("apex.amp.lists", "module", _U, "`torch.autocast`'s op lists",
+          "Apex's O1 op lists; native autocast has its own (see Behaviour that differs)"),
     Entry("apex.amp.scaler.LossScaler", "class", _S, "`torch.amp.GradScaler`",
           "old pickles naming `apex.amp.scaler.LossScaler` load through the import alias"),
     Entry("optimizer._amp_stash", "attribute", _S, "none (GradScaler keeps no per-optimizer stash)",
@@ -188,6 +203,10 @@ _ENTRIES: Tuple[Entry, ...] = (
           "`torch.distributed.all_reduce` on `torch._utils._flatten_dense_tensors(tensors)`"),
     Entry("apex.parallel.sync_batchnorm", "module", _S, "—"),
     Entry("apex.parallel.optimized_sync_batchnorm", "module", _S, "`torch.nn.SyncBatchNorm`"),
+    Entry("apex.parallel.sync_batchnorm_kernel", "module", _U, "`torch.nn.SyncBatchNorm`",
+          "Apex's autograd function behind the Python SyncBatchNorm; use the module instead"),
+    Entry("apex.parallel.optimized_sync_batchnorm_kernel", "module", _U, "`torch.nn.SyncBatchNorm`",
+          "Apex's CUDA-kernel autograd function; use the module instead"),
     Entry("apex.parallel.multiproc", "module", _S, "`torchrun --nproc_per_node=N script.py`",
           "Apex's one-process-per-GPU launcher, run as `python -m ampcompat.parallel.multiproc`"),
     # --- apex.optimizers ------------------------------------------------------------------------
@@ -205,8 +224,20 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", Verdict.UNSUPPORTED, "none in torch",
           "constructing it raises NotImplementedError: use ampcompat.optimizers.FusedLAMB with amp O2 master "
           "weights or torch.amp.GradScaler"),
+    Entry("apex.optimizers.FP16_Optimizer", "class", _S,
+          "FP32 model + `torch.autocast` + `torch.amp.GradScaler` (or `amp.initialize(opt_level='O2')`)",
+          "the wrapper Apex had until September 2019: flat FP32 master per param group, its own loss scaler"),
+    Entry("apex.optimizers.fused_adam", "module", _S, "—"),
+    Entry("apex.optimizers.fused_lamb", "module", _S, "—"),
+    Entry("apex.optimizers.fused_sgd", "module", _S, "—"),
+    Entry("apex.optimizers.fused_novograd", "module", _S, "—"),
+    Entry("apex.optimizers.fused_adagrad", "module", _S, "—"),
+    Entry("apex.optimizers.fused_mixed_precision_lamb", "module", _S, "—",
+          "the module imports; its `FusedMixedPrecisionLamb` is not supported"),
     # --- apex.normalization ---------------------------------------------------------------------
     Entry("apex.normalization", "module", _S, "`torch.nn`"),
+    Entry("apex.normalization.fused_layer_norm", "module", _S, "`torch.nn` / `torch.nn.functional`",
+          "where 2019-era BERT code imported `FusedLayerNorm` from; also the functional forms"),
     Entry("apex.normalization.FusedLayerNorm", "class", _S,
           "`torch.nn.LayerNorm` (same parameters and state_dict; under autocast its output is FP32, "
           "not the autocast dtype)",
@@ -219,6 +250,8 @@ _ENTRIES: Tuple[Entry, ...] = (
           "`torch.nn.RMSNorm`, output cast to the parameter dtype"),
     # --- apex.multi_tensor_apply / amp_C ---------------------------------------------------------
     Entry("apex.multi_tensor_apply", "module", _S, "`torch._foreach_*`"),
+    Entry("apex.multi_tensor_apply.multi_tensor_apply", "module", _S, "`torch._foreach_*`",
+          "the submodule Apex defined `MultiTensorApply` in"),
     Entry("apex.multi_tensor_apply.multi_tensor_applier", "object", _S, "call the `torch._foreach_*` op directly",
           "always available: every op runs on `torch._foreach_*` kernels on any device"),
     Entry("apex.multi_tensor_apply.MultiTensorApply", "class", _S, "call the `torch._foreach_*` op directly"),
@@ -252,16 +285,49 @@ _ENTRIES: Tuple[Entry, ...] = (
           "not provided (raises NotImplementedError): use `multi_tensor_l2norm` then `multi_tensor_scale`"),
     Entry("amp_C.multi_tensor_lars", "function", _U, "`torch.optim.SGD` with a LARS trust ratio",
           "not provided (raises NotImplementedError): use SGD inside `apex.parallel.LARC.LARC`"),
-    # --- outside ampcompat's scope ----------------------------------------------------------------
-    Entry("apex_C", "module", _U, "`torch._utils._flatten_dense_tensors` / `_unflatten_dense_tensors`",
-          "Apex's compiled flatten/unflatten helpers are not part of ampcompat"),
-    Entry("apex.contrib", "module", _U, "—",
-          "apex.contrib is still part of current Apex (build Apex for it); ampcompat does not provide it"),
-    Entry("apex.transformer", "module", _U, "—",
-          "apex.transformer is still part of current Apex; ampcompat does not provide it"),
-    Entry("apex.mlp", "module", _U, "a stack of `torch.nn.Linear`", "still part of current Apex; not in ampcompat"),
-    Entry("apex.fused_dense", "module", _U, "`torch.nn.Linear`", "still part of current Apex; not in ampcompat"),
-    Entry("apex.RNN", "module", _U, "`torch.nn.LSTM` / `GRU` / `RNN`", "removed from Apex with amp; not in ampcompat"),
+    # --- apex_C, apex.mlp, apex.fused_dense -------------------------------------------------------
+    Entry("apex_C", "module", _S, "`torch._utils._flatten_dense_tensors` / `_unflatten_dense_tensors`",
+          "a Python module of the same name: `import apex_C` becomes `import ampcompat.apex_C as apex_C`"),
+    Entry("apex_C.flatten", "function", _S, "`torch._utils._flatten_dense_tensors(tensors)`",
+          "an empty list or mixed dtypes/devices raise a clear error"),
+    Entry("apex_C.unflatten", "function", _S, "`torch._utils._unflatten_dense_tensors(flat, tensors)`"),
+    Entry("apex.mlp", "module", _S, "a stack of `torch.nn.Linear` + activation"),
+    Entry("apex.mlp.MLP", "class", _S, "`torch.nn.Sequential(Linear, ReLU, ...)`",
+          "parameters `weight_i`/`bias_i` as in Apex; the activation follows every layer, the last too"),
+    Entry("apex.fused_dense", "module", _S, "`torch.nn.Linear`"),
+    Entry("apex.fused_dense.FusedDense", "class", _S, "`torch.nn.Linear`", "parameters uninitialised, as in Apex"),
+    Entry("apex.fused_dense.FusedDenseGeluDense", "class", _S,
+          "`Linear` -> `F.gelu(approximate='tanh')` -> `Linear`", "parameters uninitialised, as in Apex"),
+    # --- apex.contrib -----------------------------------------------------------------------------
+    Entry("apex.contrib", "module", _D, "—",
+          "ampcompat provides the contrib modules real code uses (rows below); the rest raise "
+          "ModuleNotFoundError at import, naming their native replacement"),
+    Entry("apex.contrib.xentropy", "module", _S, "`torch.nn.functional.cross_entropy`"),
+    Entry("apex.contrib.xentropy.SoftmaxCrossEntropyLoss", "class", _S,
+          "`F.cross_entropy(logits.float(), labels, reduction='none', label_smoothing=s, ignore_index=padding_idx)`",
+          "`SoftmaxCrossEntropyLoss.apply(logits, labels, smoothing, padding_idx, half_to_float)`: FP32 losses, "
+          "0 on padding rows, the logits' gradient in their dtype"),
+    Entry("apex.contrib.optimizers", "module", _S, "`torch.optim`"),
+    Entry("apex.contrib.optimizers.FP16_Optimizer", "class", _S,
+          "FP32 model + `torch.autocast` + `torch.amp.GradScaler`",
+          "FP32 master per parameter and its own loss scaler (2**16, x2 every 1000 clean iterations); "
+          "drives contrib FusedAdam/FusedSGD through `step(grads, output_params, scale, grad_norms)`"),
+    Entry("apex.contrib.optimizers.FusedAdam", "class", _D, "`torch.optim.Adam` (+ `clip_grad_norm_`)",
+          "the 2019 FusedAdam: `eps` not bias-corrected, decay added to the update and scaled by the step size, "
+          "`max_grad_norm` clipping per param group; `use_mt`/`amp_scale_adjustment` have no effect"),
+    Entry("apex.contrib.optimizers.FusedSGD", "class", _S, "`torch.optim.SGD`",
+          "also steps without FP16_Optimizer (Apex raised)"),
+    Entry("apex.contrib.optimizers.FusedLAMB", "class", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)",
+          "does not write the update into `.grad` as Apex's kernel did"),
+    Entry("apex.contrib.clip_grad.clip_grad_norm_", "function", _S, "`torch.nn.utils.clip_grad_norm_`"),
+    Entry("apex.contrib.group_norm.GroupNorm", "class", _S, "`torch.nn.GroupNorm` (+ `F.silu` for `act='silu'`)",
+          "FP32 math, output in the input's dtype, any layout and group count; an unknown `act` raises"),
+    Entry("apex.contrib.layer_norm.FastLayerNorm", "class", _S,
+          "`torch.nn.LayerNorm(hidden_size)`, output cast to the weight's dtype"),
+    Entry("apex.contrib.focal_loss", "module", _S, "`torchvision.ops.sigmoid_focal_loss`",
+          "`focal_loss.focal_loss(...)` / `focal_loss.FocalLoss.apply(...)`; labels -2 ignored, -1 background"),
+    # --- the Apex modules ampcompat refuses at import: its error's own text (what it was, the replacement)
+    *(Entry(name, "module", _U, instead, what) for name, (what, instead) in NOT_PROVIDED.items()),
 )
 
 ENTRIES: Dict[str, Entry] = {entry.name: entry for entry in _ENTRIES}
@@ -273,6 +339,9 @@ NATIVE_BINDINGS: Dict[str, str] = {
     "apex.parallel.convert_syncbn_model": "torch.nn.SyncBatchNorm.convert_sync_batchnorm",
     "apex.parallel.ReduceOp": "torch.distributed.ReduceOp",
     "apex.fp16_utils.clip_grad_norm": "torch.nn.utils.clip_grad_norm_",
+    "apex.contrib.clip_grad.clip_grad_norm_": "torch.nn.utils.clip_grad_norm_",
+    "apex_C.flatten": "torch._utils._flatten_dense_tensors",
+    "apex_C.unflatten": "torch._utils._unflatten_dense_tensors",
 }
 """Torch objects that can stand in for an Apex name wherever the name is used (same call signature for
 the arguments Apex code passes, same results): ``--to-native`` binds a name it must keep to these.
@@ -294,6 +363,7 @@ GROUPS: Tuple[Tuple[str, str], ...] = (
     ("apex.optimizers", "`apex.optimizers`"),
     ("apex.normalization", "`apex.normalization`"),
     ("apex.multi_tensor_apply", "`apex.multi_tensor_apply` and `amp_C`"),
+    ("apex.contrib", "`apex.contrib`"),
     ("other", "Other Apex modules"),
 )
 """Sections of the guide's status tables: (group key, heading)."""
@@ -315,7 +385,7 @@ def ampcompat_module(apex_module: str) -> Optional[str]:
     """The ampcompat module that stands in for an Apex module path, or ``None`` if there is none.
 
     ``apex`` -> ``ampcompat``; ``apex.parallel.LARC`` -> ``ampcompat.parallel.LARC``;
-    ``amp_C`` -> ``ampcompat.amp_C``; ``apex.contrib`` -> ``None`` unless the import alias maps it.
+    ``amp_C`` -> ``ampcompat.amp_C``; ``apex.foo`` -> ``None`` (the import alias maps no ``foo``).
     The module may still be one that refuses to import (see :func:`provided.lookup`).
     """
     return provided.ampcompat_module_name(apex_module)
@@ -353,6 +423,19 @@ def provided_module(apex_path: str) -> Tuple[Optional[str], str]:
     if target is None or not found.found:
         return None, found.problem or f"ampcompat does not provide `{apex_path}`"
     return target, ""
+
+
+def refused_import(module: str, name: Optional[str] = None) -> str:
+    """The error ampcompat raises for ``import module`` (or ``from module import name``) when that
+    imports an Apex module ampcompat refuses (``apex.transformer``, ``apex.contrib.sparsity``), else ``""``.
+
+    The rewrites leave such imports as they were: pointed at ampcompat they would fail the same way.
+    """
+    if name is None or name == "*":
+        found = provided.lookup(module, module)
+    else:
+        found = provided.lookup(f"{module}.{name}", module)
+    return found.problem if found.refused else ""
 
 
 @dataclass(frozen=True)
@@ -425,7 +508,9 @@ def resolve(qualname: str, call: Optional[ast.Call] = None, module: Optional[str
     found = provided.lookup(qualname, module)
     if not found.found:
         entry = _catalogued_prefix(qualname)
-        advice = f"; {entry.note}" if entry is not None and entry.note and entry.verdict is _U else ""
+        advice = ""
+        if entry is not None and entry.note and entry.verdict is _U and entry.note not in found.problem:
+            advice = f"; {entry.note}"
         return Resolution(qualname, entry, _U, found.problem + advice, entry.native if entry else "—")
     api = _canonical_name(qualname, found)
     entry = ENTRIES.get(api)
@@ -481,8 +566,29 @@ def _is_static_scale_above_one(value: object) -> bool:
         return False
 
 
+_FUSED_ADAM_2019_NOTE = (
+    "the 2019 keywords (`eps_inside_sqrt`, `max_grad_norm`) select that era's arithmetic, as Apex had it until "
+    "September 2019: `eps` added to the un-bias-corrected `sqrt(v)`, weight decay scaled by the step size, "
+    "`max_grad_norm` clipping per param group (native: `torch.optim.Adam` + `clip_grad_norm_` per group)"
+)
+
+
+def _refine_fused_adam(call: ast.Call) -> Tuple[Verdict, str]:
+    # Keywords only: the 2019 positional order (eps_inside_sqrt 6th) is not today's.
+    legacy = [literal_value(argument(call, name)) for name in ("eps_inside_sqrt", "max_grad_norm")]
+    if not any(value is NOT_LITERAL or (value is not None and value) for value in legacy):
+        return _S, ENTRIES["apex.optimizers.FusedAdam"].note
+    todays = {"adam_w_mode": False, "capturable": True, "master_weights": True}
+    clashing = [name for name, value in todays.items() if literal_value(argument(call, name)) is value]
+    if clashing:
+        return _U, (f"`eps_inside_sqrt`/`max_grad_norm` (the 2019 API) with `{clashing[0]}={todays[clashing[0]]}` "
+                    "(today's API): ampcompat raises ValueError; drop one of them")
+    return _S, _FUSED_ADAM_2019_NOTE
+
+
 _REFINERS: Dict[str, Callable[[ast.Call], Tuple[Verdict, str]]] = {
     "apex.amp.initialize": _refine_initialize,
+    "apex.optimizers.FusedAdam": _refine_fused_adam,
 }
 
 
@@ -511,61 +617,32 @@ def markdown_tables() -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-# ==== appended by branch `contrib` (issue 18): apex.contrib, apex.mlp, apex.fused_dense, the 2019 optimizer API ====
-# Rows for the names ampcompat now provides, and for the Apex modules it refuses at import (their
-# text comes from ampcompat._not_provided, the same table the ImportError messages use). A row of the
-# same name above is superseded. MAPPED_PACKAGES/MAPPED_TOP_LEVEL (what `migrate` rewrites) are left
-# to the migrate rework; apex_C's rows too (its existing note is what tests/test_migrate.py expects).
-def _contrib_entries() -> Tuple[Entry, ...]:
-    from ampcompat._not_provided import NOT_PROVIDED
-
-    provided = (
-        Entry("apex.contrib", "module", _D, "—",
-              "ampcompat provides the contrib modules real code uses (rows below); the rest raise "
-              "ModuleNotFoundError at import, naming their native replacement"),
-        Entry("apex.contrib.xentropy", "module", _S, "`torch.nn.functional.cross_entropy`"),
-        Entry("apex.contrib.xentropy.SoftmaxCrossEntropyLoss", "class", _S,
-              "`F.cross_entropy(logits.float(), labels, reduction='none', label_smoothing=s, ignore_index=padding_idx)`",
-              "`SoftmaxCrossEntropyLoss.apply(logits, labels, smoothing, padding_idx, half_to_float)`: FP32 losses, "
-              "0 on padding rows, the logits' gradient in their dtype"),
-        Entry("apex.contrib.optimizers", "module", _S, "`torch.optim`"),
-        Entry("apex.contrib.optimizers.FP16_Optimizer", "class", _S,
-              "FP32 model + `torch.autocast` + `torch.amp.GradScaler`",
-              "FP32 master per parameter and its own loss scaler (2**16, x2 every 1000 clean iterations); "
-              "drives contrib FusedAdam/FusedSGD through `step(grads, output_params, scale, grad_norms)`"),
-        Entry("apex.contrib.optimizers.FusedAdam", "class", _D, "`torch.optim.Adam` (+ `clip_grad_norm_`)",
-              "the 2019 FusedAdam: `eps` not bias-corrected, decay added to the update and scaled by the step size, "
-              "`max_grad_norm` clipping per param group; `use_mt`/`amp_scale_adjustment` have no effect"),
-        Entry("apex.contrib.optimizers.FusedSGD", "class", _S, "`torch.optim.SGD`",
-              "also steps without FP16_Optimizer (Apex raised)"),
-        Entry("apex.contrib.optimizers.FusedLAMB", "class", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)",
-              "does not write the update into `.grad` as Apex's kernel did"),
-        Entry("apex.contrib.clip_grad.clip_grad_norm_", "function", _S, "`torch.nn.utils.clip_grad_norm_`"),
-        Entry("apex.contrib.group_norm.GroupNorm", "class", _S, "`torch.nn.GroupNorm` (+ `F.silu` for `act='silu'`)",
-              "FP32 math, output in the input's dtype, any layout and group count; an unknown `act` raises"),
-        Entry("apex.contrib.layer_norm.FastLayerNorm", "class", _S,
-              "`torch.nn.LayerNorm(hidden_size)`, output cast to the weight's dtype"),
-        Entry("apex.contrib.focal_loss", "module", _S, "`torchvision.ops.sigmoid_focal_loss`",
-              "`focal_loss.focal_loss(...)` / `focal_loss.FocalLoss.apply(...)`; labels -2 ignored, -1 background"),
-        Entry("apex.optimizers.FP16_Optimizer", "class", _S,
-              "FP32 model + `torch.autocast` + `torch.amp.GradScaler` (or `amp.initialize(opt_level='O2')`)",
-              "the wrapper Apex had until September 2019: flat FP32 master per param group, its own loss scaler"),
-        Entry("apex.mlp", "module", _S, "a stack of `torch.nn.Linear` + activation"),
-        Entry("apex.mlp.MLP", "class", _S, "`torch.nn.Sequential(Linear, ReLU, ...)`",
-              "parameters `weight_i`/`bias_i` as in Apex; the activation follows every layer, the last too"),
-        Entry("apex.fused_dense", "module", _S, "`torch.nn.Linear`"),
-        Entry("apex.fused_dense.FusedDense", "class", _S, "`torch.nn.Linear`", "parameters uninitialised, as in Apex"),
-        Entry("apex.fused_dense.FusedDenseGeluDense", "class", _S,
-              "`Linear` -> `F.gelu(approximate='tanh')` -> `Linear`", "parameters uninitialised, as in Apex"),
-    )
-    refused = tuple(Entry(name, "module", _U, instead, f"not provided ({what}): importing it raises "
-                                                        "ModuleNotFoundError naming the replacement")
-                    for name, (what, instead) in NOT_PROVIDED.items())
-    return provided + refused
+_TABLES_START = "<!-- status tables: generated from ampcompat/tools/migrate/catalogue.py"
+_TABLES_END = "<!-- end of status tables -->"
 
 
-_CONTRIB_ENTRIES = _contrib_entries()
-_superseded = {entry.name for entry in _CONTRIB_ENTRIES}
-_ENTRIES = tuple(e for e in _ENTRIES if e.name not in _superseded) + _CONTRIB_ENTRIES
-ENTRIES = {entry.name: entry for entry in _ENTRIES}
-# ==== end of the block appended by branch `contrib` ====
+def with_current_tables(guide: str) -> str:
+    """``guide`` (the text of ``migration_guide.md``) with its status tables regenerated from ampcompat.
+
+    Run ``python -m ampcompat.tools.migrate.catalogue migration_guide.md`` after ampcompat gains or loses a
+    name, or after editing the table above; ``tests/test_migration_guide.py`` fails until then.
+
+    Raises:
+        ValueError: the guide lacks the markers around the tables.
+    """
+    try:
+        start = guide.index("\n\n", guide.index(_TABLES_START)) + 2
+        end = guide.index(_TABLES_END, start)
+    except ValueError:
+        raise ValueError(f"the guide has no `{_TABLES_START}` ... `{_TABLES_END}` block to regenerate") from None
+    return guide[:start] + markdown_tables() + "\n" + guide[end:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for _path in sys.argv[1:]:
+        with open(_path, encoding="utf-8") as _handle:
+            _text = _handle.read()
+        with open(_path, "w", encoding="utf-8") as _handle:
+            _handle.write(with_current_tables(_text))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .sources import SourceFile, load_source
 
@@ -52,34 +52,45 @@ def _strings_in(node: ast.AST) -> Iterable[str]:
 
 def imported_from(tree: ast.Module, module: str) -> Set[str]:
     """Names ``tree`` takes from a module whose last component is ``module`` (``STAR`` for ``import *``)."""
-    found: Set[str] = set()
-    module_aliases: Set[str] = set()
-    for node in ast.walk(tree):
+    return imports_by_module(tree).get(module, set())
+
+
+def imports_by_module(tree: ast.Module) -> Dict[str, Set[str]]:
+    """For every module ``tree`` imports from, keyed by its last component: the names it takes.
+
+    ``from a.compat import X`` and ``from .compat import *`` name them directly; after
+    ``import a.compat as c`` or ``from a import compat``, every ``c.X`` / ``compat.X`` counts too.
+    """
+    found: Dict[str, Set[str]] = {}
+    module_aliases: Dict[str, str] = {}  # local name -> module's last component
+    dotted_imports: Dict[Tuple[str, ...], str] = {}  # ("a", "b", "compat") -> "compat"
+    nodes = list(ast.walk(tree))
+    for node in nodes:
         if isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if parts[-1] == module:
-                found.update(STAR if alias.name == "*" else alias.name for alias in node.names)
-            else:  # from pkg import compat [as c]
-                module_aliases.update(alias.asname or alias.name for alias in node.names if alias.name == module)
+            tail = (node.module or "").split(".")[-1]
+            if tail:
+                found.setdefault(tail, set()).update(STAR if a.name == "*" else a.name for a in node.names)
+            for alias in node.names:  # from pkg import compat [as c]
+                if alias.name != "*":
+                    module_aliases[alias.asname or alias.name] = alias.name
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
-                if parts[-1] == module:
-                    module_aliases.add(alias.asname or parts[0])
-                    if alias.asname is None and len(parts) > 1:
-                        found.update(_attribute_chain_ends(tree, parts))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases:
-            found.add(node.attr)
-    return found
-
-
-def _attribute_chain_ends(tree: ast.Module, parts: List[str]) -> Set[str]:
-    """For ``import a.b.compat``: the ``X`` of every ``a.b.compat.X``."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _dotted(node.value) == parts:
-            found.add(node.attr)
+                if alias.asname:
+                    module_aliases[alias.asname] = parts[-1]
+                elif len(parts) == 1:
+                    module_aliases[parts[0]] = parts[0]
+                else:
+                    dotted_imports[tuple(parts)] = parts[-1]
+    for node in nodes:
+        if not isinstance(node, ast.Attribute):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in module_aliases:
+            found.setdefault(module_aliases[node.value.id], set()).add(node.attr)
+        elif dotted_imports and isinstance(node.value, ast.Attribute):
+            chain = _dotted(node.value)
+            if chain is not None and tuple(chain) in dotted_imports:
+                found.setdefault(dotted_imports[tuple(chain)], set()).add(node.attr)
     return found
 
 
@@ -117,10 +128,11 @@ def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module]
             tree = _parse_if_mentions(path, set(by_module))
             if tree is None:
                 continue
-        for module, targets in by_module.items():
-            names = imported_from(tree, module)
-            for target in targets:
-                if target != path and names:
+        imports = imports_by_module(tree)
+        for module in by_module.keys() & imports.keys():
+            names = imports[module]
+            for target in by_module[module]:
+                if target != path:
                     exported[target] |= names & (wanted[target] | {STAR})
     return exported
 

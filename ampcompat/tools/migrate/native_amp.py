@@ -348,6 +348,8 @@ class _AmpConversion:
                 first_index = j
                 needed |= loaded_names(block[j])
         region = block[first_index : loss_index + 1]
+        while len(region) > 1 and _creates_data(region[0]):
+            region = region[1:]  # inputs made before the forward pass need no autocast
         amp_nodes = {id(use.node) for use in self.uses}
         problem = None
         if not all(self.plan.text.owns_lines(statement) for statement in region):
@@ -458,6 +460,30 @@ class _AmpConversion:
             return
         if self._reachable(use):
             self.actions.append(lambda: self.plan.replace(call, f"torch.autocast({self.device}, enabled=False)"))
+
+
+_FACTORIES = {"randn", "rand", "randint", "randperm", "zeros", "ones", "full", "empty", "tensor", "arange",
+              "linspace", "eye", "as_tensor", "from_numpy", "randn_like", "rand_like", "zeros_like", "ones_like",
+              "full_like", "empty_like", "manual_seed"}
+_MOVES = {"to", "cuda", "cpu", "float", "double", "long", "int", "half", "bfloat16", "contiguous", "view",
+          "reshape", "detach", "clone", "unsqueeze", "squeeze", "pin_memory"}
+
+
+def _creates_data(statement: ast.stmt) -> bool:
+    """An assignment that only creates or moves tensors (``x = torch.randn(4, 8).to(device)``)."""
+    if not isinstance(statement, (ast.Assign, ast.AnnAssign)) or statement.value is None:
+        return False
+    calls = [node for node in ast.walk(statement.value) if isinstance(node, ast.Call)]
+    if not calls:
+        return False
+    for call in calls:
+        func = call.func
+        if not isinstance(func, ast.Attribute):
+            return False
+        is_factory = func.attr in _FACTORIES and isinstance(func.value, ast.Name) and func.value.id == "torch"
+        if not is_factory and func.attr not in _MOVES:
+            return False
+    return True
 
 
 def _single_backward_call(with_statement: ast.With, scaled_name: str) -> Optional[ast.Call]:

@@ -37,6 +37,7 @@ class RewritePlan:
         self.edits: List[Edit] = []
         self.converted: Set[int] = set()
         self.uses_torch = False
+        self.notes: List[Note] = []
         self._todos: List[Tuple[ast.stmt, str]] = []
         self._wrapped: List[Tuple[int, int]] = []
         self._taken = set(_identifiers(result.nodes))
@@ -112,6 +113,11 @@ class RewritePlan:
         anchor = self._line_owning_statement(self.statement(node))
         if (anchor, message) not in self._todos:
             self._todos.append((anchor, message))
+
+    def note(self, node: ast.AST, message: str) -> None:
+        """Report ``message`` at ``node`` without leaving a comment in the file."""
+        start = self.text.offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
+        self.notes.append(Note(node.lineno, start - self.text.line_start(node.lineno) + 1, message))  # type: ignore
 
     def todo_notes(self) -> List[Note]:
         """The TODOs as notes positioned in the original file."""

@@ -3,8 +3,9 @@
 ``apex.X.Y`` is looked up the way the ``apex`` import alias resolves it -- as ``ampcompat.X.Y`` for
 the subpackages the alias maps, and ``amp_C`` / ``apex_C`` as ``ampcompat.amp_C`` / ``ampcompat.apex_C``
 -- so a module or name added to ampcompat gets the right verdict with no change here. A module that
-raises an ``ImportError`` on import (how ampcompat marks an Apex module it deliberately does not
-provide) is "not provided", with its message; so is a callable that can only raise (a placeholder).
+raises ``ApexModuleNotProvided`` on import (how ampcompat marks an Apex module it deliberately does
+not provide) is "not provided", with that error's message, which names the replacement; so is a
+callable that can only raise (a placeholder).
 
 Importing ampcompat's modules runs no user code; results are cached per name.
 """
@@ -18,8 +19,9 @@ import types
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-_ALIAS_MODULES = ("ampcompat.tools.alias", "ampcompat.tools.alias")
-_DEFAULT_SUBPACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply")
+from ampcompat._not_provided import ApexModuleNotProvided
+from ampcompat.tools.alias import APEX_SUBPACKAGES
+
 _TOP_LEVEL = {"amp_C": "ampcompat.amp_C", "apex_C": "ampcompat.apex_C"}
 
 
@@ -34,12 +36,15 @@ class Lookup:
         value: the object (``None`` when not found).
         problem: why it is not provided (when ``found`` is false), or why it cannot be used (for a
             placeholder that only raises); empty otherwise.
+        refused: whether it is an Apex module ampcompat refuses at import (``problem`` is that error's
+            message).
     """
 
     name: str
     found: bool
     value: Any = None
     problem: str = ""
+    refused: bool = False
 
     @property
     def usable(self) -> bool:
@@ -47,20 +52,10 @@ class Lookup:
         return self.found and not self.problem
 
 
-def _alias_module() -> Optional[types.ModuleType]:
-    for name in _ALIAS_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-@functools.lru_cache(maxsize=None)
 def mapped_subpackages() -> Tuple[str, ...]:
-    """The ``apex.<name>`` subpackages the import alias maps onto ``ampcompat.<name>``."""
-    alias = _alias_module()
-    return tuple(getattr(alias, "APEX_SUBPACKAGES", _DEFAULT_SUBPACKAGES))
+    """The ``apex.<name>`` subpackages the import alias maps onto ``ampcompat.<name>`` (some of them,
+    like ``apex.transformer``, only to refuse at import)."""
+    return tuple(APEX_SUBPACKAGES)
 
 
 def ampcompat_module_name(apex_module: str) -> Optional[str]:
@@ -119,13 +114,15 @@ def _import(apex_module: str) -> Any:
         return Lookup(apex_module, False, problem=f"ampcompat does not provide `{first}`")
     try:
         return importlib.import_module(target)
+    except ApexModuleNotProvided as exc:  # how ampcompat refuses an Apex module: the message names the replacement
+        return Lookup(apex_module, False, problem=str(exc), refused=True)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (target == exc.name or target.startswith(exc.name + ".")):
             missing = apex_module if exc.name == target else _apex_name_of(exc.name)
             return Lookup(apex_module, False, problem=f"ampcompat does not provide `{missing}`")
         return Lookup(apex_module, False, problem=f"importing `{apex_module}` fails: {exc}")
-    except ImportError as exc:  # how ampcompat says "deliberately not provided"
-        return Lookup(apex_module, False, problem=str(exc) or f"ampcompat does not provide `{apex_module}`")
+    except ImportError as exc:
+        return Lookup(apex_module, False, problem=f"importing `{apex_module}` fails: {exc}")
     except Exception as exc:  # noqa: BLE001 -- a broken module is reported, not raised
         return Lookup(apex_module, False, problem=f"importing `{apex_module}` fails: {exc!r}")
 

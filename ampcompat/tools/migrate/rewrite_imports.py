@@ -14,7 +14,8 @@ comments, parentheses, line breaks and every other line stay as they were:
 
 Every later ``apex.x.y`` / ``amp.z`` reference then finds the same names in ampcompat. The result
 imports nothing from ``apex``, so running the codemod again changes nothing. Imports of Apex parts
-ampcompat does not provide (``apex.contrib``, ``apex_C``) are left alone and reported.
+ampcompat does not provide (``apex.transformer``, ``apex.contrib.sparsity``: they refuse at import) are
+left alone and reported.
 """
 from __future__ import annotations
 
@@ -170,6 +171,10 @@ def _rewrite_import_from(text: SourceText, node: ast.ImportFrom, edits: List[Edi
     target, why = catalogue.provided_module(node.module)  # type: ignore[arg-type]
     if target is None:
         notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: {why}"))
+        return
+    refused = [(a.name, why) for a in node.names for why in [catalogue.refused_import(node.module, a.name)] if why]
+    if refused:
+        notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: {refused[0][1]}"))
         return
     if node.module == "apex":
         provided = [a.name for a in node.names if a.name == "*" or a.name in catalogue.MAPPED_PACKAGES]

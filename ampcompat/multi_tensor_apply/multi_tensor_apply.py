@@ -1,4 +1,4 @@
-"""``apex.multi_tensor_apply``: the launcher object legacy code calls ``amp_C`` kernels through.
+"""``apex.multi_tensor_apply.multi_tensor_apply``: the launcher class legacy code calls ``amp_C`` kernels through.
 
 Apex's ``MultiTensorApply`` split tensor lists into CUDA chunks and was only *available* when the
 ``amp_C`` extension had been compiled. Here every ``ampcompat.amp_C`` op works on any device through
@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["MultiTensorApply", "multi_tensor_applier"]
+__all__ = ["MultiTensorApply"]
 
 
 class MultiTensorApply:
@@ -47,6 +47,3 @@ class MultiTensorApply:
             *args: the op's remaining arguments.
         """
         return op(self.chunk_size, noop_flag_buffer, tensor_lists, *args)
-
-
-multi_tensor_applier = MultiTensorApply(2048 * 32)
