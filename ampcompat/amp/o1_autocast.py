@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
+from .o1_op_lists import BannedFunctions, OpLists
 from .process_state import _amp_state
 
 _HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
@@ -54,10 +55,11 @@ class O1Scope:
         dtype: ``torch.float16`` (O1) or ``torch.bfloat16`` (O4).
         enable_caching: kept for Apex's signature; autocast caches weight casts within one forward.
         verbose: Apex printed every cast; native autocast casts inside ATen, so this only records it.
+        allow_banned: run Apex's banned functions (``F.binary_cross_entropy``) in FP32 instead of raising.
     """
 
     def __init__(self, device_type: str, dtype: torch.dtype, enable_caching: bool = True,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, allow_banned: bool = False) -> None:
         self._device_type = device_type
         self._dtype = dtype
         self._enable_caching = enable_caching
@@ -74,6 +76,7 @@ class O1Scope:
         torch.set_autocast_dtype(device_type, dtype)
         torch.set_autocast_enabled(device_type, True)
         torch.set_autocast_cache_enabled(False)
+        self._apex_lists = _ApexLists(device_type, dtype, allow_banned)
 
     # --- Apex's surface ---------------------------------------------------------------------------
 
@@ -127,6 +130,7 @@ class O1Scope:
         for module, name, original in reversed(self._patched):
             setattr(module, name, original)
         self._patched.clear()
+        self._apex_lists.remove()
 
     # --- ampcompat's wiring -----------------------------------------------------------------------
 
@@ -142,6 +146,24 @@ class O1Scope:
             self._patched.append((module, name, original))
             setattr(module, name, _casting_wrapper(original, kind))
         _registry.clear()
+
+
+# --- Apex's op lists where native autocast differs (see o1_op_lists) ------------------------------
+
+def _o1_applies_here() -> bool:
+    return active_handle() is not None
+
+
+class _ApexLists:
+    """The autocast kernels and banned-function wrappers one O1 scope adds (see ``o1_op_lists``)."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype, allow_banned: bool) -> None:
+        self.op_lists = OpLists(device_type, dtype, _o1_applies_here)
+        self.banned = BannedFunctions(device_type, allow_banned, _o1_applies_here)
+
+    def remove(self) -> None:
+        self.banned.remove()
+        self.op_lists.remove()
 
 
 # --- forward regions --------------------------------------------------------------------------------
