@@ -57,12 +57,27 @@ def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return ~torch.isfinite(max_abs).all()
 
 
+def _accumulation_dtype(tensor: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a norm of ``tensor`` is accumulated in (None: its own).
+
+    Apex accumulated in FP32 whatever the storage dtype. CUDA's foreach norm does the same; PyTorch's CPU
+    norm kernel sums FP32 sequentially (relative errors ~5e-6 at 600k elements, outside FP32 tolerance),
+    so on CPU half and FP32 tensors are accumulated in FP64 and the result rounded to FP32.
+    """
+    if tensor.dtype == torch.float64:
+        return None
+    if tensor.device.type == "cpu":
+        return torch.float64
+    return torch.float32 if tensor.dtype in LOW_PRECISION else None
+
+
 def _per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device, order: float = 2) -> torch.Tensor:
     """FP32 norms of ``tensors`` in list order, as one 1-D tensor on ``device`` (no host round trip)."""
     ordered: List[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for indices in group_indices(tensors).values():
         members = pick(tensors, indices)
-        extra = {"dtype": torch.float32} if members[0].dtype in LOW_PRECISION else {}
+        accumulate = _accumulation_dtype(members[0])
+        extra = {"dtype": accumulate} if accumulate is not None else {}
         for i, norm in zip(indices, torch._foreach_norm(members, order, **extra)):
             ordered[i] = norm
     return stack_scalars(ordered, device)
