@@ -8,13 +8,16 @@ Apex's lists that has no autocast kernel there:
 
 * FP32 list: low-precision floating inputs are cast to FP32 and the op runs below autocast (native
   autocast's ``fp32`` policy);
-* FP16 list (``addmv``, ``addr``, ``mv`` on CPU): FP32 inputs are cast to the O1 dtype;
-* in-place FP32-list ops (``exp_``, ``pow_``...) on an fp16 tensor raise Apex's ``NotImplementedError``.
+* FP16 list (``addmv``, ``addr``, ``mv`` on CPU): FP32 inputs are cast to the O1 dtype.
 
-Ops that already have an autocast kernel on the device are left to it, so nothing native is overridden
-and no Python runs for them. The kernels live in a ``torch.library.Library`` destroyed when the scope is
-deactivated, and apply only where the O1 scope's ``applies()`` says O1 is on (not inside
+Ops that already have an autocast kernel on the device are left to it, so nothing native is
+overridden and no Python runs for them. The kernels live in a ``torch.library.Library`` destroyed when
+the scope is deactivated, and apply only where the O1 scope's ``applies()`` says O1 is on (not inside
 ``amp.disable_casts()``); plain ``torch.autocast`` outside O1 never meets them.
+
+In-place FP32-list ops (``half.exp_()``), which Apex refused, run as under native autocast: refused at
+the dispatcher, they would also fail PyTorch's own internal in-place ops (CPU ``logsumexp`` calls
+``exp_`` on its intermediate). See migration_guide.md.
 
 Apex's banned function, ``F.binary_cross_entropy`` (and so ``nn.BCELoss``), is handled by
 :class:`BannedFunctions`: under O1 an fp16 input raises Apex's ``NotImplementedError`` pointing to
@@ -63,13 +66,6 @@ HALF_OPS: Tuple[str, ...] = (
     "addbmm",
 )
 
-#: In-place variants of Apex's FP32 list: Apex refused them on fp16 tensors under O1.
-INPLACE_FP32_OPS: Tuple[str, ...] = (
-    "acos_", "asin_", "cosh_", "erfinv_", "exp_", "expm1_", "log_", "log10_", "log2_", "reciprocal_",
-    "rsqrt_", "sinh_", "tan_", "pow_.Scalar", "pow_.Tensor", "cumprod_", "cumsum_", "renorm_",
-)
-
-
 def _autocast_key(device_type: str) -> Optional[torch._C.DispatchKey]:
     name = "Autocast" + {"cuda": "CUDA", "cpu": "CPU", "xpu": "XPU", "hpu": "HPU", "mps": "MPS",
                          "privateuseone": "PrivateUse1"}.get(device_type, device_type.upper())
@@ -112,8 +108,7 @@ class OpLists:
                                     to_dtype=torch.float32)
         to_low = functools.partial(_cast, device_type=device_type, from_dtypes=(torch.float32,), to_dtype=dtype)
         kernels = ([(name, _casting_kernel(_overload(name), to_fp32, applies, key, below)) for name in FP32_OPS]
-                   + [(name, _casting_kernel(_overload(name), to_low, applies, key, below)) for name in HALF_OPS]
-                   + [(name, _refusing_kernel(_overload(name), applies, key)) for name in INPLACE_FP32_OPS])
+                   + [(name, _casting_kernel(_overload(name), to_low, applies, key, below)) for name in HALF_OPS])
         for name, kernel in kernels:
             if hasattr(torch.ops.aten, name.partition(".")[0]) and not _has_autocast_kernel(name, key_name):
                 if self._library is None:
@@ -141,18 +136,6 @@ def _casting_kernel(op: Any, cast: Callable[[Any], Any], applies: Callable[[], b
             kwargs = {name: cast(value) for name, value in kwargs.items()}
         with torch._C._ExcludeDispatchKeyGuard(below):
             return op(*args, **kwargs)
-
-    return kernel
-
-
-def _refusing_kernel(op: Any, applies: Callable[[], bool], key: Any) -> Callable[..., Any]:
-    """Apex's in-place FP32-list rule: refuse an fp16 ``self``, else run the op unchanged."""
-    method = op.overloadpacket.__name__
-
-    def kernel(keyset: Any, self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.dtype == torch.float16 and applies():
-            raise NotImplementedError("Cannot call in-place method {} on fp16 Tensors.".format(method))
-        return op.redispatch(keyset.remove(key), self, *args, **kwargs)
 
     return kernel
 
