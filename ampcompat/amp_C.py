@@ -182,7 +182,8 @@ def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.T
     """Dynamic loss-scale update with hysteresis (``apex.transformer``'s scaler), in place, no host sync.
 
     With inf/NaN found (``found_inf > 0``): the hysteresis tracker counts down; while it stays above 0
-    only the growth tracker is reset, once it reaches 0 the scale is multiplied by ``backoff_factor``.
+    only the growth tracker is reset, once it reaches 0 the scale is multiplied by ``backoff_factor``
+    (a result below FP32's normal range becomes 0, as Apex's fast-math kernel flushed it).
     Without: after ``growth_interval`` clean steps the scale grows by ``growth_factor`` (unless that
     overflows FP32) and the hysteresis tracker is reset to ``hysteresis``.
 
@@ -199,8 +200,10 @@ def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.T
     grow = clean & (successful == growth_interval)
     scale64 = current_scale.double()
     grown = (scale64 * growth_factor).float()
-    new_scale = torch.where(back_off, (scale64 * backoff_factor).float(),
-                            torch.where(grow & torch.isfinite(grown), grown, current_scale))
+    backed_off = (scale64 * backoff_factor).float()
+    # Apex's kernel is built with --use_fast_math: a backed-off scale below FP32's normal range flushes to 0.
+    backed_off = torch.where(backed_off.abs() < torch.finfo(torch.float32).tiny, 0.0, backed_off)
+    new_scale = torch.where(back_off, backed_off, torch.where(grow & torch.isfinite(grown), grown, current_scale))
     new_growth = torch.where(clean & ~grow, successful, torch.zeros_like(growth_tracker))
     new_hysteresis = torch.where(found_inf <= 0, torch.full_like(hysteresis_tracker, hysteresis), hysteresis_left)
     current_scale.copy_(new_scale)

@@ -132,6 +132,10 @@ def test_fp16_list_runs_in_fp16_under_o1(device):
     assert torch.addmv(v, m, v).dtype == torch.float16
     assert torch.addr(m, v, v).dtype == torch.float16
     assert torch.mm(m, m).dtype == torch.float16
+    x = torch.randn(B, H, device=device)
+    for cell in (torch.nn.LSTMCell(H, H), torch.nn.GRUCell(H, H), torch.nn.RNNCell(H, H)):
+        out = cell.to(device)(x)  # FP32 hidden state created inside: cast with the rest
+        assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float16
 
 
 def test_gelu_keeps_native_autocast_behaviour(device):

@@ -151,7 +151,9 @@ class O1Scope:
 # --- Apex's op lists where native autocast differs (see o1_op_lists) ------------------------------
 
 def _o1_applies_here() -> bool:
-    return active_handle() is not None
+    """``active_handle() is not None``, in one Python frame: the O1 autocast kernels call it on every op."""
+    handle = getattr(_amp_state, "handle", None)
+    return isinstance(handle, O1Scope) and handle._is_active and getattr(_tls, "disabled_depth", 0) == 0
 
 
 class _ApexLists:

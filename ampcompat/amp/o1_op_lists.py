@@ -8,7 +8,7 @@ Apex's lists that has no autocast kernel there:
 
 * FP32 list: low-precision floating inputs are cast to FP32 and the op runs below autocast (native
   autocast's ``fp32`` policy);
-* FP16 list (``addmv``, ``addr``, ``mv`` on CPU): FP32 inputs are cast to the O1 dtype.
+* FP16 list (``addmv``, ``addr``, ``mv`` and the RNN cells on CPU): FP32 inputs are cast to the O1 dtype.
 
 Ops that already have an autocast kernel on the device are left to it, so nothing native is
 overridden and no Python runs for them. The kernels live in a ``torch.library.Library`` destroyed when
@@ -63,7 +63,7 @@ FP32_OPS: Tuple[str, ...] = (
 HALF_OPS: Tuple[str, ...] = (
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input",
     "conv_tbc", "linear", "prelu", "addmm", "addmv", "addr", "matmul", "mm", "mv", "bmm", "baddbmm",
-    "addbmm",
+    "addbmm", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
 )
 
 def _autocast_key(device_type: str) -> Optional[torch._C.DispatchKey]:
@@ -81,10 +81,15 @@ def _has_autocast_kernel(qualified: str, key_name: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::" + qualified, key_name)
 
 
-def _cast(value: Any, device_type: str, from_dtypes: Tuple[torch.dtype, ...], to_dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype in from_dtypes and value.device.type == device_type:
-        return value.to(to_dtype)
-    return value
+def _cast(values: Tuple[Any, ...], device_type: str, from_dtypes: Tuple[torch.dtype, ...],
+          to_dtype: torch.dtype) -> Tuple[Any, ...]:
+    """``values`` with every tensor of ``device_type`` whose dtype is in ``from_dtypes`` cast to ``to_dtype``."""
+    cast = []
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dtype in from_dtypes and value.device.type == device_type:
+            value = value.to(to_dtype)
+        cast.append(value)
+    return tuple(cast)
 
 
 class OpLists:
@@ -104,9 +109,8 @@ class OpLists:
             return
         key_name = key.name
         below = torch._C.DispatchKeySet(key)
-        to_fp32 = functools.partial(_cast, device_type=device_type, from_dtypes=_LOW_PRECISION,
-                                    to_dtype=torch.float32)
-        to_low = functools.partial(_cast, device_type=device_type, from_dtypes=(torch.float32,), to_dtype=dtype)
+        to_fp32 = (device_type, _LOW_PRECISION, torch.float32)
+        to_low = (device_type, (torch.float32,), dtype)
         kernels = ([(name, _casting_kernel(_overload(name), to_fp32, applies, key, below)) for name in FP32_OPS]
                    + [(name, _casting_kernel(_overload(name), to_low, applies, key, below)) for name in HALF_OPS])
         for name, kernel in kernels:
@@ -124,18 +128,28 @@ class OpLists:
         self.registered = []
 
 
-def _casting_kernel(op: Any, cast: Callable[[Any], Any], applies: Callable[[], bool], key: Any,
-                    below: Any) -> Callable[..., Any]:
-    """Native autocast's cast policies: cast the inputs, then run the op with this autocast key excluded."""
+def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dtype], applies: Callable[[], bool],
+                    key: Any, below: Any) -> Callable[..., Any]:
+    """Native autocast's cast policies: cast the inputs (``cast`` = ``(device_type, from_dtypes, to_dtype)``),
+    then run the op with this autocast key excluded. Where O1 does not apply, the op runs as if the key
+    had no kernel. The body is flat on purpose: it runs on every call of the op under O1."""
+    device_type, from_dtypes, to_dtype = cast
+    run = getattr(op, "_op", op)  # the C++ callable behind OpOverload.__call__: one Python frame less
 
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if not applies():
             return op.redispatch(keyset.remove(key), *args, **kwargs)
-        args = tuple(map(cast, args))
+        args = list(args)
+        for i, value in enumerate(args):
+            if isinstance(value, torch.Tensor):
+                if value.dtype in from_dtypes and value.device.type == device_type:
+                    args[i] = value.to(to_dtype)
+            elif isinstance(value, (list, tuple)):  # Tensor[] arguments (the RNN cells' hidden state)
+                args[i] = type(value)(_cast(tuple(value), *cast))
         if kwargs:
-            kwargs = {name: cast(value) for name, value in kwargs.items()}
+            kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), *cast)))
         with torch._C._ExcludeDispatchKeyGuard(below):
-            return op(*args, **kwargs)
+            return run(*args, **kwargs)
 
     return kernel
 
@@ -196,10 +210,8 @@ def _banned_wrapper(fn: Callable[..., Any], device_type: str, allow_banned: bool
             return fn(*args, **kwargs)
         if not allow_banned and any(t.dtype == torch.float16 for t in _floating_tensors(args, kwargs)):
             raise NotImplementedError(BANNED_MESSAGE)
-        to_fp32 = functools.partial(_cast, device_type=device_type, from_dtypes=_LOW_PRECISION,
-                                    to_dtype=torch.float32)
-        args = tuple(map(to_fp32, args))
-        kwargs = {name: to_fp32(value) for name, value in kwargs.items()}
+        args = _cast(args, device_type, _LOW_PRECISION, torch.float32)
+        kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), device_type, _LOW_PRECISION, torch.float32)))
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
 
