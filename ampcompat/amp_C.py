@@ -57,12 +57,27 @@ def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return ~torch.isfinite(max_abs).all()
 
 
+def _accumulation_dtype(tensor: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a norm of ``tensor`` is accumulated in (None: its own).
+
+    Apex accumulated in FP32 whatever the storage dtype. CUDA's foreach norm does the same; PyTorch's CPU
+    norm kernel sums FP32 sequentially (relative errors ~5e-6 at 600k elements, outside FP32 tolerance),
+    so on CPU half and FP32 tensors are accumulated in FP64 and the result rounded to FP32.
+    """
+    if tensor.dtype == torch.float64:
+        return None
+    if tensor.device.type == "cpu":
+        return torch.float64
+    return torch.float32 if tensor.dtype in LOW_PRECISION else None
+
+
 def _per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device, order: float = 2) -> torch.Tensor:
     """FP32 norms of ``tensors`` in list order, as one 1-D tensor on ``device`` (no host round trip)."""
     ordered: List[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for indices in group_indices(tensors).values():
         members = pick(tensors, indices)
-        extra = {"dtype": torch.float32} if members[0].dtype in LOW_PRECISION else {}
+        accumulate = _accumulation_dtype(members[0])
+        extra = {"dtype": accumulate} if accumulate is not None else {}
         for i, norm in zip(indices, torch._foreach_norm(members, order, **extra)):
             ordered[i] = norm
     return stack_scalars(ordered, device)
@@ -167,7 +182,8 @@ def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.T
     """Dynamic loss-scale update with hysteresis (``apex.transformer``'s scaler), in place, no host sync.
 
     With inf/NaN found (``found_inf > 0``): the hysteresis tracker counts down; while it stays above 0
-    only the growth tracker is reset, once it reaches 0 the scale is multiplied by ``backoff_factor``.
+    only the growth tracker is reset, once it reaches 0 the scale is multiplied by ``backoff_factor``
+    (a result below FP32's normal range becomes 0, as Apex's fast-math kernel flushed it).
     Without: after ``growth_interval`` clean steps the scale grows by ``growth_factor`` (unless that
     overflows FP32) and the hysteresis tracker is reset to ``hysteresis``.
 
@@ -184,8 +200,10 @@ def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.T
     grow = clean & (successful == growth_interval)
     scale64 = current_scale.double()
     grown = (scale64 * growth_factor).float()
-    new_scale = torch.where(back_off, (scale64 * backoff_factor).float(),
-                            torch.where(grow & torch.isfinite(grown), grown, current_scale))
+    backed_off = (scale64 * backoff_factor).float()
+    # Apex's kernel is built with --use_fast_math: a backed-off scale below FP32's normal range flushes to 0.
+    backed_off = torch.where(backed_off.abs() < torch.finfo(torch.float32).tiny, 0.0, backed_off)
+    new_scale = torch.where(back_off, backed_off, torch.where(grow & torch.isfinite(grown), grown, current_scale))
     new_growth = torch.where(clean & ~grow, successful, torch.zeros_like(growth_tracker))
     new_hysteresis = torch.where(found_inf <= 0, torch.full_like(hysteresis_tracker, hysteresis), hysteresis_left)
     current_scale.copy_(new_scale)

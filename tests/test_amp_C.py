@@ -179,7 +179,8 @@ def reference_hysteresis(scale, growth, hyst, found, growth_factor, backoff_fact
         if hyst > 0:
             return scale, 0, hyst
     if found:
-        scale, growth = f32(scale * backoff_factor), 0
+        backed_off = f32(scale * backoff_factor)
+        scale, growth = (0.0 if abs(backed_off) < torch.finfo(torch.float32).tiny else backed_off), 0
     else:
         successful = growth + 1
         if successful == interval:
@@ -206,6 +207,20 @@ def test_update_scale_hysteresis_follows_the_kernel_contract(device):
         assert returned is scale
         assert (scale.item(), growth.item(), hyst.item()) == expected
     assert growth.dtype == hyst.dtype == torch.int32 and scale.dtype == torch.float32
+
+
+def test_update_scale_hysteresis_backs_off_below_the_normal_range_to_zero(device):
+    """Apex's kernel is built with --use_fast_math: a backed-off scale that would be subnormal is 0."""
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.full((1,), tiny, device=device)
+    growth = torch.zeros(1, dtype=torch.int32, device=device)
+    hyst = torch.ones(1, dtype=torch.int32, device=device)
+    amp_C.update_scale_hysteresis(scale, growth, hyst, torch.ones(1, device=device), 2.0, 0.5, 10, 1)
+    assert scale.item() == 0.0
+    scale.fill_(4 * tiny)
+    hyst.fill_(1)
+    amp_C.update_scale_hysteresis(scale, growth, hyst, torch.ones(1, device=device), 2.0, 0.5, 10, 1)
+    assert scale.item() == 2 * tiny  # still normal: kept
 
 
 def test_update_scale_hysteresis_does_not_grow_to_inf(device):

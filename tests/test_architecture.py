@@ -24,7 +24,7 @@ ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("foundation", ("ampcompat._version", "ampcompat.amp.process_state")),
     ("amp mechanisms", ("ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
-                        "ampcompat.amp.o1_autocast", "ampcompat.amp.optimizer_lifecycle")),
+                        "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.optimizer_lifecycle")),
     ("optimizer patching", ("ampcompat.amp.master_weights",)),
     ("per-backward and old API", ("ampcompat.amp.scaled_backward", "ampcompat.amp.legacy_handle")),
     ("initialize", ("ampcompat.amp.initialization",)),

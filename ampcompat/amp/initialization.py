@@ -111,7 +111,7 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
                keep_batchnorm_fp32: Any = None, master_weights: Optional[bool] = None, loss_scale: Any = None,
                cast_model_outputs: Optional[torch.dtype] = None, num_losses: int = 1, verbosity: int = 1,
                min_loss_scale: Optional[float] = None, max_loss_scale: float = 2.0 ** 24,
-               patch_torch_functions_type: Optional[torch.dtype] = None) -> Any:
+               patch_torch_functions_type: Optional[torch.dtype] = None, allow_banned: bool = False) -> Any:
     """Set up models and optimizers for mixed precision, in place (Apex's ``amp.initialize``).
 
     Args:
@@ -128,6 +128,8 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         verbosity: 0 silences everything amp prints.
         min_loss_scale, max_loss_scale: floor and ceiling of the dynamic loss scale.
         patch_torch_functions_type: ROCm Apex's override of the O1/O4 autocast dtype.
+        allow_banned: O1/O4 run Apex's banned functions (``F.binary_cross_entropy``, ``nn.BCELoss``) in
+            FP32 instead of raising ``NotImplementedError`` on fp16 inputs (Apex: ``amp.init`` only).
 
     Returns:
         ``models`` or ``(models, optimizers)`` shaped like the inputs: the same objects, patched.
@@ -140,7 +142,7 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         return _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
                                    patch_torch_functions, keep_batchnorm_fp32, master_weights, loss_scale,
                                    cast_model_outputs, num_losses, verbosity, min_loss_scale, max_loss_scale,
-                                   patch_torch_functions_type)
+                                   patch_torch_functions_type, allow_banned)
     except BaseException:
         # A refused call leaves the state of the previous initialize (or of none) as it was.
         for key in _SET_BY_INITIALIZE:
@@ -154,7 +156,7 @@ _SET_BY_INITIALIZE = ("opt_properties", "verbosity", "min_loss_scale", "max_loss
 
 def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type, patch_torch_functions,
                         keep_batchnorm_fp32, master_weights, loss_scale, cast_model_outputs, num_losses,
-                        verbosity, min_loss_scale, max_loss_scale, patch_torch_functions_type):
+                        verbosity, min_loss_scale, max_loss_scale, patch_torch_functions_type, allow_banned):
     _amp_state.opt_properties = Properties()
     _amp_state.verbosity = verbosity
     if not enabled:
@@ -181,11 +183,11 @@ def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
     maybe_print("After processing overrides, optimization options are:", True)
     _print_block(props, level)
 
-    return _initialize(models, optimizers, props, num_losses, cast_model_outputs)
+    return _initialize(models, optimizers, props, num_losses, cast_model_outputs, allow_banned)
 
 
 def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int,
-                cast_model_outputs: Optional[torch.dtype]) -> Any:
+                cast_model_outputs: Optional[torch.dtype], allow_banned: bool) -> Any:
     optimizer_list, optimizers_were_list = _normalize_optimizers(optimizers)
     model_list, models_were_list = _normalize_models(models)
     _check_models(model_list)
@@ -231,7 +233,8 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
         _amp_state.loss_scalers.append(scaler)
 
     if props.patch_torch_functions:
-        handle = AmpHandle(device_type, props.autocast_dtype(), verbose=_amp_state.verbosity == 2)
+        handle = AmpHandle(device_type, props.autocast_dtype(), verbose=_amp_state.verbosity == 2,
+                           allow_banned=allow_banned)
         _amp_state.handle = handle
         handle.patch_registered_functions()
         for model in model_list:

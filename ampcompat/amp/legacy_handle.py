@@ -26,7 +26,8 @@ def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable
         loss_scale: the scale used by ``handle.wrap_optimizer`` wrappers.
         enable_caching: cache weight casts within one forward.
         verbose: recorded on the handle (native autocast does not print casts).
-        allow_banned: accepted for Apex's signature; native autocast decides what is unsafe.
+        allow_banned: run Apex's banned functions (``F.binary_cross_entropy``, ``nn.BCELoss``) in FP32 instead
+            of raising ``NotImplementedError`` on fp16 inputs.
 
     Returns:
         An ``AmpHandle`` (also stored as ``amp._amp_state.handle``), or a ``NoOpHandle``.
@@ -39,7 +40,8 @@ def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable
     if previous is not None:
         previous._deactivate()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    handle = AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose)
+    handle = AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose,
+                       allow_banned=allow_banned)
     handle._loss_scale = loss_scale
     handle.patch_registered_functions()
     _amp_state.handle = handle

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
+from .o1_op_lists import BannedFunctions, OpLists
 from .process_state import _amp_state
 
 _HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
@@ -53,10 +54,11 @@ class O1Scope:
         dtype: ``torch.float16`` (O1) or ``torch.bfloat16`` (O4).
         enable_caching: kept for Apex's signature; autocast caches weight casts within one forward.
         verbose: Apex printed every cast; native autocast casts inside ATen, so this only records it.
+        allow_banned: run Apex's banned functions (``F.binary_cross_entropy``) in FP32 instead of raising.
     """
 
     def __init__(self, device_type: str, dtype: torch.dtype, enable_caching: bool = True,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, allow_banned: bool = False) -> None:
         self._device_type = device_type
         self._dtype = dtype
         self._enable_caching = enable_caching
@@ -73,6 +75,7 @@ class O1Scope:
         torch.set_autocast_dtype(device_type, dtype)
         torch.set_autocast_enabled(device_type, True)
         torch.set_autocast_cache_enabled(False)
+        self._apex_lists = _ApexLists(device_type, dtype, allow_banned)
 
     # --- Apex's surface ---------------------------------------------------------------------------
 
@@ -118,6 +121,7 @@ class O1Scope:
         for module, name, original in reversed(self._patched):
             setattr(module, name, original)
         self._patched.clear()
+        self._apex_lists.remove()
 
     # --- ampcompat's wiring -----------------------------------------------------------------------
 
@@ -167,6 +171,28 @@ def casts_back(device_type: str, was_enabled: bool) -> None:
     torch.set_autocast_enabled(device_type, was_enabled)
     _tls.disabled_depth -= 1
 
+
+# --- Apex's op lists where native autocast differs (see o1_op_lists) ------------------------------
+
+def _o1_applies_here() -> bool:
+    """``active_handle() is not None``, in one Python frame: the O1 autocast kernels call it on every op."""
+    handle = getattr(_amp_state, "handle", None)
+    return isinstance(handle, O1Scope) and handle._is_active and getattr(_tls, "disabled_depth", 0) == 0
+
+
+class _ApexLists:
+    """The autocast kernels and banned-function wrappers one O1 scope adds (see ``o1_op_lists``)."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype, allow_banned: bool) -> None:
+        self.op_lists = OpLists(device_type, dtype, _o1_applies_here)
+        self.banned = BannedFunctions(device_type, allow_banned, _o1_applies_here)
+
+    def remove(self) -> None:
+        self.banned.remove()
+        self.op_lists.remove()
+
+
+# --- forward regions --------------------------------------------------------------------------------
 
 def _region_stack() -> list:
     """The forward regions open in this thread (the hooks below read ``_tls.regions`` inline)."""
