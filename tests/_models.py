@@ -17,6 +17,22 @@ class MLP(torch.nn.Module):
         return self.fc2(self.ln(F.relu(self.bn(self.fc1(x)))))
 
 
+def layer_norm_in_fp32(model):
+    """Make ``model.ln`` run as under O1 on every device: FP32 input, autocast off (Apex's FP32 list).
+
+    For hand-written native-autocast references: CUDA autocast runs layer_norm like this, CPU autocast
+    does not (it stays FP16 there), and ampcompat's O1 follows Apex on every device.
+    """
+    ln = model.ln
+
+    def forward(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    ln.forward = forward
+    return model
+
+
 def make_mlp(device="cpu", seed=0, **kw):
     torch.manual_seed(seed)
     return MLP(**kw).to(device)

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ampcompat import amp
 
-from _models import make_mlp
+from _models import layer_norm_in_fp32, make_mlp
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
 OPTIMIZERS: Dict[str, Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -213,6 +213,8 @@ class Reference:
             _cast_like_o2(model, self.half)
         elif case.level == "O3":
             model.to(torch.float16)
+        elif case.level in ("O1", "O4"):
+            layer_norm_in_fp32(model)  # Apex's O1 list; native CPU autocast alone would run it in FP16
         params = list(model.parameters())
         self.stepped = [
             p.detach().clone().float().requires_grad_(True) if self.masters_on and p.dtype != torch.float32 else p

@@ -102,9 +102,10 @@ def _long_run(level: str, device: str, capsys) -> None:
     end = _memory(device, opt)
 
     skipped_steps = [s for s, skip in enumerate(skipped) if skip]
-    if level == "O3" and device == "cuda":
-        # Pure FP16 weights and grads can overflow for real once the scale has grown back (seen on an H100
-        # at step 3884): dynamic scaling must then skip too. Every injected step is still skipped.
+    if (level == "O3" and device == "cuda") or level == "O1":
+        # FP16 grads can overflow for real once the scale has grown back (O3 on an H100 at step 3884; O1 on
+        # the CPU at step 3281, where LayerNorm's FP32 backward hands a large gradient to the FP16 layers):
+        # dynamic scaling must then skip too. Every injected step is still skipped.
         assert set(overflow_steps) <= set(skipped_steps)
     else:
         assert skipped_steps == sorted(overflow_steps)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import ampcompat
 from ampcompat import amp
 
-from _models import batches, make_mlp
+from _models import batches, layer_norm_in_fp32, make_mlp
 
 
 def _make_optimizer(model, kind):
@@ -17,21 +17,8 @@ def _make_optimizer(model, kind):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def _layer_norm_in_fp32(model):
-    """Apex's O1 runs layer_norm in FP32 on every device. CUDA autocast does too, CPU autocast does not,
-    so the hand-written reference spells it out (the same ops native CUDA autocast runs)."""
-    ln = model.ln
-
-    def forward(x):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
-    ln.forward = forward
-    return model
-
-
 def _native_run(device, steps, kind="sgd"):
-    model = _layer_norm_in_fp32(make_mlp(device))
+    model = layer_norm_in_fp32(make_mlp(device))
     opt = _make_optimizer(model, kind)
     scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16)
     losses, scales = [], []
@@ -85,7 +72,7 @@ def test_o1_twin_run_with_overflow_matches_grad_scaler_scale_sequence(device):
         model.fc1.weight.register_hook(hook)
 
     step = {"i": 0}
-    native = _layer_norm_in_fp32(make_mlp(device))
+    native = layer_norm_in_fp32(make_mlp(device))
     poison(native, step)
     opt_n = torch.optim.SGD(native.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler(device)

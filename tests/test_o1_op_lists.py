@@ -154,7 +154,8 @@ def test_plain_autocast_outside_o1_is_native():
     assert native == (torch.float16, torch.float16)  # CPU autocast's own list: what O1 must not leak into
     handle = amp.init(enabled=True)
     with amp.disable_casts():
-        assert _cpu_softmax_dtype_under_plain_autocast() == native  # casts disabled: native autocast
+        # while O1 is on, every autocast region of its device uses O1's lists (see the checkpoint test)
+        assert _cpu_softmax_dtype_under_plain_autocast() == (torch.float32, torch.float32)
     handle._deactivate()
     assert _cpu_softmax_dtype_under_plain_autocast() == native
     amp.initialize(torch.nn.Linear(1, 1), opt_level="O1", verbosity=0)
@@ -187,6 +188,40 @@ def test_native_kernels_are_never_overridden():
               if torch._C._dispatch_has_kernel_for_dispatch_key("aten::" + op, key_name)}
     handle = amp.init(enabled=True)
     assert native and not native & set(handle._apex_lists.op_lists.registered)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpoint_recomputes_with_the_same_lists(device, reentrant):
+    """Recomputation in backward (autocast off for O1's backward) re-enters the forward's autocast state;
+    O1's lists must apply there too, or the recomputed layer_norm would not match the saved one."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(torch.nn.Module):
+        def __init__(self, use_checkpoint):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.ln = torch.nn.Linear(H, H), torch.nn.LayerNorm(H)
+            self.use_checkpoint = use_checkpoint
+
+        def body(self, t):
+            return self.fc(self.ln(self.fc(t)))
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=reentrant) if self.use_checkpoint else self.body(x)
+
+    grads = []
+    for use_checkpoint in (False, True):
+        ampcompat.reset()
+        model = Block(use_checkpoint).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        amp.initialize(model, opt, opt_level="O1", verbosity=0, loss_scale=128.0)
+        torch.manual_seed(1)
+        x = torch.randn(B, H, device=device).requires_grad_(reentrant)
+        with amp.scale_loss(model(x).float().mean(), opt) as scaled:
+            scaled.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_worker_thread_model_runs_fp32_list_in_fp32(device):

@@ -174,18 +174,12 @@ def casts_back(device_type: str, was_enabled: bool) -> None:
 
 # --- Apex's op lists where native autocast differs (see o1_op_lists) ------------------------------
 
-def _o1_applies_here() -> bool:
-    """``active_handle() is not None``, in one Python frame: the O1 autocast kernels call it on every op."""
-    handle = getattr(_amp_state, "handle", None)
-    return isinstance(handle, O1Scope) and handle._is_active and getattr(_tls, "disabled_depth", 0) == 0
-
-
 class _ApexLists:
     """The autocast kernels and banned-function wrappers one O1 scope adds (see ``o1_op_lists``)."""
 
     def __init__(self, device_type: str, dtype: torch.dtype, allow_banned: bool) -> None:
-        self.op_lists = OpLists(device_type, dtype, _o1_applies_here)
-        self.banned = BannedFunctions(device_type, allow_banned, _o1_applies_here)
+        self.op_lists = OpLists(device_type, dtype)
+        self.banned = BannedFunctions(device_type, allow_banned, lambda: active_handle() is not None)
 
     def remove(self) -> None:
         self.banned.remove()

@@ -12,8 +12,7 @@ Apex's lists that has no autocast kernel there:
 
 Ops that already have an autocast kernel on the device are left to it, so nothing native is
 overridden and no Python runs for them. The kernels live in a ``torch.library.Library`` destroyed when
-the scope is deactivated, and apply only where the O1 scope's ``applies()`` says O1 is on (not inside
-``amp.disable_casts()``); plain ``torch.autocast`` outside O1 never meets them.
+the scope is deactivated: plain ``torch.autocast`` outside O1 never meets them.
 
 In-place FP32-list ops (``half.exp_()``), which Apex refused, run as under native autocast: refused at
 the dispatcher, they would also fail PyTorch's own internal in-place ops (CPU ``logsumexp`` calls
@@ -95,13 +94,16 @@ def _cast(values: Tuple[Any, ...], device_type: str, from_dtypes: Tuple[torch.dt
 class OpLists:
     """The autocast kernels O1 adds for one device; :meth:`remove` takes them all away again.
 
+    The kernels apply to every autocast region of the device while they exist, including the
+    recomputation of activation-checkpointed blocks during backward (which re-enters the forward's
+    autocast state): a gate on ``amp.disable_casts`` would run those recomputations in other dtypes.
+
     Args:
         device_type: the O1 device type.
         dtype: the O1 low-precision dtype (FP16-list ops are cast to it).
-        applies: called on every kernel call; True where O1 casting is on in this thread.
     """
 
-    def __init__(self, device_type: str, dtype: torch.dtype, applies: Callable[[], bool]) -> None:
+    def __init__(self, device_type: str, dtype: torch.dtype) -> None:
         self._library: Optional[torch.library.Library] = None
         self.registered: List[str] = []
         key = _autocast_key(device_type)
@@ -111,13 +113,13 @@ class OpLists:
         below = torch._C.DispatchKeySet(key)
         to_fp32 = (device_type, _LOW_PRECISION, torch.float32)
         to_low = (device_type, (torch.float32,), dtype)
-        kernels = ([(name, _casting_kernel(_overload(name), to_fp32, applies, key, below)) for name in FP32_OPS]
-                   + [(name, _casting_kernel(_overload(name), to_low, applies, key, below)) for name in HALF_OPS])
+        kernels = ([(name, _casting_kernel(_overload(name), to_fp32, below)) for name in FP32_OPS]
+                   + [(name, _casting_kernel(_overload(name), to_low, below)) for name in HALF_OPS])
         for name, kernel in kernels:
             if hasattr(torch.ops.aten, name.partition(".")[0]) and not _has_autocast_kernel(name, key_name):
                 if self._library is None:
                     self._library = torch.library.Library("aten", "IMPL", key_name)
-                self._library.impl(name, kernel, key_name, with_keyset=True)
+                self._library.impl(name, kernel, key_name)
                 self.registered.append(name)
 
     def remove(self) -> None:
@@ -128,17 +130,14 @@ class OpLists:
         self.registered = []
 
 
-def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dtype], applies: Callable[[], bool],
-                    key: Any, below: Any) -> Callable[..., Any]:
+def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dtype], below: Any) -> Callable[..., Any]:
     """Native autocast's cast policies: cast the inputs (``cast`` = ``(device_type, from_dtypes, to_dtype)``),
-    then run the op with this autocast key excluded. Where O1 does not apply, the op runs as if the key
-    had no kernel. The body is flat on purpose: it runs on every call of the op under O1."""
+    then run the op with this autocast key excluded. The body is flat on purpose: it runs on every call
+    of the op under O1, as one Python frame."""
     device_type, from_dtypes, to_dtype = cast
     run = getattr(op, "_op", op)  # the C++ callable behind OpOverload.__call__: one Python frame less
 
-    def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if not applies():
-            return op.redispatch(keyset.remove(key), *args, **kwargs)
+    def kernel(*args: Any, **kwargs: Any) -> Any:
         args = list(args)
         for i, value in enumerate(args):
             if isinstance(value, torch.Tensor):
