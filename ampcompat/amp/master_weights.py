@@ -250,8 +250,11 @@ def _prepare_amp_backward(self: Any) -> None:
             p.grad = None
         if stash.all_fp32_from_fp32_params:
             stash.all_fp32_from_fp32_grad_stash = _stash_and_clear(stash.all_fp32_from_fp32_params)
-            stash._grads_stashed = stash.all_fp32_from_fp32_grad_stash.count(None) != len(
-                stash.all_fp32_from_fp32_params)
+            stash._grads_stashed = False
+            for grad in stash.all_fp32_from_fp32_grad_stash:  # not .count(None): that runs tensor == None
+                if grad is not None:
+                    stash._grads_stashed = True
+                    break
     else:
         for p in stash._model_side:
             if p.grad is not None:  # accumulating onto existing grads: only the new ones get unscaled
@@ -353,9 +356,17 @@ def _unscale_fast_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> 
         return None
     grads16 = [p.grad for p in stash.all_fp16_params]
     grads32 = [g for p in stash.all_fp32_from_fp32_params if (g := p.grad) is not None]
-    if None in grads16 or [m.grad for m in masters].count(None) != len(masters) or \
-            [g for g in grads16 + grads32 if g.is_sparse]:
-        return None
+    # Plain loops of identity tests: ``None in grads`` / ``.count(None)`` compare tensors with ``==``
+    # (~15 us each) and generator expressions add a Python call per item.
+    for grad in grads16:
+        if grad is None or grad.is_sparse:
+            return None
+    for master in masters:
+        if master.grad is not None:
+            return None
+    for grad in grads32:
+        if grad.is_sparse:
+            return None
     fresh = [torch.empty_like(m) for m in masters]
     if fresh:
         torch._foreach_copy_(fresh, grads16)
