@@ -306,7 +306,9 @@ class LossScaler:
         The optimizers group their parameters once, at lazy init, and call this on every backward pass.
         """
         if scale is None and self._scale_t is not None:
-            inv_on_device = torch.reciprocal(self._scale_t.double()).float()
+            # In place on the fresh FP64 copy: in-place ops are on no autocast list, so under O1 this never
+            # meets an autocast kernel (out-of-place reciprocal has one on CPU: a Python call per step).
+            inv_on_device = self._scale_t.double().reciprocal_().float()
         else:
             inv_on_device = None
             scale = self._scale_host if scale is None else scale
