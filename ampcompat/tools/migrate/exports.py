@@ -13,6 +13,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .sources import SourceFile, load_source
+from .syntax import dotted_name
 
 STAR = "*"
 """Stands for "every public name" in the sets :func:`imported_from` returns."""
@@ -88,20 +89,11 @@ def imports_by_module(tree: ast.Module) -> Dict[str, Set[str]]:
         if isinstance(node.value, ast.Name) and node.value.id in module_aliases:
             found.setdefault(module_aliases[node.value.id], set()).add(node.attr)
         elif dotted_imports and isinstance(node.value, ast.Attribute):
-            chain = _dotted(node.value)
+            chain = dotted_name(node.value)
             if chain is not None and tuple(chain) in dotted_imports:
                 found.setdefault(dotted_imports[tuple(chain)], set()).add(node.attr)
     return found
 
-
-def _dotted(node: ast.AST) -> Optional[List[str]]:
-    parts: List[str] = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    return [node.id] + parts[::-1]
 
 
 def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module],

@@ -21,6 +21,7 @@ from .alias_line import alias_line_nodes
 from .catalogue import Verdict
 from .edits import SourceText
 from .sources import SourceFile
+from .syntax import dotted_name
 
 _DYNAMIC_IMPORTERS = (
     "import_module", "find_spec", "find_loader", "__import__",  # importlib
@@ -212,7 +213,7 @@ def _handle_bindings(nodes: List[ast.AST], bindings: Dict[str, Binding],
         return found
     for node in nodes:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            chain = _dotted(node.value.func)
+            chain = dotted_name(node.value.func)
             if chain is None or chain[0] not in bindings:
                 continue
             binding = bindings[chain[0]]
@@ -222,17 +223,6 @@ def _handle_bindings(nodes: List[ast.AST], bindings: Dict[str, Binding],
                         found[target.id] = Binding("apex.amp.init()", binding.via)
     return found
 
-
-def _dotted(node: ast.AST) -> Optional[List[str]]:
-    """``a.b.c`` -> ``["a", "b", "c"]``; ``None`` for anything that is not a plain dotted name."""
-    parts: List[str] = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    parts.append(node.id)
-    return parts[::-1]
 
 
 # --- uses --------------------------------------------------------------------------------------------
@@ -313,7 +303,7 @@ class _UseFinder:
                           call=call, position=name, module=binding.module)
 
     def _private_attribute_use(self, node: ast.Attribute) -> Optional[Use]:
-        chain = _dotted(node.value)
+        chain = dotted_name(node.value)
         if chain is not None and chain[0] in self.bindings:
             return None  # part of an Apex chain, reported there
         return self._make(node, "optimizer." + node.attr, "apex", "attribute", "",
@@ -335,7 +325,7 @@ class _UseFinder:
             return None
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-        chain = _dotted(func)
+        chain = dotted_name(func)
         if not _CHECK_HELPER.search(name) or (chain is not None and chain[0] in self.bindings):
             return None
         use = self._make(node, "apex", "apex", "check", "", position=func, module="apex")
