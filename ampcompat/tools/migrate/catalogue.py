@@ -74,10 +74,11 @@ class Entry:
 _S, _D, _U = Verdict.SUPPORTED, Verdict.DIFFERENCE, Verdict.UNSUPPORTED
 
 _O1_NOTE = (
-    "O1 casts through PyTorch's autocast instead of patching torch functions, so the op lists are "
-    "PyTorch's: einsum, scaled_dot_product_attention and gelu run in FP16, `.cpu()` keeps FP16, "
-    "in-place FP32-list ops on FP16 tensors do not raise, and binary_cross_entropy raises RuntimeError "
-    "for any input; autocast is per thread (Apex patched the whole process)"
+    "O1 casts through PyTorch's autocast instead of patching torch functions, with Apex's FP32 list added "
+    "where a device's autocast lacks it: einsum, scaled_dot_product_attention and gelu run in FP16 as in "
+    "native autocast, `.cpu()` keeps FP16, in-place FP32-list ops on FP16 tensors do not raise, and "
+    "binary_cross_entropy on FP16 raises Apex's NotImplementedError (allow_banned=True runs it in FP32); "
+    "autocast is per thread (Apex patched the whole process)"
 )
 _STATIC_SCALE_NOTE = (
     "a static loss_scale above 1 now detects inf/NaN gradients and skips the step "
@@ -102,7 +103,7 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.amp.initialize", "function", _D,
           "O1: `torch.autocast(device_type, dtype=torch.float16)` around forward and loss, plus "
           "`torch.amp.GradScaler(device_type)`; O0: nothing; O2/O3: no native equivalent (FP16 weights)",
-          "O0, O2 and O3 behave as in Apex; O1 casts with PyTorch's autocast op lists, per thread (see "
+          "O0, O2 and O3 behave as in Apex; O1 casts with Apex's op lists on autocast, on every device, per thread (see "
           "Behaviour that differs); CPU models are accepted; O4/O5 are ROCm Apex's bf16 levels"),
     Entry("apex.amp.scale_loss", "function", _S,
           "`scaler.scale(loss).backward()`, then `scaler.step(optimizer)` and `scaler.update()`",
@@ -127,7 +128,7 @@ _ENTRIES: Tuple[Entry, ...] = (
           "cast the inputs to their widest floating type, then call the function",
           _REGISTRY_NOTE + "; still call it before `amp.initialize`"),
     Entry("apex.amp.init", "function", _D, "as for O1: `torch.autocast` + `torch.amp.GradScaler`",
-          "the pre-2019 handle API: the handle is kept, and casting is O1's (native autocast op lists)"),
+          "the pre-2019 handle API: the handle is kept, and casting is O1's (Apex's op lists on autocast)"),
     Entry("apex.amp.init().scale_loss", "function", _U, "`amp.scale_loss(loss, optimizer)`",
           "the old handle's scale_loss: Apex itself raised RuntimeError (\"The old Amp API is no longer supported\")"),
     Entry("apex.amp._amp_state", "object", _S,
