@@ -378,3 +378,14 @@ def test_refused_modules_under_the_alias_keep_try_except_fallbacks_working():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("name", ["multihead_attn", "sparsity"])
+def test_from_contrib_import_a_refused_module_keeps_the_advice(name):
+    from ampcompat._not_provided import ApexModuleNotProvided
+
+    with pytest.raises(ApexModuleNotProvided, match=rf"apex\.contrib\.{name} is not provided by ampcompat: .* Use "):
+        exec(f"from ampcompat.contrib import {name}", {})
+    with pytest.raises(ImportError):  # what an `except ImportError:` fallback catches
+        exec(f"from ampcompat.contrib import {name}", {})
+    exec("from ampcompat.contrib import xentropy, clip_grad", {})  # provided ones still import this way

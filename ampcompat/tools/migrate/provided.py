@@ -141,6 +141,8 @@ def _attribute(module: types.ModuleType, parts: Sequence[str], index: int) -> An
         return getattr(module, parts[index])
     except AttributeError:
         pass
+    except ApexModuleNotProvided as exc:  # a package's __getattr__ refusing a submodule (apex.contrib)
+        return Lookup(".".join(parts[: index + 1]), False, problem=str(exc), refused=True)
     except Exception as exc:  # noqa: BLE001
         return Lookup(".".join(parts[: index + 1]), False, problem=f"reading it fails: {exc!r}")
     value = _import(".".join(parts[: index + 1]))
