@@ -28,6 +28,19 @@ LOW = [torch.float16, torch.bfloat16]
 def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
+def _assert_affine_norm_twin(norm, ours, reference, ref_params, fp32: bool) -> None:
+    """Output, input gradient and weight/bias gradients of ``norm`` equal the FP32 reference's."""
+    (got_in, got), (want_in, want), (ref_w, ref_b) = ours, reference, ref_params
+    torch.testing.assert_close(got, want, **(dict(rtol=1e-5, atol=1e-5) if fp32 else {}))
+    dy = torch.randn_like(got)
+    got.backward(dy)
+    want.backward(dy)
+    grad_tol = dict(rtol=1e-4, atol=1e-4) if fp32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_in.grad, want_in.grad, **grad_tol)
+    torch.testing.assert_close(norm.weight.grad.float(), ref_w.grad, **grad_tol)
+    torch.testing.assert_close(norm.bias.grad.float(), ref_b.grad, **grad_tol)
+
+
 
 # --- apex_C ---------------------------------------------------------------------------------------
 
@@ -143,15 +156,8 @@ def test_group_norm_matches_torch(device, act, x_dtype, w_dtype):
     want = F.group_norm(want_in.float(), 4, ref_w, ref_b, 1e-5)
     want = (F.silu(want) if act else want).to(x_dtype)
     assert got.dtype == x_dtype
-    tol = dict(rtol=1e-5, atol=1e-5) if x_dtype == w_dtype == torch.float32 else {}
-    torch.testing.assert_close(got, want, **tol)
-    dy = torch.randn_like(got)
-    got.backward(dy)
-    want.backward(dy)
-    grad_tol = dict(rtol=1e-4, atol=1e-4) if x_dtype == w_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_in.grad, want_in.grad, **grad_tol)
-    torch.testing.assert_close(norm.weight.grad.float(), ref_w.grad, **grad_tol)
-    torch.testing.assert_close(norm.bias.grad.float(), ref_b.grad, **grad_tol)
+    _assert_affine_norm_twin(norm, (got_in, got), (want_in, want), (ref_w, ref_b),
+                             fp32=x_dtype == w_dtype == torch.float32)
 
 
 def test_group_norm_options_and_bad_input():
@@ -182,15 +188,8 @@ def test_fast_layer_norm_matches_torch_with_output_in_weight_dtype(device, x_dty
     got = norm(got_in)
     want = F.layer_norm(want_in.float(), (32,), ref_w, ref_b, 1e-5).to(w_dtype)
     assert got.dtype == w_dtype  # Apex's kernel: output type = weight type
-    tol = dict(rtol=1e-5, atol=1e-5) if x_dtype == w_dtype == torch.float32 else {}
-    torch.testing.assert_close(got, want, **tol)
-    dy = torch.randn_like(got)
-    got.backward(dy)
-    want.backward(dy)
-    grad_tol = dict(rtol=1e-4, atol=1e-4) if x_dtype == w_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_in.grad, want_in.grad, **grad_tol)
-    torch.testing.assert_close(norm.weight.grad.float(), ref_w.grad, **grad_tol)
-    torch.testing.assert_close(norm.bias.grad.float(), ref_b.grad, **grad_tol)
+    _assert_affine_norm_twin(norm, (got_in, got), (want_in, want), (ref_w, ref_b),
+                             fp32=x_dtype == w_dtype == torch.float32)
 
 
 def test_fast_layer_norm_under_autocast_returns_the_autocast_dtype(device):
