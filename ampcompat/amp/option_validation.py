@@ -141,7 +141,7 @@ def check_num_losses(value: Any) -> int:
 
 
 def check_verbosity(value: Any) -> int:
-    """An integer: 0 silences amp's printing, 1 prints the options block and overflow messages, 2 more.
+    """An integer: 0 silences amp's printing; 1 (the default) and 2 print the options block and overflow lines.
 
     Raises:
         TypeError: for a non-integer (e.g. the string "0").

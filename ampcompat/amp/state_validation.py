@@ -20,7 +20,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 
 #: The keys of ``torch.amp.GradScaler.state_dict()``.
 _GRAD_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-_ENTRY_FORM = '{"loss_scale": <a finite number above 0>, "unskipped": <an int of at least 0>}'
+_ENTRY_FORM = "{'loss_scale': <a finite number above 0>, 'unskipped': <an int of at least 0>}"
 
 
 class AmpNotInitializedError(RuntimeError, AttributeError):
@@ -125,7 +125,7 @@ def plan_load(state_dict: Any, num_scalers: Optional[int]) -> LoadPlan:
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(
-            "amp.load_state_dict expects the dict amp.state_dict() returned ({{'loss_scaler0': {}, ...}}), "
+            "amp.load_state_dict expects the dict amp.state_dict() returned, {{'loss_scaler0': {}, ...}}, "
             "found {} ({}).".format(_ENTRY_FORM, _short(state_dict), type(state_dict).__name__))
     messages = []
     if num_scalers is not None and len(state_dict) != num_scalers:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-#: ``AMPCOMPAT_VERBOSITY=0`` silences amp; 1 prints the options block and overflow lines; 2 adds O1's notes.
+#: ``AMPCOMPAT_VERBOSITY=0`` silences amp; 1 (Apex's default) and 2 print the options block and overflow lines.
 ENV_VAR = "AMPCOMPAT_VERBOSITY"
 
 
@@ -25,8 +25,8 @@ def verbosity_override() -> Optional[int]:
         return int(raw)
     except ValueError:
         raise ValueError(
-            "{} must be an integer (0 silences amp's printing, 1 prints the options block and overflow "
-            "lines, 2 also O1's notes), found {}={!r}. Unset it to use amp.initialize's verbosity.".format(
+            "{} must be an integer (0 silences amp's printing; 1 and 2 print the options block and "
+            "overflow lines), found {}={!r}. Unset it to use amp.initialize's verbosity.".format(
                 ENV_VAR, ENV_VAR, raw)) from None
 
 
