@@ -143,7 +143,8 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         cast_model_outputs: dtype the model's floating outputs are cast to (default FP32 when the model
             is cast).
         num_losses: how many independent loss scalers to create (``scale_loss(..., loss_id=i)``).
-        verbosity: 0 silences everything amp prints.
+        verbosity: 0 silences everything amp prints; the environment variable ``AMPCOMPAT_VERBOSITY``
+            overrides it.
         min_loss_scale, max_loss_scale: floor and ceiling of the dynamic loss scale.
         patch_torch_functions_type: ROCm Apex's override of the O1/O4 autocast dtype.
         allow_banned: O1/O4 run Apex's banned functions (``F.binary_cross_entropy``, ``nn.BCELoss``) in
@@ -153,7 +154,10 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         ``models`` or ``(models, optimizers)`` shaped like the inputs: the same objects, patched.
 
     Raises:
-        RuntimeError, TypeError, ValueError, AssertionError: Apex's errors for bad options or inputs.
+        RuntimeError, TypeError, ValueError, AssertionError: Apex's errors for bad options or inputs, and
+            clear ones where Apex accepted an impossible value (a loss scale of 0, inf or NaN,
+            ``num_losses=0``, ``min_loss_scale > max_loss_scale``, a non-dtype ``cast_model_type``, ...).
+            Raised before anything is changed: models, optimizers and amp's state stay as they were.
     """
     saved = {key: _amp_state.__dict__[key] for key in _SET_BY_INITIALIZE if key in _amp_state.__dict__}
     try:
