@@ -22,8 +22,8 @@ ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("foundation", ("ampcompat._version", "ampcompat.amp.process_state")),
-    ("amp mechanisms", ("ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
+    ("foundation", ("ampcompat._version", "ampcompat.amp.verbosity", "ampcompat.amp.process_state")),
+    ("amp mechanisms", ("ampcompat.amp.option_validation", "ampcompat.amp.state_validation", "ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
                         "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.optimizer_lifecycle")),
     ("optimizer patching", ("ampcompat.amp.master_weights",)),
     ("per-backward and old API", ("ampcompat.amp.scaled_backward", "ampcompat.amp.legacy_handle")),

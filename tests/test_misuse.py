@@ -14,7 +14,6 @@ gradients that are simply too small by the loss scale.
 from __future__ import annotations
 
 import socket
-from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import ampcompat
 from ampcompat import amp
 
+from _amp_snapshot import differences, same, snapshot
 from _models import batches, make_mlp
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
@@ -55,43 +55,6 @@ def _clone(t):
     return None if t is None else t.detach().clone()
 
 
-def _snapshot(model: torch.nn.Module, opts: List[torch.optim.Optimizer]) -> Dict[str, Any]:
-    """Everything a bad call could leave half-changed."""
-    state = amp._amp_state
-    stepped = [p for o in opts for g in o.param_groups for p in g["params"]]
-    return {
-        "params": [_clone(p) for p in model.parameters()],
-        "grads": [_clone(p.grad) for p in model.parameters()],
-        "stepped": [_clone(p) for p in stepped],
-        "stepped_grads": [_clone(p.grad) for p in stepped],
-        # o.state read directly: state_dict() would run amp's lazy init (O2) and change param_groups.
-        "opt_state": [[{k: _clone(v) if torch.is_tensor(v) else v for k, v in o.state[p].items()}
-                       for g in o.param_groups for p in g["params"]] for o in opts],
-        "stash": [(o._amp_stash.already_patched, o._amp_stash.params_have_scaled_gradients)
-                  if hasattr(o, "_amp_stash") else None for o in opts],
-        "scalers": [(s.loss_scale(), s._unskipped) for s in getattr(state, "loss_scalers", [])],
-        "options": dict(state.opt_properties.options) if hasattr(state, "opt_properties") else None,
-        "verbosity": state.verbosity,
-        "min_max": (getattr(state, "min_loss_scale", None), getattr(state, "max_loss_scale", None)),
-    }
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
-            torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def assert_unchanged(before: Dict[str, Any], after: Dict[str, Any]) -> None:
-    changed = [key for key in before if not _same(before[key], after[key])]
-    assert not changed, "left half-changed: {}".format(changed)
-
-
 def _all_finite(model, opt) -> bool:
     tensors = list(model.parameters()) + [p for g in opt.param_groups for p in g["params"]]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -109,11 +72,13 @@ def test_first_step_after_overflow_is_skipped(level):
     model, opt = _setup(level)
     _train_step(model, opt)
     _overflow(model, opt)
-    before = _snapshot(model, [opt])
+    params = [_clone(p) for p in model.parameters()]
+    stepped = [_clone(p) for g in opt.param_groups for p in g["params"]]
+    state = snapshot([model], [opt])["optimizers"][0]["state"]
     opt.step()
-    after = _snapshot(model, [opt])
-    assert _same(before["params"], after["params"]) and _same(before["stepped"], after["stepped"])
-    assert _same(before["opt_state"], after["opt_state"])
+    assert same(params, [_clone(p) for p in model.parameters()])
+    assert same(stepped, [_clone(p) for g in opt.param_groups for p in g["params"]])
+    assert same(state, snapshot([model], [opt])["optimizers"][0]["state"])
     assert opt._amp_stash.already_patched is False
 
 
@@ -129,12 +94,12 @@ def test_second_step_after_skipped_step_raises_and_keeps_params(level, optimizer
     stepped = [_clone(p) for g in opt.param_groups for p in g["params"]]
     with pytest.raises(RuntimeError, match="called again after a step skipped for gradient overflow"):
         opt.step()
-    assert _same(params, [_clone(p) for p in model.parameters()])
-    assert _same(stepped, [_clone(p) for g in opt.param_groups for p in g["params"]])
+    assert same(params, [_clone(p) for p in model.parameters()])
+    assert same(stepped, [_clone(p) for g in opt.param_groups for p in g["params"]])
     assert _all_finite(model, opt)
     opt.zero_grad()
     _train_step(model, opt)  # a new scale_loss pass makes step() legal again
-    assert _all_finite(model, opt) and not _same(params, [_clone(p) for p in model.parameters()])
+    assert _all_finite(model, opt) and not same(params, [_clone(p) for p in model.parameters()])
 
 
 # --- nested scale_loss -------------------------------------------------------------------------------
@@ -144,13 +109,14 @@ def test_nested_scale_loss_on_same_optimizer_raises(level):
     model, opt = _setup(level)
     with amp.scale_loss(_loss(model), opt) as scaled:
         scaled.backward()  # grads accumulated so far
-    before = _snapshot(model, [opt])
+    outer_loss, inner_loss = _loss(model, seed=2), _loss(model, seed=3)  # forwards move BatchNorm's stats
+    before = snapshot([model], [opt])
     with pytest.raises(RuntimeError, match="amp.scale_loss blocks cannot be nested for the same optimizer"):
-        with amp.scale_loss(_loss(model, seed=2), opt) as outer:
+        with amp.scale_loss(outer_loss, opt) as outer:
             outer.backward()
-            with amp.scale_loss(_loss(model, seed=3), opt) as inner:
+            with amp.scale_loss(inner_loss, opt) as inner:
                 inner.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 def test_sequential_scale_loss_on_same_optimizer_is_fine():
@@ -175,7 +141,7 @@ def test_backward_after_the_block_is_refused_at_step(level):
     params = [_clone(p) for p in model.parameters()]
     with pytest.raises(RuntimeError, match="not produced inside `with amp.scale_loss"):
         opt.step()
-    assert _same(params, [_clone(p) for p in model.parameters()])
+    assert same(params, [_clone(p) for p in model.parameters()])
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
@@ -191,7 +157,7 @@ def test_autograd_grad_inside_block_then_backward_block_is_fine(level):
         scaled.backward()
     before = [_clone(p) for p in model.parameters()]
     opt.step()
-    assert _all_finite(model, opt) and not _same(before, [_clone(p) for p in model.parameters()])
+    assert _all_finite(model, opt) and not same(before, [_clone(p) for p in model.parameters()])
 
 
 # --- loss_id -----------------------------------------------------------------------------------------
@@ -200,21 +166,23 @@ def test_autograd_grad_inside_block_then_backward_block_is_fine(level):
 def test_loss_id_too_large_raises_index_error_before_touching_anything(level):
     model, opt = _setup(level, num_losses=2)
     _loss(model).backward()  # pre-existing grads, which a half-done scale_loss would stash away
-    before = _snapshot(model, [opt])
+    loss = _loss(model)
+    before = snapshot([model], [opt])
     with pytest.raises(IndexError):  # Apex: IndexError from _amp_state.loss_scalers[loss_id]
-        with amp.scale_loss(_loss(model), opt, loss_id=2) as scaled:
+        with amp.scale_loss(loss, opt, loss_id=2) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 @pytest.mark.parametrize("loss_id", [2, -1])
 def test_loss_id_out_of_range_message_names_num_losses(loss_id):
     model, opt = _setup("O1", num_losses=2)
-    before = _snapshot(model, [opt])
+    loss = _loss(model)
+    before = snapshot([model], [opt])
     with pytest.raises(IndexError, match=r"loss_id {} is out of range.*num_losses=2".format(loss_id)):
-        with amp.scale_loss(_loss(model), opt, loss_id=loss_id) as scaled:
+        with amp.scale_loss(loss, opt, loss_id=loss_id) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 # --- bad losses --------------------------------------------------------------------------------------
@@ -223,11 +191,11 @@ def test_loss_id_out_of_range_message_names_num_losses(loss_id):
 def test_non_floating_loss_raises_type_error_at_entry(bad):
     model, opt = _setup("O1")
     _loss(model).backward()
-    before = _snapshot(model, [opt])
+    before = snapshot([model], [opt])
     with pytest.raises(TypeError, match="amp.scale_loss needs a floating-point loss tensor"):
         with amp.scale_loss(bad, opt) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
@@ -235,12 +203,13 @@ def test_non_scalar_loss_raises_torch_error_and_keeps_accumulated_grads(level):
     model, opt = _setup(level)
     with amp.scale_loss(_loss(model), opt) as scaled:
         scaled.backward()  # one accumulated micro-batch
-    before = _snapshot(model, [opt])
     (x, y), = batches(1, seed=2)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    before = snapshot([model], [opt])
     with pytest.raises(RuntimeError, match="grad can be implicitly created only for scalar outputs"):
-        with amp.scale_loss(F.cross_entropy(model(x), y, reduction="none"), opt) as scaled:
+        with amp.scale_loss(losses, opt) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
@@ -281,11 +250,12 @@ def test_loss_on_another_device_works(level):
 def test_unpatched_optimizer_raises_apex_attribute_error():
     model, opt = _setup("O1")
     stranger = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = _snapshot(model, [opt])
+    loss = _loss(model)
+    before = snapshot([model], [opt])
     with pytest.raises(AttributeError, match="'SGD' object has no attribute '_amp_stash'"):
-        with amp.scale_loss(_loss(model), stranger) as scaled:
+        with amp.scale_loss(loss, stranger) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
@@ -296,11 +266,12 @@ def test_unpatched_optimizer_in_a_list_leaves_the_others_untouched(level):
     amp.initialize(model, opt, opt_level=level, verbosity=0)
     with amp.scale_loss(_loss(model), opt) as scaled:
         scaled.backward()
-    before = _snapshot(model, [opt])
+    loss = _loss(model)
+    before = snapshot([model], [opt])
     with pytest.raises(AttributeError, match="_amp_stash"):
-        with amp.scale_loss(_loss(model), [opt, stranger]) as scaled:
+        with amp.scale_loss(loss, [opt, stranger]) as scaled:
             scaled.backward()
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 # --- parameters frozen or added later ----------------------------------------------------------------
@@ -329,7 +300,7 @@ def test_params_frozen_after_initialize_stay_put(level):
     frozen = [_clone(p) for p in model.fc1.parameters()]
     for seed in (2, 3):
         _train_step(model, opt, seed=seed)
-    assert _same(frozen, [_clone(p) for p in model.fc1.parameters()])
+    assert same(frozen, [_clone(p) for p in model.fc1.parameters()])
     assert _all_finite(model, opt)
 
 
@@ -387,7 +358,7 @@ def test_params_appended_to_param_groups_by_hand_are_refused(level):
     before = [_clone(p) for p in model.parameters()]
     with pytest.raises(RuntimeError, match="optimizer.add_param_group"):
         _train_step(model, opt, seed=2)
-    assert _same(before, [_clone(p) for p in model.parameters()])
+    assert same(before, [_clone(p) for p in model.parameters()])
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -416,13 +387,11 @@ def test_models_without_floating_params(level):
 def test_second_initialize_with_same_optimizer_apex_error_and_no_change_to_the_optimizer():
     model, opt = _setup("O2")
     _train_step(model, opt)
-    before = _snapshot(model, [opt])
+    before = snapshot([model], [opt])
     other = make_mlp(seed=3, d_hidden=16)
     with pytest.raises(RuntimeError, match="^A given optimizer should only be passed through amp.initialize once.$"):
         amp.initialize(other, opt, opt_level="O2", verbosity=0)
-    after = _snapshot(model, [opt])
-    for key in ("params", "grads", "stepped", "opt_state", "stash", "scalers"):
-        assert _same(before[key], after[key]), key
+    assert differences(before, snapshot([model], [opt])) == []
     assert all(p.dtype == torch.float32 for p in other.parameters())
 
 
@@ -430,7 +399,7 @@ def test_second_initialize_with_same_optimizer_apex_error_and_no_change_to_the_o
 def test_refused_second_initialize_leaves_amp_state_unchanged(bad_call, capsys):
     model, opt = _setup("O2")
     _train_step(model, opt)
-    before = _snapshot(model, [opt])
+    before = snapshot([model], [opt])
     other = make_mlp(seed=3, d_hidden=16)
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
     with pytest.raises((RuntimeError, ValueError)):
@@ -440,7 +409,7 @@ def test_refused_second_initialize_leaves_amp_state_unchanged(bad_call, capsys):
             amp.initialize(other, other_opt, opt_level="O3", loss_scale="abc", verbosity=1)
         else:
             amp.initialize(other.half(), other_opt, opt_level="O1", verbosity=1)
-    assert_unchanged(before, _snapshot(model, [opt]))
+    assert differences(before, snapshot([model], [opt])) == []
 
 
 def test_second_initialize_with_new_pair_is_allowed_and_trains():
@@ -451,13 +420,7 @@ def test_second_initialize_with_new_pair_is_allowed_and_trains():
     params = [_clone(p) for p in amp.master_params(opt2)]
     _train_step(model2, opt2)
     assert _all_finite(model2, opt2)
-    assert not _same(params, [_clone(p) for p in amp.master_params(opt2)])
-
-
-def test_second_initialize_of_an_o2_model_apex_error():
-    model, opt = _setup("O2")
-    with pytest.raises(RuntimeError, match=r"^Found param fc1\.weight with type torch\.HalfTensor, expected "):
-        amp.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), opt_level="O2", verbosity=0)
+    assert not same(params, [_clone(p) for p in amp.master_params(opt2)])
 
 
 # --- initialize after wrapping in DDP ----------------------------------------------------------------
@@ -514,4 +477,4 @@ def test_ddp_after_initialize_trains(single_process_group):
     params = [_clone(p) for p in amp.master_params(opt)]
     for seed in (1, 2):
         _train_step(ddp, opt, seed=seed)
-    assert _all_finite(model, opt) and not _same(params, [_clone(p) for p in amp.master_params(opt)])
+    assert _all_finite(model, opt) and not same(params, [_clone(p) for p in amp.master_params(opt)])

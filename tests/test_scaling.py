@@ -300,7 +300,8 @@ def test_amp_state_dict_round_trip_weights_only():
 
 def test_load_state_dict_partial_surplus_and_unexpected(capsys):
     model = make_mlp()
-    amp.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), opt_level="O1", num_losses=1, verbosity=0)
+    amp.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), opt_level="O1", num_losses=1, verbosity=1)
+    capsys.readouterr()
     amp.load_state_dict({"loss_scaler5": {"loss_scale": 8.0, "unskipped": 3},
                          "loss_scaler0": {"loss_scale": 4.0, "unskipped": 1},
                          "junk": 1})
@@ -312,7 +313,7 @@ def test_load_state_dict_partial_surplus_and_unexpected(capsys):
         amp.load_state_dict({"loss_scaler0": {"loss_scale": 2.0, "unskipped": 0}, "x": 1, "y": 2})
     assert str(err.value) == 'Error(s) in loading state_dict. Unexpected key(s) in state_dict: "x", "y". '
     ampcompat.reset()
-    with pytest.raises(AttributeError, match="loss_scalers"):
+    with pytest.raises(AttributeError, match="called before amp.initialize"):  # Apex's type, kept
         amp.state_dict()
 
 

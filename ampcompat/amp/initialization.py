@@ -13,9 +13,12 @@ import torch
 
 from . import master_weights, model_casting
 from .legacy_handle import AmpHandle
+from .option_validation import check_initialize_arguments, check_verbosity
 from .opt_levels import OVERRIDE_ORDER, Properties, format_options, get_opt_level
 from .scaler import LossScaler
 from .process_state import _amp_state, maybe_print, warn_or_err
+from .state_validation import loaded_counter, not_initialized_error, plan_load
+from .verbosity import effective_verbosity
 
 _PARALLEL_WRAPPERS = (
     (torch.nn.parallel.DistributedDataParallel, "torch.nn.parallel.DistributedDataParallel"),
@@ -91,6 +94,7 @@ def _check_params_fp32(models: List[torch.nn.Module], device_type: str) -> None:
         return
     expected = "torch.cuda.FloatTensor" if device_type == "cuda" else "torch.FloatTensor"
     for model in models:
+        _check_not_cast_before(model)
         for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
             for name, tensor in named:
                 if tensor.is_floating_point() and tensor.dtype == torch.float16:
@@ -99,6 +103,20 @@ def _check_params_fp32(models: List[torch.nn.Module], device_type: str) -> None:
                         "call .half() on your model\nbefore passing it, no matter what optimization level you "
                         "choose.".format(kind, name, tensor.type(), expected)
                     )
+
+
+def _check_not_cast_before(model: torch.nn.Module) -> None:
+    """Refuse a model an earlier ``initialize`` cast to FP16/BF16 (Apex's error blamed a ``.half()`` call)."""
+    if not model_casting.was_cast_by_amp(model):
+        return
+    for name, param in model.named_parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            warn_or_err(
+                "This {} was already passed through amp.initialize, which cast its parameters (param {} is "
+                "{}). Pass each model through amp.initialize once: keep using the model and optimizer the "
+                "first call returned, or build a fresh FP32 model to start again.".format(
+                    type(model).__name__, name, param.dtype))
+            return
 
 
 def _print_block(props: Properties, level: Any) -> None:
@@ -125,7 +143,8 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         cast_model_outputs: dtype the model's floating outputs are cast to (default FP32 when the model
             is cast).
         num_losses: how many independent loss scalers to create (``scale_loss(..., loss_id=i)``).
-        verbosity: 0 silences everything amp prints.
+        verbosity: 0 silences everything amp prints; the environment variable ``AMPCOMPAT_VERBOSITY``
+            overrides it.
         min_loss_scale, max_loss_scale: floor and ceiling of the dynamic loss scale.
         patch_torch_functions_type: ROCm Apex's override of the O1/O4 autocast dtype.
         allow_banned: O1/O4 run Apex's banned functions (``F.binary_cross_entropy``, ``nn.BCELoss``) in
@@ -135,7 +154,10 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
         ``models`` or ``(models, optimizers)`` shaped like the inputs: the same objects, patched.
 
     Raises:
-        RuntimeError, TypeError, ValueError, AssertionError: Apex's errors for bad options or inputs.
+        RuntimeError, TypeError, ValueError, AssertionError: Apex's errors for bad options or inputs, and
+            clear ones where Apex accepted an impossible value (a loss scale of 0, inf or NaN,
+            ``num_losses=0``, ``min_loss_scale > max_loss_scale``, a non-dtype ``cast_model_type``, ...).
+            Raised before anything is changed: models, optimizers and amp's state stay as they were.
     """
     saved = {key: _amp_state.__dict__[key] for key in _SET_BY_INITIALIZE if key in _amp_state.__dict__}
     try:
@@ -157,6 +179,9 @@ _SET_BY_INITIALIZE = ("opt_properties", "verbosity", "min_loss_scale", "max_loss
 def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type, patch_torch_functions,
                         keep_batchnorm_fp32, master_weights, loss_scale, cast_model_outputs, num_losses,
                         verbosity, min_loss_scale, max_loss_scale, patch_torch_functions_type, allow_banned):
+    verbosity = effective_verbosity(check_verbosity(verbosity))
+    if enabled:
+        check_initialize_arguments(num_losses, min_loss_scale, max_loss_scale, cast_model_outputs)
     _amp_state.opt_properties = Properties()
     _amp_state.verbosity = verbosity
     if not enabled:
@@ -255,14 +280,34 @@ def _scaler_device(models: List[torch.nn.Module], device_type: str) -> torch.dev
     return torch.device(device_type)
 
 
+def _loss_scalers(call: str, then: str) -> Optional[List[LossScaler]]:
+    """The live loss scalers; None while amp is disabled (``enabled=False``: nothing to save or restore).
+
+    Raises:
+        AmpNotInitializedError: before ``amp.initialize`` (a RuntimeError and an AttributeError).
+    """
+    props = getattr(_amp_state, "opt_properties", None)
+    if props is not None and not props.enabled:
+        return None
+    scalers = getattr(_amp_state, "loss_scalers", None)
+    if props is None or scalers is None:
+        raise not_initialized_error(call, then)
+    return scalers
+
+
 def state_dict(destination: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Apex's amp state: ``{"loss_scaler0": {"loss_scale": float, "unskipped": int}, ...}``.
 
-    Plain Python numbers only, so it loads with ``torch.load(weights_only=True)``.
+    Plain Python numbers only, so it loads with ``torch.load(weights_only=True)``. Empty while amp is
+    disabled (``initialize(..., enabled=False)``).
+
+    Raises:
+        AmpNotInitializedError: before ``amp.initialize`` (a RuntimeError and an AttributeError).
     """
     if destination is None:
         destination = OrderedDict()
-    for idx, loss_scaler in enumerate(_amp_state.loss_scalers):
+    scalers = _loss_scalers("amp.state_dict()", "amp.state_dict()")
+    for idx, loss_scaler in enumerate(scalers or ()):
         destination["loss_scaler%d" % idx] = {
             "loss_scale": float(loss_scaler.loss_scale()),
             "unskipped": int(loss_scaler._unskipped),
@@ -271,24 +316,24 @@ def state_dict(destination: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
 
 
 def load_state_dict(state_dict: Dict[str, Any]) -> None:
-    """Restore loss scales saved by :func:`state_dict` (Apex's positional rules and messages)."""
-    scalers = _amp_state.loss_scalers
-    if len(state_dict) != len(scalers):
-        print("Warning: state_dict contains {} entries, while {} loss_scalers are used".format(
-            len(state_dict), len(scalers)))
-    state_dict = state_dict.copy()
-    unexpected_keys = []
-    idx = 0
-    for key in state_dict:
-        if "loss_scaler" not in key:
-            unexpected_keys.append(key)
-            continue
-        if idx > len(scalers) - 1:
-            print("Skipping loss_scaler[{}], since num_losses was set to {}".format(idx, len(scalers)))
-            break
-        scalers[idx]._loss_scale = state_dict[key]["loss_scale"]
-        scalers[idx]._unskipped = state_dict[key]["unskipped"]
-        idx += 1
-    if unexpected_keys:
-        raise RuntimeError("Error(s) in loading state_dict. Unexpected key(s) in state_dict: {}. ".format(
-            ", ".join('"{}"'.format(k) for k in unexpected_keys)))
+    """Restore loss scales saved by :func:`state_dict`, with Apex's positional rules and messages.
+
+    The whole dict is checked first, so a refused one changes nothing. While amp is disabled, a valid
+    dict is accepted and ignored.
+
+    Raises:
+        AmpNotInitializedError: before ``amp.initialize`` (a RuntimeError and an AttributeError).
+        TypeError, ValueError: a value of the wrong type, or a loss scale that is not finite and above 0;
+            the message names the entry and the value.
+        RuntimeError: Apex's error for keys that name no loss scaler.
+    """
+    scalers = _loss_scalers("amp.load_state_dict()", "amp.load_state_dict(checkpoint['amp'])")
+    plan = plan_load(state_dict, None if scalers is None else len(scalers))
+    if scalers is None:
+        return
+    for line in plan.messages:
+        maybe_print(line)
+    for entry in plan.entries:
+        scaler = scalers[entry.scaler_index]
+        scaler._loss_scale = entry.loss_scale
+        scaler._unskipped = loaded_counter(entry.unskipped, scaler.dynamic, scaler._scale_seq_len)

@@ -661,8 +661,9 @@ def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:
 
 
 def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
+    if not isinstance(param_group, dict):
+        raise AssertionError("param group must be a dict")  # Apex's type and words; kept under python -O
     self._amp_lazy_init()
-    assert isinstance(param_group, dict), "param group must be a dict"
     params = param_group["params"]
     if isinstance(params, torch.Tensor):
         params = [params]

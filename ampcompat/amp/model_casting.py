@@ -225,3 +225,8 @@ def add_fp32_state_dict_hooks(model: torch.nn.Module) -> None:
     """Make ``state_dict()`` of the model and every submodule return FP32 instead of half/bf16."""
     for module in model.modules():
         module._register_state_dict_hook(_state_dict_to_fp32)
+
+
+def was_cast_by_amp(model: torch.nn.Module) -> bool:
+    """Whether an earlier ``amp.initialize`` cast ``model`` (it carries the FP32 ``state_dict`` hook)."""
+    return _state_dict_to_fp32 in model._state_dict_hooks.values()

@@ -12,6 +12,12 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from .option_validation import (
+    check_cast_model_type,
+    check_keep_batchnorm_fp32,
+    check_loss_scale,
+    check_master_weights,
+)
 from .process_state import warn_or_err
 
 #: Options in Apex's print order. ``patch_torch_functions_type`` (ROCm's key) is printed only by
@@ -181,7 +187,7 @@ class Properties:
                     "the model weights themselves should remain FP32. If you wish to cast the model to "
                     "a different type, use opt_level='O2' or 'O3'. cast_model_type was {}".format(value)
                 )
-            return value
+            return check_cast_model_type(value)
         if name == "patch_torch_functions":
             if not self._casts_functions() and value:
                 warn_or_err(
@@ -206,32 +212,16 @@ class Properties:
                     "With opt_level O1, batchnorm functions are automatically patched to run in FP32, "
                     "so keep_batchnorm_fp32 should be None. keep_batchnorm_fp32 was {}".format(value)
                 )
-            if value == "False":
-                return False
-            if value == "True":
-                return True
-            assert value is True or value is False or value is None, (
-                "keep_batchnorm_fp32 must be a boolean, the string 'True' or 'False', or None, "
-                "found keep_batchnorm_fp32={}".format(value)
-            )
-            return value
+            return check_keep_batchnorm_fp32(value)
         if name == "master_weights":
             if self._casts_functions() and value is not None:
                 warn_or_err(
                     "It doesn't make sense to use master_weights with O1. With O1, your model weights "
                     "themselves should be FP32."
                 )
-            return value
+            return check_master_weights(value)
         if name == "loss_scale":
-            if value == "dynamic":
-                return value
-            try:
-                return float(value)
-            except (TypeError, ValueError) as exc:  # Apex let float()'s own message through
-                raise type(exc)(
-                    "loss_scale must be 'dynamic' or a number (a float such as 128.0, or a string such as "
-                    "'128.0'), found loss_scale={!r}".format(value)
-                ) from None
+            return check_loss_scale(value)
         if name == "opt_level" and value is not None:
             get_opt_level(value)
         return value

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .verbosity import effective_verbosity
+
 
 class AmpState:
     """Holds the options, loss scalers and O1 handle of the current ``amp.initialize``.
@@ -36,8 +38,11 @@ def _is_rank_zero() -> bool:
 
 
 def maybe_print(msg: str, rank0: bool = False) -> None:
-    """Print ``msg`` when verbosity is on; with ``rank0`` only on the first distributed rank (as Apex)."""
-    if _amp_state.verbosity <= 0:
+    """Print ``msg`` when verbosity is on; with ``rank0`` only on the first distributed rank (as Apex).
+
+    Every line amp prints goes through here, so ``verbosity`` (and ``AMPCOMPAT_VERBOSITY``) silence them all.
+    """
+    if effective_verbosity(_amp_state.verbosity, strict=False) <= 0:
         return
     if rank0 and not _is_rank_zero():
         return
@@ -47,6 +52,6 @@ def maybe_print(msg: str, rank0: bool = False) -> None:
 def warn_or_err(msg: str) -> None:
     """Raise ``RuntimeError(msg)``, or only print it when ``_amp_state.hard_override`` is set (as Apex)."""
     if _amp_state.hard_override:
-        print("Warning:  " + msg)
+        maybe_print("Warning:  " + msg)
     else:
         raise RuntimeError(msg)
