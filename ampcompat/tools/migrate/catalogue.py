@@ -299,6 +299,28 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.fused_dense.FusedDense", "class", _S, "`torch.nn.Linear`", "parameters uninitialised, as in Apex"),
     Entry("apex.fused_dense.FusedDenseGeluDense", "class", _S,
           "`Linear` -> `F.gelu(approximate='tanh')` -> `Linear`", "parameters uninitialised, as in Apex"),
+    Entry("apex.reparameterization", "module", _S,
+          "`torch.nn.utils.parametrizations.weight_norm` (its state_dict keys are "
+          "`parametrizations.<name>.original0/1`, not `<name>_g/_v`)",
+          "Apex's weight normalization: `<name>_g`/`<name>_v` parameters and a forward pre-hook"),
+    Entry("apex.reparameterization.apply_weight_norm", "function", _S,
+          "`torch.nn.utils.parametrizations.weight_norm(module, name, dim)` for each weight",
+          "`name=''`: every parameter of 2+ dimensions outside embeddings; `hook_child=False` computes the "
+          "subtree's weights in one hook on `module`, once per call; a submodule's name applies to its "
+          "parameters (sentiment-discovery's `apply_weight_norm(model, 'rnn')`; Apex raised)"),
+    Entry("apex.reparameterization.remove_weight_norm", "function", _S,
+          "`torch.nn.utils.parametrize.remove_parametrizations(module, name)`",
+          "a plain `Parameter` holding the current weight replaces `<name>_g`/`<name>_v`"),
+    Entry("apex.reparameterization.apply_reparameterization", "function", _S,
+          "`torch.nn.utils.parametrize.register_parametrization`"),
+    Entry("apex.reparameterization.remove_reparameterization", "function", _S,
+          "`torch.nn.utils.parametrize.remove_parametrizations`"),
+    Entry("apex.reparameterization.WeightNorm", "class", _S, "`torch.nn.utils.parametrizations.weight_norm`",
+          "the hook object in `module._forward_pre_hooks`; a computed weight is reused while its `g`/`v` are "
+          "unchanged and until a backward pass consumed it (Apex: until the next backward)"),
+    Entry("apex.reparameterization.Reparameterization", "class", _S,
+          "`torch.nn.utils.parametrize.register_parametrization`",
+          "base class: subclasses define `reparameterize` and `compute_weight`, as in Apex"),
     # --- apex.contrib -----------------------------------------------------------------------------
     Entry("apex.contrib", "module", _D, "—",
           "ampcompat provides the contrib modules real code uses (rows below); the rest raise "
