@@ -221,7 +221,8 @@ def test_remove_by_name_and_apexs_error_for_an_unknown_name():
     model = apply_weight_norm(nn.Linear(3, 2))
     with pytest.raises(ValueError) as info:
         remove_weight_norm(model, "bias")
-    assert str(info.value) == "reparameterization of 'bias' not found in Linear(in_features=3, out_features=2, bias=True)"
+    assert str(info.value) == ("reparameterization of 'bias' not found in "
+                               "Linear(in_features=3, out_features=2, bias=True)")
     assert list(model.state_dict()) == ["bias", "weight_g", "weight_v"]
     remove_weight_norm(model, "weight")
     assert list(model.state_dict()) == ["bias", "weight"]
