@@ -325,6 +325,9 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
 def _index(values: torch.Tensor, indices: Sequence[int], device: torch.device) -> torch.Tensor:
     """``values[indices]`` as FP32 on ``device`` (a per-tensor table, e.g. norms, for one group of tensors)."""
     values = values.to(device=device, dtype=torch.float32).reshape(-1)
+    first, last = indices[0], indices[-1]
+    if list(indices) == list(range(first, last + 1)):  # one group, the usual case: no index tensor to upload
+        return values[first:last + 1]
     return values.index_select(0, torch.tensor(list(indices), device=device))
 
 
@@ -359,6 +362,7 @@ def multi_tensor_lamb_mp(chunk_size: int, noop_flag: torch.Tensor, tensor_lists:
     clip = lamb_math.clip_divisor(norm, max_grad_norm.to(device=device, dtype=torch.float32).reshape(()))
     scale_back = None if inv_scale is None else inv_scale.to(device=device, dtype=torch.float32)
     buckets = group_indices(params).values()
+    updates = []
     for indices in buckets:
         members = Fp32Work(pick(params, indices))
         moments, second_moments = Fp32Work(pick(exp_avgs, indices)), Fp32Work(pick(exp_avg_sqs, indices))
@@ -369,15 +373,16 @@ def multi_tensor_lamb_mp(chunk_size: int, noop_flag: torch.Tensor, tensor_lists:
             inv_scale=scale_back)
         moments.write_back()
         second_moments.write_back()
-        torch._foreach_copy_(pick(grads, indices), update)
+        lamb_math.store_update_(pick(grads, indices), update)
+        updates.append(update)
     update_norms = _per_tensor_norms(grads, device)
     flag_where(noop_flag, ~torch.isfinite(update_norms.square().sum()))
     if bool(noop_flag.any()):
         return
     trusted = bool(use_nvlamb) or weight_decay != 0
-    for indices in buckets:
+    for indices, update in zip(buckets, updates):
         members = Fp32Work(pick(params, indices))
-        lamb_math.apply_trust_ratio_(members.values, as_fp32(pick(grads, indices)), lr=lr.to(device),
+        lamb_math.apply_trust_ratio_(members.values, update, lr=lr.to(device),
                                      trusted=trusted, param_norms=_index(param_norms, indices, device),
                                      update_norms=_index(update_norms, indices, device))
         members.write_back()

@@ -263,3 +263,15 @@ def test_lamb_mp_flag_semantics(device):
     with pytest.raises(RuntimeError, match=r"^tensor_lists.size\(\) != depth$"):
         _lamb_mp_call(lists[:3], flag(device), device)
 
+
+
+def test_interleaved_dtypes_take_their_own_norms(device):
+    """Tensors are grouped by dtype; each must still be paired with its own entry of the per-tensor norms."""
+    params = [t.to(dtype) for t, dtype in zip(randn([6, 8, 10], torch.float32, device, 0),
+                                              (torch.float32, torch.float16, torch.float32))]
+    updates = randn([6, 8, 10], torch.float32, device, 1)
+    param_norms, update_norms = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 0.5])
+    before = [p.clone() for p in params]
+    amp_C.multi_tensor_lamb_stage2_cuda(2048, flag(device), [params, updates], param_norms, update_norms, 0.1, 0.01)
+    for p, want in zip(params, ref_stage2(before, updates, param_norms, update_norms, 0.1, 0.01, False)):
+        close(p, want, p.dtype)

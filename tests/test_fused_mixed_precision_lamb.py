@@ -260,3 +260,31 @@ def test_bad_input_raises_apexs_errors():
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
+
+
+def _aten_ops_per_step(num_layers, dtype, **options):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(num_layers)]).to(dtype)
+    optimizer = FusedMixedPrecisionLamb(model.parameters(), **options)
+    for _ in range(2):  # the second step: state exists
+        model(torch.randn(2, 8).to(dtype)).float().sum().backward()
+        Count.calls = 0
+        with Count():
+            optimizer.step()
+    return Count.calls
+
+
+def test_a_step_dispatches_a_fixed_number_of_ops_not_a_loop_over_tensors():
+    """Multi-tensor: FP32 parameters cost the same ops for 8 tensors as for 32; FP16 parameters with masters
+    add one FP32 working copy of each gradient (an allocation), nothing else per tensor."""
+    assert _aten_ops_per_step(4, torch.float32) == _aten_ops_per_step(16, torch.float32)
+    half = dict(reduced_precision_dtype=torch.float16)
+    assert _aten_ops_per_step(16, torch.float16, **half) - _aten_ops_per_step(4, torch.float16, **half) == 32 - 8

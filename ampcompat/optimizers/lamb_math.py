@@ -24,8 +24,8 @@ from ._tensor_lists import Fp32Work, as_fp32, group_indices, pick, stack_scalars
 Tensors = Sequence[torch.Tensor]
 Scalar = Union[float, torch.Tensor]
 
-__all__ = ["lamb_", "lamb_mixed_precision_", "lamb_update_", "apply_trust_ratio_", "tensor_norms", "global_grad_norm",
-           "clip_divisor"]
+__all__ = ["lamb_", "lamb_mixed_precision_", "lamb_update_", "apply_trust_ratio_", "store_update_", "tensor_norms",
+           "global_grad_norm", "clip_divisor"]
 
 
 def lamb_update_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *, beta1: float,
@@ -85,7 +85,9 @@ def apply_trust_ratio_(params: Tensors, updates: Tensors, *, lr: Scalar, trusted
         return
     p_norm = tensor_norms(params, device) if param_norms is None else param_norms.to(device)
     u_norm = tensor_norms(updates, device) if update_norms is None else update_norms.to(device)
-    use = torch.tensor(applies, device=device) & (p_norm != 0) & (u_norm != 0)
+    use = (p_norm != 0) & (u_norm != 0)
+    if not all(applies):
+        use = use & torch.tensor(applies, device=device)
     lr_value = lr.to(device).reshape(()) if isinstance(lr, torch.Tensor) else lr
     ratio = torch.where(use, p_norm / torch.where(use, u_norm, 1.0), 1.0) * lr_value
     torch._foreach_sub_(params, torch._foreach_mul(updates, list(ratio.unbind())))
@@ -132,11 +134,20 @@ def lamb_mixed_precision_(grads: Tensors, params: Tensors, exp_avgs: Tensors, ex
                           grad_clip_divisor=grad_clip_divisor, inv_scale=inv_scale)
     moments.write_back()
     second_moments.write_back()
-    torch._foreach_copy_(list(grads), update)
-    apply_trust_ratio_(weights.values, as_fp32(grads), lr=lr, trusted=trusted, param_norms=param_norms)
+    store_update_(grads, update)
+    apply_trust_ratio_(weights.values, update, lr=lr, trusted=trusted, param_norms=param_norms)
     weights.write_back()
     if model_params is not None:
         torch._foreach_copy_(list(model_params), weights.values)
+
+
+def store_update_(grads: Tensors, update: Tensors) -> None:
+    """Write ``update`` into ``grads``, as Apex's mixed-precision kernels did, and round ``update`` in place to
+    what was stored (the gradients' dtype): the stored update is the one applied."""
+    torch._foreach_copy_(list(grads), list(update))
+    rounded = [i for i, (g, u) in enumerate(zip(grads, update)) if g.dtype != u.dtype]
+    if rounded:
+        torch._foreach_copy_(pick(update, rounded), pick(grads, rounded))
 
 
 def tensor_norms(tensors: Tensors, device: torch.device) -> torch.Tensor:
