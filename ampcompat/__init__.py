@@ -21,7 +21,7 @@ __all__ = ["amp", "install_apex_alias", "reset", "amp_state_to_grad_scaler", "gr
 
 # Submodules importable as attributes: the amp core and Apex's neighbours.
 _SUBMODULES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "multi_tensor_apply", "amp_C",
-               "apex_C", "contrib", "mlp", "fused_dense")
+               "apex_C", "contrib", "mlp", "fused_dense", "reparameterization")
 # Public functions defined further down the package: name -> the module that defines it.
 _FUNCTIONS = {"amp_state_to_grad_scaler": ".amp.scaler", "grad_scaler_to_amp_state": ".amp.scaler"}
 _STATE_ATTRIBUTES = ("opt_properties", "loss_scalers", "handle", "min_loss_scale", "max_loss_scale")

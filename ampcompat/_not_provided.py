@@ -36,8 +36,6 @@ NOT_PROVIDED: Dict[str, Tuple[str, str]] = {
     "apex.RNN": ("Apex's pre-cuDNN RNN cells (removed from Apex in 2019)", "torch.nn.LSTM / torch.nn.GRU / torch.nn.RNN"),
     "apex.pyprof": ("Apex's NVTX profiler (moved out of Apex in 2020)",
                     "torch.autograd.profiler.emit_nvtx() with Nsight Systems, or torch.profiler"),
-    "apex.reparameterization": ("Apex's weight-norm reparameterization (removed from Apex in 2019)",
-                                "torch.nn.utils.parametrizations.weight_norm"),
     "apex.contrib.sparsity": (
         "ASP, Apex's 2:4 structured-sparsity pruning",
         "torch.ao.pruning (WeightNormSparsifier(sparse_block_shape=(1, 4), zeros_per_block=2)) and "

@@ -4,8 +4,10 @@ Same names, arguments, return values, flag semantics and in-place effects as Ape
 on any device. Each op takes ``(chunk_size, noop_flag, tensor_lists, *args)``; ``chunk_size`` is
 accepted and unused (chunking is the foreach kernels' business). ``noop_flag`` is Apex's int tensor:
 ops that detect inf/NaN set it to 1 and never clear it. Tensors are processed in groups of one device
-and dtype, a few kernel launches per group, with no host synchronisation (except ``multi_tensor_sgd``,
-which reads the flag once to skip, as Apex's kernel did). Math runs in FP32 for FP16/BF16 tensors.
+and dtype, a few kernel launches per group, with no host synchronisation, except where an op must decide
+on the host what Apex's kernels decided on the device: ``multi_tensor_sgd`` and ``multi_tensor_lamb_mp``
+read the flag to skip, ``multi_tensor_lamb_stage1_cuda`` reads its per-tensor decays. Math runs in FP32
+for FP16/BF16 tensors.
 
 Ops of Apex's extension that are not provided raise ``NotImplementedError`` naming the replacement.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .optimizers import _functional
+from .optimizers import _functional, lamb_math
 from .optimizers._tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
                                        stack_scalars)
 
@@ -24,8 +26,9 @@ TensorLists = Sequence[Sequence[torch.Tensor]]
 
 __all__ = [
     "multi_tensor_scale", "multi_tensor_axpby", "multi_tensor_l2norm", "multi_tensor_l2norm_mp",
-    "multi_tensor_unscale_l2norm", "update_scale_hysteresis", "multi_tensor_adam", "multi_tensor_sgd",
-    "multi_tensor_adagrad", "multi_tensor_lamb", "multi_tensor_novograd",
+    "multi_tensor_l2norm_scale", "multi_tensor_unscale_l2norm", "update_scale_hysteresis", "multi_tensor_adam",
+    "multi_tensor_sgd", "multi_tensor_adagrad", "multi_tensor_lamb", "multi_tensor_lamb_mp",
+    "multi_tensor_lamb_stage1_cuda", "multi_tensor_lamb_stage2_cuda", "multi_tensor_novograd",
 ]
 
 
@@ -176,6 +179,26 @@ def multi_tensor_unscale_l2norm(chunk_size: int, noop_flag: torch.Tensor, tensor
 
 
 @torch.no_grad()
+def multi_tensor_l2norm_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, scale: float,
+                              per_tensor: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``dst = src * scale`` for ``tensor_lists = [src, dst]``, and the L2 norms of ``src`` (before scaling).
+
+    The products are computed in FP32 and stored in ``dst``'s dtype (in place if ``dst is src``).
+
+    Returns:
+        ``(total, per_tensor_norms)`` of ``src`` as :func:`multi_tensor_l2norm` returns them; ``noop_flag``
+        is set to 1 if the norm is not finite (the products are written regardless, as Apex did).
+    """
+    sources, destinations = _check_lists(tensor_lists, (2,))
+    total, per = _norms_and_total(sources, per_tensor)
+    flag_where(noop_flag, ~torch.isfinite(total))
+    factor = _as_c_float(scale)
+    for indices in group_indices(sources, key=lambda t: t.device).values():
+        torch._foreach_copy_(pick(destinations, indices), torch._foreach_mul(as_fp32(pick(sources, indices)), factor))
+    return total, per
+
+
+@torch.no_grad()
 def update_scale_hysteresis(current_scale: torch.Tensor, growth_tracker: torch.Tensor,
                             hysteresis_tracker: torch.Tensor, found_inf: torch.Tensor, growth_factor: float,
                             backoff_factor: float, growth_interval: int, hysteresis: int) -> torch.Tensor:
@@ -289,7 +312,7 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
     clip_divisor = torch.where(norm > max_grad_norm, norm / max_grad_norm, torch.ones_like(norm))
     for indices in group_indices(params).values():
         p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
-        update = _functional.lamb_(
+        update = lamb_math.lamb_(
             p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1, beta2=beta2,
             beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,
             adam_w_mode=mode == 1, bias_correction1=bc1, bias_correction2=bc2, grad_clip_divisor=clip_divisor,
@@ -297,6 +320,130 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
         for work in (p, m, v):
             work.write_back()
         torch._foreach_copy_(pick(grads, indices), update)
+
+
+def _index(values: torch.Tensor, indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``values[indices]`` as FP32 on ``device`` (a per-tensor table, e.g. norms, for one group of tensors)."""
+    values = values.to(device=device, dtype=torch.float32).reshape(-1)
+    first, last = indices[0], indices[-1]
+    if list(indices) == list(range(first, last + 1)):  # one group, the usual case: no index tensor to upload
+        return values[first:last + 1]
+    return values.index_select(0, torch.tensor(list(indices), device=device))
+
+
+@torch.no_grad()
+def multi_tensor_lamb_mp(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists, lr: torch.Tensor,
+                         beta1: float, beta2: float, epsilon: float, step: torch.Tensor, bias_correction: int,
+                         weight_decay: float, grad_averaging: int, mode: int, global_grad_norm: torch.Tensor,
+                         max_grad_norm: torch.Tensor, use_nvlamb: Optional[bool] = None,
+                         found_inf: Optional[torch.Tensor] = None, inv_scale: Optional[torch.Tensor] = None) -> None:
+    """``FusedMixedPrecisionLamb``'s kernel: LAMB on ``[grads, params, exp_avgs, exp_avg_sqs(, model_params)]``.
+
+    ``lr``, ``step`` (int), ``global_grad_norm`` (of the still-scaled gradients), ``max_grad_norm`` (times
+    the loss scale) and ``inv_scale`` are tensors, read on the device. With five lists the second holds
+    FP32 masters and the fifth the reduced-precision model parameters they are copied into. As Apex's
+    kernel: nothing happens when ``noop_flag`` is set (``found_inf`` is not read: callers copy it into
+    the flag); a non-finite parameter norm sets the flag and skips the step, a non-finite update norm
+    sets it after the moments and gradients were written and skips the parameter update; the gradients
+    are overwritten with the update (in their dtype), and that stored update is what is applied. Math in
+    FP32; three host reads of the flag per call.
+    """
+    lists = _check_lists(tensor_lists, (4, 5))
+    grads, params, exp_avgs, exp_avg_sqs = lists[:4]
+    model_params = lists[4] if len(lists) == 5 else None
+    device = params[0].device
+    param_norms = _per_tensor_norms(params, device)
+    flag_where(noop_flag, ~torch.isfinite(param_norms.square().sum()))
+    if bool(noop_flag.any()):
+        return
+    steps = step.to(device=device, dtype=torch.float32).reshape(())
+    bc1, bc2 = (1 - beta1 ** steps, 1 - beta2 ** steps) if bias_correction == 1 else (1.0, 1.0)
+    norm = global_grad_norm.to(device=device, dtype=torch.float32).reshape(-1)[0]
+    clip = lamb_math.clip_divisor(norm, max_grad_norm.to(device=device, dtype=torch.float32).reshape(()))
+    scale_back = None if inv_scale is None else inv_scale.to(device=device, dtype=torch.float32)
+    buckets = group_indices(params).values()
+    updates = []
+    for indices in buckets:
+        members = Fp32Work(pick(params, indices))
+        moments, second_moments = Fp32Work(pick(exp_avgs, indices)), Fp32Work(pick(exp_avg_sqs, indices))
+        update = lamb_math.lamb_update_(
+            members.values, as_fp32(pick(grads, indices)), moments.values, second_moments.values, beta1=beta1,
+            beta2=beta2, beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,
+            adam_w_mode=mode == 1, bias_correction1=bc1, bias_correction2=bc2, grad_clip_divisor=clip,
+            inv_scale=scale_back)
+        moments.write_back()
+        second_moments.write_back()
+        lamb_math.store_update_(pick(grads, indices), update)
+        updates.append(update)
+    update_norms = _per_tensor_norms(grads, device)
+    flag_where(noop_flag, ~torch.isfinite(update_norms.square().sum()))
+    if bool(noop_flag.any()):
+        return
+    trusted = bool(use_nvlamb) or weight_decay != 0
+    for indices, update in zip(buckets, updates):
+        members = Fp32Work(pick(params, indices))
+        lamb_math.apply_trust_ratio_(members.values, update, lr=lr.to(device),
+                                     trusted=trusted, param_norms=_index(param_norms, indices, device),
+                                     update_norms=_index(update_norms, indices, device))
+        members.write_back()
+        if model_params is not None:
+            torch._foreach_copy_(pick(model_params, indices), members.values)
+
+
+@torch.no_grad()
+def multi_tensor_lamb_stage1_cuda(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists,
+                                  per_tensor_decay: torch.Tensor, step: int, beta1: float, beta2: float,
+                                  epsilon: float, global_grad_norm: torch.Tensor, max_global_grad_norm: float) -> None:
+    """LAMB's first stage on ``[grads, params, exp_avgs, exp_avg_sqs, updates]`` (Apex's 2019 two-kernel LAMB).
+
+    The gradients are clipped by the global norm (divided by ``norm / max_global_grad_norm`` when that
+    exceeds 1), the moments updated in place (``beta3 = 1 - beta1``), and
+    ``m/bc1 / (sqrt(v/bc2) + eps) + per_tensor_decay[i] * p`` written to ``updates``, with the bias
+    corrections of step ``step + 1``. Gradients and parameters are only read; ``noop_flag`` is neither
+    read nor set, as in Apex. Math in FP32 (Apex's kernel computed in the parameters' dtype).
+
+    Raises:
+        RuntimeError: if ``per_tensor_decay`` has fewer entries than there are tensors.
+    """
+    grads, params, exp_avgs, exp_avg_sqs, updates = _check_lists(tensor_lists, (5,))
+    decays = per_tensor_decay.reshape(-1).tolist()
+    if len(decays) < len(params):
+        raise RuntimeError(f"per_tensor_decay has {len(decays)} entries for {len(params)} tensors")
+    next_step = step + 1
+    bc1, bc2 = _as_c_float(1 - _as_c_float(beta1) ** next_step), _as_c_float(1 - _as_c_float(beta2) ** next_step)
+    norm = global_grad_norm.to(torch.float32).reshape(-1)[0]
+    for indices in group_indices(params).values():
+        device = params[indices[0]].device
+        moments, second_moments = Fp32Work(pick(exp_avgs, indices)), Fp32Work(pick(exp_avg_sqs, indices))
+        update = lamb_math.lamb_update_(
+            as_fp32(pick(params, indices)), as_fp32(pick(grads, indices)), moments.values, second_moments.values,
+            beta1=beta1, beta2=beta2, beta3=1 - beta1, eps=epsilon, weight_decay=pick(decays, indices),
+            adam_w_mode=True, bias_correction1=bc1, bias_correction2=bc2,
+            grad_clip_divisor=lamb_math.clip_divisor(norm.to(device), _as_c_float(max_global_grad_norm)))
+        moments.write_back()
+        second_moments.write_back()
+        torch._foreach_copy_(pick(updates, indices), update)
+
+
+@torch.no_grad()
+def multi_tensor_lamb_stage2_cuda(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: TensorLists,
+                                  per_tensor_param_norm: torch.Tensor, per_tensor_update_norm: torch.Tensor,
+                                  lr: float, weight_decay: float, use_nvlamb: Optional[bool] = None) -> None:
+    """LAMB's second stage on ``[params, updates]``: ``p -= lr * ratio * u`` in place.
+
+    ``ratio = per_tensor_param_norm[i] / per_tensor_update_norm[i]`` when ``use_nvlamb`` or
+    ``weight_decay != 0`` and both norms are nonzero, else 1. ``noop_flag`` is neither read nor set, as
+    in Apex. Math in FP32.
+    """
+    params, updates = _check_lists(tensor_lists, (2,))
+    trusted = bool(use_nvlamb) or weight_decay != 0
+    for indices in group_indices(params).values():
+        device = params[indices[0]].device
+        members = Fp32Work(pick(params, indices))
+        lamb_math.apply_trust_ratio_(members.values, as_fp32(pick(updates, indices)), lr=_as_c_float(lr),
+                                     trusted=trusted, param_norms=_index(per_tensor_param_norm, indices, device),
+                                     update_norms=_index(per_tensor_update_norm, indices, device))
+        members.write_back()
 
 
 @torch.no_grad()
@@ -334,16 +481,11 @@ def _not_provided(name: str, replacement: str) -> Callable[..., Any]:
     return op
 
 
+# Not called by any NVIDIA recipe surveyed (migration_guide.md, "amp_C ops NVIDIA's recipes call"): Apex's own
+# FusedAdam(capturable=True) was their only caller, and ampcompat's FusedAdam runs torch's capturable Adam.
 _USE_FUSED_ADAM = "Use ampcompat.optimizers.FusedAdam(capturable=True[, master_weights=True]) instead."
-_USE_FUSED_LAMB = "Use ampcompat.optimizers.FusedLAMB (or amp_C.multi_tensor_lamb) instead."
 
 multi_tensor_adam_capturable = _not_provided("multi_tensor_adam_capturable", _USE_FUSED_ADAM)
 multi_tensor_adam_capturable_master = _not_provided("multi_tensor_adam_capturable_master", _USE_FUSED_ADAM)
-multi_tensor_lamb_mp = _not_provided("multi_tensor_lamb_mp", _USE_FUSED_LAMB)
-multi_tensor_lamb_stage1_cuda = _not_provided("multi_tensor_lamb_stage1_cuda", _USE_FUSED_LAMB)
-multi_tensor_lamb_stage2_cuda = _not_provided("multi_tensor_lamb_stage2_cuda", _USE_FUSED_LAMB)
-multi_tensor_l2norm_scale = _not_provided(
-    "multi_tensor_l2norm_scale",
-    "Use amp_C.multi_tensor_l2norm followed by amp_C.multi_tensor_scale (or torch._foreach_mul_).")
 multi_tensor_lars = _not_provided(
     "multi_tensor_lars", "Use torch.optim.SGD wrapped in a LARC/LARS trust-ratio step instead.")

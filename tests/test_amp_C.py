@@ -311,7 +311,7 @@ def test_malformed_lists_raise_apex_messages(lists, message):
 
 
 @pytest.mark.parametrize("name", ["multi_tensor_adam_capturable", "multi_tensor_adam_capturable_master",
-                                  "multi_tensor_lamb_mp", "multi_tensor_l2norm_scale", "multi_tensor_lars"])
+                                  "multi_tensor_lars"])
 def test_unprovided_kernels_name_the_replacement(name):
     with pytest.raises(NotImplementedError, match="does not provide {}. Use".format(name)):
         getattr(amp_C, name)(65536, flag("cpu"), [[torch.ones(1)]])

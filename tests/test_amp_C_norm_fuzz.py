@@ -95,3 +95,44 @@ def test_half_values_whose_squares_overflow_fp16_are_summed_in_fp32(device):
     for name in KERNELS:
         kernel, inv_scale = KERNELS[name]
         _check(kernel, tensors, 2048 * 32, True, inv_scale, device)
+
+
+def _check_l2norm_scale(sources, chunk_size, per_tensor, dst_dtype, device):
+    noop = torch.zeros(1, dtype=torch.int32, device=device)
+    before = [t.clone() for t in sources]
+    destinations = [torch.empty_like(t, dtype=dst_dtype) for t in sources]
+    total, per = MultiTensorApply(chunk_size)(amp_C.multi_tensor_l2norm_scale, noop, [sources, destinations], 0.25,
+                                              per_tensor)
+    reference = [t.float() for t in before]  # the norm is of the sources, before scaling
+    torch.testing.assert_close(total, torch.cat(reference).double().norm().float().reshape(1))
+    if per_tensor:
+        torch.testing.assert_close(per, torch.stack([t.double().norm().float() for t in reference]))
+    else:
+        assert per.shape == (0,)
+    for d, s in zip(destinations, reference):
+        torch.testing.assert_close(d, (s * 0.25).to(dst_dtype), rtol=0, atol=0)
+    assert noop.item() == 0 and all(torch.equal(t, b) for t, b in zip(sources, before))
+
+
+@pytest.mark.parametrize("dtype,dst_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float16)])
+def test_l2norm_scale_fuzz_at_chunk_boundaries(device, dtype, dst_dtype):
+    for sizea, sizeb in BOUNDARY_PAIRS[:4]:
+        sources = _lists(sizea, sizeb, 2, dtype, device, "random")
+        for chunk_size in CHUNK_SIZES:
+            for per_tensor in (False, True):
+                _check_l2norm_scale(sources, chunk_size, per_tensor, dst_dtype, device)
+
+
+def test_l2norm_scale_in_place_flags_non_finite_and_still_writes(device):
+    tensors = _lists(777, 555, 1, torch.float32, device, "random")
+    expected = [t * 0.5 for t in tensors]
+    norm = torch.cat(tensors).double().norm().float()
+    noop = torch.zeros(1, dtype=torch.int32, device=device)
+    total, _ = amp_C.multi_tensor_l2norm_scale(2048 * 32, noop, [tensors, tensors], 0.5)
+    torch.testing.assert_close(total, norm.reshape(1))  # measured before the in-place scaling
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected)) and noop.item() == 0
+    tensors[1][3] = float("nan")
+    out = [torch.empty_like(t) for t in tensors]
+    amp_C.multi_tensor_l2norm_scale(2048 * 32, noop, [tensors, out], 2.0, True)
+    assert noop.item() == 1 and torch.equal(out[0], tensors[0] * 2)

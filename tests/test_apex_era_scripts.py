@@ -1,4 +1,5 @@
 """Apex-era scripts run unchanged through ``python -m ampcompat run`` and match plain-PyTorch twins."""
+import math
 import os
 import subprocess
 import sys
@@ -172,3 +173,71 @@ def test_try_block_probing_apex_finds_it_through_the_alias_and_trains_fp16(tmp_p
     plain = torch.load(plain_out, weights_only=True)
     assert plain["apex_found"] is False and plain["param_dtypes"] == ["torch.float32"] * 4
     torch.testing.assert_close(fp16["losses"], plain["losses"], rtol=2e-3, atol=2e-3)
+
+
+def _sentiment_lm_twin(rnn_type, steps, device="cpu"):
+    """sentiment_lm_weight_norm.py in plain FP32 PyTorch: each RNN weight written as ``g * v / ||v||`` by hand
+    (``functional_call``), Adam, clipping at 1. Returns the initial and the trained weights, by the plain
+    model's names."""
+    if str(FIXTURES) not in sys.path:
+        sys.path.insert(0, str(FIXTURES))
+    from sentiment_lm_model import RNNModel, batches
+
+    torch.manual_seed(0)
+    model = RNNModel(rnn_type).to(device)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    normed = [name for name, p in model.named_parameters() if name.startswith("rnn.") and p.dim() > 1]
+    g = {n: p.detach().norm(dim=1, keepdim=True).requires_grad_() for n, p in model.named_parameters() if n in normed}
+    v = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if n in normed}
+    others = [p for n, p in model.named_parameters() if n not in normed]
+    optim = torch.optim.Adam(others + list(g.values()) + list(v.values()), lr=3e-3)
+
+    def weights():
+        return {n: g[n] * v[n] / v[n].norm(dim=1, keepdim=True) for n in normed}
+
+    for data, targets in batches(steps):
+        optim.zero_grad()
+        output, _ = torch.func.functional_call(model, weights(), (data.to(device),))
+        loss = nn.functional.cross_entropy(output.view(-1, model.ntoken), targets.to(device).reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(others + list(g.values()) + list(v.values()), 1.0)
+        optim.step()
+    with torch.no_grad():
+        return initial, {**{n: p.detach().clone() for n, p in model.named_parameters() if n not in normed}, **weights()}
+
+
+def _check_sentiment_lm_run(result, initial, twin, opt_level):
+    normed = [key for key in result["weight_norm_state"] if key.endswith("_g")]
+    assert normed and all(key.startswith("rnn.") for key in normed)  # apply_weight_norm(model.rnn, hook_child=False)
+    assert sorted(result["state"]) == sorted(twin)  # remove_weight_norm: the plain model's keys again
+    assert set(result["optimizer_dtypes"].values()) == {"torch.float32"}  # O2: FP32 masters of weight_g/weight_v too
+    model_dtype = "torch.float16" if opt_level == "O2" else "torch.float32"
+    assert {result["model_dtypes"][key] for key in normed} == {model_dtype}
+    for key in normed:  # the restored weight is the trained g * v / ||v||, in the model's dtype
+        g, v = result["weight_norm_state"][key], result["weight_norm_state"][key[:-2] + "_v"]
+        expected = (v * (g / v.norm(dim=1, keepdim=True))).to(getattr(torch, model_dtype.split(".")[1]))
+        torch.testing.assert_close(result["state"][key[:-2]], expected.float(), rtol=1e-6, atol=1e-6)
+    # Training matched the hand-written FP32 twin: the whole update within 5% of the twin's (FP16 rounding).
+    update = torch.cat([(result["state"][key] - initial[key].cpu()).flatten() for key in twin])
+    twin_update = torch.cat([(want - initial[key]).cpu().flatten() for key, want in twin.items()])
+    assert (update - twin_update).norm() < 0.05 * twin_update.norm()
+    assert all(math.isfinite(loss) for loss in result["losses"]) and torch.isfinite(result["final_output"]).all()
+
+
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_sentiment_discovery_weight_norm_script_runs_unchanged(tmp_path, opt_level):
+    """Issue 27, acceptance 1: ``from apex.reparameterization import apply_weight_norm, remove_weight_norm``,
+    weight norm hooked on the RNN's root, trained under amp, removed before saving."""
+    out = tmp_path / "lm.pt"
+    _run("sentiment_lm_weight_norm.py", "mlstm", opt_level, 4, "cpu", out)
+    _check_sentiment_lm_run(torch.load(out, weights_only=True), *_sentiment_lm_twin("mlstm", 4), opt_level)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rnn_type", ["lstm", "mlstm"])
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_sentiment_discovery_weight_norm_script_on_cuda(tmp_path, rnn_type, opt_level):
+    """The same on CUDA, where ``nn.LSTM`` runs cuDNN on weights the hook computes (and flattens) each step."""
+    out = tmp_path / "lm.pt"
+    _run("sentiment_lm_weight_norm.py", rnn_type, opt_level, 4, "cuda", out)
+    _check_sentiment_lm_run(torch.load(out, weights_only=True), *_sentiment_lm_twin(rnn_type, 4, "cuda"), opt_level)

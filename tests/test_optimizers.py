@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from ampcompat.optimizers import (FusedAdagrad, FusedAdam, FusedLAMB, FusedMixedPrecisionLamb, FusedNovoGrad,
-                                  FusedSGD)
+from ampcompat.optimizers import FusedAdagrad, FusedAdam, FusedLAMB, FusedNovoGrad, FusedSGD
 
 SHAPES = [(5, 3), (3,), (2, 2, 2)]
 STEPS = 4
@@ -471,8 +470,6 @@ def test_fused_lamb_defaults_and_errors():
     assert (opt.adam_w_mode, opt.use_nvlamb, opt.set_grad_none) == (1, False, True)
     with pytest.raises(RuntimeError, match=r"^FusedLAMB does not support the AMSGrad variant\.$"):
         FusedLAMB(make_params("cpu"), amsgrad=True)
-    with pytest.raises(NotImplementedError, match="FusedLAMB"):
-        FusedMixedPrecisionLamb(make_params("cpu"))
 
 
 def test_fused_lamb_half_params_use_fp32_state(device):

@@ -129,3 +129,19 @@ def place_steps(states: List[Dict[str, torch.Tensor]], devices: List[torch.devic
             step = state["step"] = step.to(device=device, dtype=torch.float32)
         steps.append(step)
     return steps
+
+
+def scaler_tensors(optimizer: torch.optim.Optimizer,
+                   grad_scaler: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(grad_scale, found_inf)`` from a ``GradScaler`` handing itself to ``step`` (its older protocol).
+
+    ``grad_scale`` is None when the scaler already unscaled this optimizer's gradients (``unscale_``);
+    ``found_inf`` sums the scaler's inf/NaN findings over devices (checking the gradients if it has not).
+    """
+    found_per_device = grad_scaler._check_inf_per_device(optimizer)
+    device = next(iter(found_per_device.values())).device if found_per_device else None
+    found_inf = sum(v.to(device) for v in found_per_device.values()) if found_per_device else None
+    stage = grad_scaler._per_optimizer_states[id(optimizer)].get("stage")
+    already_unscaled = getattr(stage, "name", None) == "UNSCALED"
+    grad_scale = None if already_unscaled else grad_scaler._get_scale_async()
+    return grad_scale, found_inf

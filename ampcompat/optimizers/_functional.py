@@ -2,16 +2,15 @@
 
 Each function updates one list of parameters (one device, FP32 or FP64: callers upcast half tensors
 with :class:`~ampcompat.optimizers._tensor_lists.Fp32Work`) and its state in place, following the
-arithmetic of Apex's ``csrc/multi_tensor_{adam,sgd,adagrad,lamb,novograd}*.cu`` kernels. Gradients are
-never modified (where a rule needs a modified gradient it works on a new list).
+arithmetic of Apex's ``csrc/multi_tensor_{adam,sgd,adagrad,novograd}*.cu`` kernels (LAMB's is in
+:mod:`.lamb_math`). Gradients are never modified (where a rule needs a modified gradient it works on a
+new list).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Union
 
 import torch
-
-from ._tensor_lists import stack_scalars
 
 Tensors = Sequence[torch.Tensor]
 
@@ -23,19 +22,20 @@ def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
 
     ``p -= lr * (m/bc1 / (sqrt(v/bc2) + eps) [+ wd * p])`` with ``m``, ``v`` the usual moments.
     """
-    update = _adam_direction(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=1 - beta1,
-                             beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
-                             bias_correction1=bias_correction1, bias_correction2=bias_correction2)
+    update = adam_direction(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=1 - beta1,
+                            beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
+                            bias_correction1=bias_correction1, bias_correction2=bias_correction2)
     torch._foreach_add_(params, update, alpha=-lr)
 
 
-def _adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
-                    beta1: float, new_grad_weight: float, beta2: float, eps: float, weight_decay: float,
-                    adam_w_mode: bool, bias_correction1: float, bias_correction2: float) -> List[torch.Tensor]:
+def adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
+                   beta1: float, new_grad_weight: float, beta2: float, eps: float, weight_decay: float,
+                   adam_w_mode: bool, bias_correction1: Union[float, torch.Tensor],
+                   bias_correction2: Union[float, torch.Tensor]) -> List[torch.Tensor]:
     """Update the moments in place and return ``m/bc1 / (sqrt(v/bc2) + eps)`` (+ ``wd * p`` in AdamW mode).
 
     ``m = beta1*m + new_grad_weight*g``; in L2 mode the decay is added to (a copy of) the gradient first.
-    Shared by Adam and LAMB's first stage.
+    Shared by Adam and LAMB's first stage (:mod:`.lamb_math`).
     """
     if not adam_w_mode and weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
@@ -90,35 +90,6 @@ def adagrad_(params: Tensors, grads: Tensors, sums: Tensors, *, lr: float, eps: 
     if adagrad_w_mode and weight_decay != 0:
         torch._foreach_add_(update, params, alpha=weight_decay)
     torch._foreach_add_(params, update, alpha=-lr)
-
-
-def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *, lr: float,
-          beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float, adam_w_mode: bool,
-          bias_correction1: float, bias_correction2: float, grad_clip_divisor: torch.Tensor,
-          use_nvlamb: bool) -> List[torch.Tensor]:
-    """LAMB as Apex's two-stage kernel; returns the per-tensor Adam-style update (before the trust ratio).
-
-    Stage 1: ``g' = g / grad_clip_divisor`` (global-norm clipping), Adam moments on ``g'`` (``beta3``
-    scales the new gradient: ``1 - beta1`` with grad averaging, else 1), update
-    ``u = m/bc1 / (sqrt(v/bc2) + eps)``, with the decay either in ``g'`` (L2) or added to ``u`` (AdamW).
-    Stage 2: ``p -= lr * ratio * u`` where ``ratio = ||p|| / ||u||`` (1 if either norm is 0) for tensors
-    with nonzero weight decay, or all tensors with ``use_nvlamb``; otherwise ``ratio = 1``.
-    """
-    device = params[0].device
-    param_norms = torch._foreach_norm(params) if (use_nvlamb or weight_decay != 0) else None
-    scaled = torch._foreach_div(grads, grad_clip_divisor.to(device))
-    update = _adam_direction(params, scaled, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=beta3,
-                             beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
-                             bias_correction1=bias_correction1, bias_correction2=bias_correction2)
-    if param_norms is None:
-        torch._foreach_add_(params, update, alpha=-lr)
-        return update
-    p_norm = stack_scalars(param_norms, device)
-    u_norm = stack_scalars(torch._foreach_norm(update), device)
-    trusted = (p_norm != 0) & (u_norm != 0)
-    ratio = torch.where(trusted, p_norm / torch.where(trusted, u_norm, 1.0), 1.0) * lr
-    torch._foreach_sub_(params, torch._foreach_mul(update, list(ratio.unbind())))
-    return update
 
 
 def blend_grad_norms(previous: torch.Tensor, current: torch.Tensor, beta2: float, norm_type: int) -> torch.Tensor:

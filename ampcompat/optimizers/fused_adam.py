@@ -7,7 +7,7 @@ import torch
 
 from . import _functional, _native
 from ._legacy_adam import legacy_adam_step
-from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
+from ._base import FusedOptimizerBase, copy_state_dict, place_steps, scaler_tensors, step_tensor
 from ._tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
                             group_indices, pick)
 
@@ -122,7 +122,7 @@ class FusedAdam(FusedOptimizerBase):
             return loss
         loss = self._closure_loss(closure)
         if grad_scaler is not None:
-            grad_scale, found_inf = _scaler_tensors(self, grad_scaler)
+            grad_scale, found_inf = scaler_tensors(self, grad_scaler)
         else:  # torch's newer protocol: GradScaler (or amp) sets these attributes around step()
             grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
@@ -231,17 +231,3 @@ def _by_step(steps: List[torch.Tensor], indices: List[int]) -> Dict[float, List[
         groups.setdefault(float(steps[i]), []).append(i)
     return groups
 
-
-def _scaler_tensors(optimizer: torch.optim.Optimizer,
-                    grad_scaler: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(grad_scale, found_inf)`` from a ``GradScaler`` handing itself to ``step``.
-
-    ``grad_scale`` is None when the scaler already unscaled this optimizer's gradients (``unscale_``).
-    """
-    found_per_device = grad_scaler._check_inf_per_device(optimizer)
-    device = next(iter(found_per_device.values())).device if found_per_device else None
-    found_inf = sum(v.to(device) for v in found_per_device.values()) if found_per_device else None
-    stage = grad_scaler._per_optimizer_states[id(optimizer)].get("stage")
-    already_unscaled = getattr(stage, "name", None) == "UNSCALED"
-    grad_scale = None if already_unscaled else grad_scaler._get_scale_async()
-    return grad_scale, found_inf

@@ -5,9 +5,9 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from . import _functional
+from . import lamb_math
 from ._base import FusedOptimizerBase
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
+from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
 
 
 class FusedLAMB(FusedOptimizerBase):
@@ -16,7 +16,7 @@ class FusedLAMB(FusedOptimizerBase):
     Per step: the L2 norm of *all* gradients (every group) is computed; gradients are divided by
     ``norm / max_grad_norm`` when the norm exceeds ``max_grad_norm`` (the constructor's value, as in
     Apex); then per group the Adam-style update ``u`` and ``p -= lr * (||p|| / ||u||) * u`` for tensors
-    with nonzero weight decay (all tensors with ``use_nvlamb``). See :func:`._functional.lamb_`.
+    with nonzero weight decay (all tensors with ``use_nvlamb``). See :func:`.lamb_math.lamb_`.
 
     State is Apex's format: ``step`` per param group, ``exp_avg``/``exp_avg_sq`` per parameter (kept in
     FP32 for FP16/BF16 parameters; Apex kept them in the parameter's dtype but did the math in FP32).
@@ -56,7 +56,8 @@ class FusedLAMB(FusedOptimizerBase):
 
     def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
         all_params = [p for _, params in groups for p in params]
-        clip_divisor = _clip_divisor(all_params, self.defaults["max_grad_norm"]) if all_params else None
+        clip_divisor = (lamb_math.clip_divisor(lamb_math.global_grad_norm(all_params), self.defaults["max_grad_norm"])
+                        if all_params else None)
         for group, params in groups:
             group["step"] = group.get("step", 0) + 1
             if params:
@@ -73,7 +74,7 @@ class FusedLAMB(FusedOptimizerBase):
             members = pick(params, indices)
             states = [self._init_state(p) for p in members]
             weights = Fp32Work(members)
-            _functional.lamb_(
+            lamb_math.lamb_(
                 weights.values, Fp32Work([p.grad for p in members]).values,
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, beta3=1 - beta1 if group["grad_averaging"] else 1.0,
@@ -90,18 +91,3 @@ class FusedLAMB(FusedOptimizerBase):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
-
-def global_grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
-    """L2 norm (FP32, 0-dim, on the first parameter's device) of all ``params``' gradients together."""
-    device = params[0].device
-    squares = []
-    for indices in group_indices(params).values():
-        norms = torch._foreach_norm([p.grad for p in pick(params, indices)], 2, dtype=torch.float32)
-        squares.append(stack_scalars(norms, device).square().sum())
-    return torch.stack(squares).sum().sqrt()
-
-
-def _clip_divisor(params: List[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
-    """``norm / max_grad_norm`` if the global gradient norm exceeds ``max_grad_norm``, else 1 (0-dim)."""
-    norm = global_grad_norm(params)
-    return torch.where(norm > max_grad_norm, norm / max_grad_norm, torch.ones_like(norm))

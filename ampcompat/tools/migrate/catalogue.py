@@ -222,9 +222,10 @@ _ENTRIES: Tuple[Entry, ...] = (
           "runs torch's fused SGD kernel; momentum buffers are created on the first step and only when momentum != 0"),
     Entry("apex.optimizers.FusedNovoGrad", "class", _S, "none in torch"),
     Entry("apex.optimizers.FusedAdagrad", "class", _S, "`torch.optim.Adagrad`"),
-    Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", Verdict.UNSUPPORTED, "none in torch",
-          "constructing it raises NotImplementedError: use ampcompat.optimizers.FusedLAMB with amp O2 master "
-          "weights or torch.amp.GradScaler"),
+    Entry("apex.optimizers.FusedMixedPrecisionLamb", "class", _S, "none in torch",
+          "FP32 masters (kept in `optimizer.state_dict()` as `master_param`) and FP32 moments for "
+          "`reduced_precision_dtype` parameters; `GradScaler.step(optimizer)` unscales inside and skips inf/NaN "
+          "steps; one host read per step decides the skip (Apex decided on the device)"),
     Entry("apex.optimizers.FP16_Optimizer", "class", _S,
           "FP32 model + `torch.autocast` + `torch.amp.GradScaler` (or `amp.initialize(opt_level='O2')`)",
           "the wrapper Apex had until September 2019: flat FP32 master per param group, its own loss scaler"),
@@ -233,8 +234,7 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.optimizers.fused_sgd", "module", _S, "—"),
     Entry("apex.optimizers.fused_novograd", "module", _S, "—"),
     Entry("apex.optimizers.fused_adagrad", "module", _S, "—"),
-    Entry("apex.optimizers.fused_mixed_precision_lamb", "module", _S, "—",
-          "the module imports; its `FusedMixedPrecisionLamb` is not supported"),
+    Entry("apex.optimizers.fused_mixed_precision_lamb", "module", _S, "—"),
     # --- apex.normalization ---------------------------------------------------------------------
     Entry("apex.normalization", "module", _S, "`torch.nn`"),
     Entry("apex.normalization.fused_layer_norm", "module", _S, "`torch.nn` / `torch.nn.functional`",
@@ -266,26 +266,32 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("amp_C.multi_tensor_unscale_l2norm", "function", _S,
           "`torch._foreach_norm(torch._foreach_mul(tensors, inv_scale))`"),
     Entry("amp_C.multi_tensor_l2norm_mp", "function", _S, "`torch._foreach_norm` on FP32 copies"),
+    Entry("amp_C.multi_tensor_l2norm_scale", "function", _S,
+          "`torch._foreach_norm(src)` + `torch._foreach_mul(src, scale)`", "the norms are of the sources, before scaling"),
     Entry("amp_C.update_scale_hysteresis", "function", _S, "`torch._amp_update_scale_` (no hysteresis)"),
     Entry("amp_C.multi_tensor_adam", "function", _S, "`torch.optim.Adam(W)(fused=True)`"),
     Entry("amp_C.multi_tensor_sgd", "function", _S, "`torch.optim.SGD(fused=True)`"),
     Entry("amp_C.multi_tensor_adagrad", "function", _S, "`torch.optim.Adagrad`"),
     Entry("amp_C.multi_tensor_lamb", "function", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)"),
+    Entry("amp_C.multi_tensor_lamb_mp", "function", _S,
+          "none in torch (`ampcompat.optimizers.FusedMixedPrecisionLamb`)",
+          "`FusedMixedPrecisionLamb`'s kernel: tensor `lr`/`step`/`max_grad_norm`, `inv_scale`, an optional fifth "
+          "list of model params fed from FP32 masters"),
+    Entry("amp_C.multi_tensor_lamb_stage1_cuda", "function", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)",
+          "the 2019 two-kernel LAMB (NVIDIA's BERT `optimization.py`): moments and update with per-tensor decay; "
+          "math in FP32 for FP16 lists (Apex: in the parameters' dtype)"),
+    Entry("amp_C.multi_tensor_lamb_stage2_cuda", "function", _S, "none in torch (`ampcompat.optimizers.FusedLAMB`)",
+          "the 2019 two-kernel LAMB: `p -= lr * ratio * u`, the trust ratio from the given per-tensor norms"),
     Entry("amp_C.multi_tensor_novograd", "function", _S, "none in torch (`ampcompat.optimizers.FusedNovoGrad`)"),
     Entry("amp_C.multi_tensor_adam_capturable", "function", _U, "`torch.optim.Adam(capturable=True)`",
-          "not provided (raises NotImplementedError): use `FusedAdam(capturable=True)`"),
+          "not provided (raises NotImplementedError): Apex's `FusedAdam(capturable=True)` was its only caller in "
+          "NVIDIA's recipes; use `FusedAdam(capturable=True)`"),
     Entry("amp_C.multi_tensor_adam_capturable_master", "function", _U, "`torch.optim.Adam(capturable=True)`",
-          "not provided (raises NotImplementedError): use `FusedAdam(capturable=True, master_weights=True)`"),
-    Entry("amp_C.multi_tensor_lamb_mp", "function", _U, "none in torch",
-          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
-    Entry("amp_C.multi_tensor_lamb_stage1_cuda", "function", _U, "none in torch",
-          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
-    Entry("amp_C.multi_tensor_lamb_stage2_cuda", "function", _U, "none in torch",
-          "not provided (raises NotImplementedError): use `FusedLAMB` or `amp_C.multi_tensor_lamb`"),
-    Entry("amp_C.multi_tensor_l2norm_scale", "function", _U, "`torch._foreach_norm` + `torch._foreach_mul_`",
-          "not provided (raises NotImplementedError): use `multi_tensor_l2norm` then `multi_tensor_scale`"),
+          "not provided (raises NotImplementedError): Apex's `FusedAdam(capturable=True, master_weights=True)` was "
+          "its only caller in NVIDIA's recipes; use that"),
     Entry("amp_C.multi_tensor_lars", "function", _U, "`torch.optim.SGD` with a LARS trust ratio",
-          "not provided (raises NotImplementedError): use SGD inside `apex.parallel.LARC.LARC`"),
+          "not provided (raises NotImplementedError): gone from Apex's extension and called by no NVIDIA recipe "
+          "surveyed; use SGD inside `apex.parallel.LARC.LARC`"),
     # --- apex_C, apex.mlp, apex.fused_dense -------------------------------------------------------
     Entry("apex_C", "module", _S, "`torch._utils._flatten_dense_tensors` / `_unflatten_dense_tensors`",
           "a Python module of the same name: `import apex_C` becomes `import ampcompat.apex_C as apex_C`"),
@@ -299,6 +305,28 @@ _ENTRIES: Tuple[Entry, ...] = (
     Entry("apex.fused_dense.FusedDense", "class", _S, "`torch.nn.Linear`", "parameters uninitialised, as in Apex"),
     Entry("apex.fused_dense.FusedDenseGeluDense", "class", _S,
           "`Linear` -> `F.gelu(approximate='tanh')` -> `Linear`", "parameters uninitialised, as in Apex"),
+    Entry("apex.reparameterization", "module", _S,
+          "`torch.nn.utils.parametrizations.weight_norm` (its state_dict keys are "
+          "`parametrizations.<name>.original0/1`, not `<name>_g/_v`)",
+          "Apex's weight normalization: `<name>_g`/`<name>_v` parameters and a forward pre-hook"),
+    Entry("apex.reparameterization.apply_weight_norm", "function", _S,
+          "`torch.nn.utils.parametrizations.weight_norm(module, name, dim)` for each weight",
+          "`name=''`: every parameter of 2+ dimensions outside embeddings; `hook_child=False` computes the "
+          "subtree's weights in one hook on `module`, once per call; a submodule's name applies to its "
+          "parameters (sentiment-discovery's `apply_weight_norm(model, 'rnn')`; Apex raised)"),
+    Entry("apex.reparameterization.remove_weight_norm", "function", _S,
+          "`torch.nn.utils.parametrize.remove_parametrizations(module, name)`",
+          "a plain `Parameter` holding the current weight replaces `<name>_g`/`<name>_v`"),
+    Entry("apex.reparameterization.apply_reparameterization", "function", _S,
+          "`torch.nn.utils.parametrize.register_parametrization`"),
+    Entry("apex.reparameterization.remove_reparameterization", "function", _S,
+          "`torch.nn.utils.parametrize.remove_parametrizations`"),
+    Entry("apex.reparameterization.WeightNorm", "class", _S, "`torch.nn.utils.parametrizations.weight_norm`",
+          "the hook object in `module._forward_pre_hooks`; a computed weight is reused while its `g`/`v` are "
+          "unchanged and until a backward pass consumed it (Apex: until the next backward)"),
+    Entry("apex.reparameterization.Reparameterization", "class", _S,
+          "`torch.nn.utils.parametrize.register_parametrization`",
+          "base class: subclasses define `reparameterize` and `compute_weight`, as in Apex"),
     # --- apex.contrib -----------------------------------------------------------------------------
     Entry("apex.contrib", "module", _D, "—",
           "ampcompat provides the contrib modules real code uses (rows below); the rest raise "
