@@ -7,6 +7,7 @@ by ``import ampcompat``.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional
 
@@ -69,7 +70,7 @@ def adam_not_covered(optimizer: Any) -> Optional[str]:
     ``capturable``, ``differentiable``, hyper-parameters given as device tensors, subclasses that replace
     ``step``, and any other optimizer class.
     """
-    if not isinstance(optimizer, torch.optim.Adam) or type(optimizer).step is not torch.optim.Adam.step:
+    if not isinstance(optimizer, torch.optim.Adam) or not _own_step(optimizer, torch.optim.Adam):
         return f"{type(optimizer).__name__} is not torch.optim.Adam or AdamW"
     return _group_options(optimizer, _ADAM_FLAGS, ("lr", "betas", "eps", "weight_decay"))
 
@@ -80,9 +81,15 @@ def sgd_not_covered(optimizer: Any) -> Optional[str]:
     Covered: every form, momentum, dampening, Nesterov, weight decay, maximize. Not covered:
     ``differentiable``, hyper-parameters given as device tensors, subclasses that replace ``step``.
     """
-    if not isinstance(optimizer, torch.optim.SGD) or type(optimizer).step is not torch.optim.SGD.step:
+    if not isinstance(optimizer, torch.optim.SGD) or not _own_step(optimizer, torch.optim.SGD):
         return f"{type(optimizer).__name__} is not torch.optim.SGD"
     return _group_options(optimizer, _SGD_FLAGS, ("lr", "momentum", "dampening", "weight_decay"))
+
+
+def _own_step(optimizer: Any, cls: type) -> bool:
+    """Whether ``optimizer`` steps with ``cls.step`` (torch wraps each class's ``step`` in a profiling hook
+    when its first instance is built, so the functions are compared unwrapped)."""
+    return inspect.unwrap(type(optimizer).step) is inspect.unwrap(cls.step)
 
 
 def _group_options(optimizer: Any, flags, scalars) -> Optional[str]:

@@ -13,7 +13,6 @@ import torch
 from .plan import FusedPlan
 
 _kernels: Any = None
-_NUM_WARPS = 4
 
 
 def kernels() -> Any:
@@ -57,7 +56,7 @@ def check_finite_(plan: FusedPlan, inv_scale: torch.Tensor, found_inf: torch.Ten
     k.nonfinite_kernel[(plan.chunk_count,)](
         plan.tensor_table, plan.grad_table, plan.chunk_table, inv_scale, found_inf,
         GRAD=k.TRITON_DTYPES[plan.grad_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=plan.block,
-        num_warps=_NUM_WARPS)
+        num_warps=plan.num_warps)
 
 
 def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *, decoupled: bool,
@@ -111,7 +110,7 @@ def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], 
             WRITE_MODEL=plan.writes_model, DECOUPLED=bool(decoupled), MAXIMIZE=bool(hyper.get("maximize", False)),
             HAS_WD=weight_decay != 0.0, SKIP_ON_INF=found_inf is not None, DEVICE_STEPS=plan.device_steps,
             ALIGNED=plan.aligned, LIBDEVICE=not k.INTERPRETED, CHUNK=plan.chunk, BLOCK=plan.block,
-            num_warps=_NUM_WARPS)
+            num_warps=plan.num_warps)
 
 
 def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *, inv_scale: torch.Tensor,
@@ -163,5 +162,5 @@ def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *
             WRITE_MODEL=plan.writes_model, HAS_MOMENTUM=has_buffers, FIRST_STEP=first,
             NESTEROV=bool(hyper["nesterov"]), MAXIMIZE=bool(hyper.get("maximize", False)),
             HAS_WD=weight_decay != 0.0, SKIP_ON_INF=found_inf is not None, ALIGNED=plan.aligned,
-            CHUNK=plan.chunk, BLOCK=plan.block, num_warps=_NUM_WARPS)
+            CHUNK=plan.chunk, BLOCK=plan.block, num_warps=plan.num_warps)
         plan.first_step_pending[index] = False

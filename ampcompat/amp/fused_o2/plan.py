@@ -23,6 +23,7 @@ import torch
 
 DEFAULT_CHUNK = 16384  # elements one program updates
 DEFAULT_BLOCK = 1024  # elements one loop iteration of a program touches
+DEFAULT_NUM_WARPS = 4  # with a block of 1024: 8 elements, 16 bytes of half gradient, per thread
 _ALIGNMENT = 16  # bytes: the vector width the kernels load with when every address allows it
 _ROW = 6  # columns of the tensor table (see kernels.py)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -67,6 +68,7 @@ class FusedPlan:
             params stepped in place (their masters are the params, no model weight is written).
         chunk: elements per program (a multiple of ``block``).
         block: elements per loop iteration of a program.
+        num_warps: warps per program.
 
     Raises:
         ValueError: for tensors the kernels cannot step (not FP32 masters and state, mismatched shapes or
@@ -75,7 +77,7 @@ class FusedPlan:
     """
 
     def __init__(self, groups: Sequence, grad_dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
-                 block: int = DEFAULT_BLOCK) -> None:
+                 block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
         if chunk % block or block & (block - 1):
             raise ValueError(f"chunk ({chunk}) must be a multiple of block ({block}), a power of two.")
         if grad_dtype not in _HALF_TYPES + (torch.float32,):
@@ -86,7 +88,7 @@ class FusedPlan:
         self.kind = "adam" if kinds == {AdamTensors} else "sgd"
         self.grad_dtype = grad_dtype
         self.writes_model = grad_dtype in _HALF_TYPES
-        self.chunk, self.block = chunk, block
+        self.chunk, self.block, self.num_warps = chunk, block, num_warps
         self.groups = [self._with_buffers(group) for group in groups] if self.kind == "sgd" else list(groups)
         self.first_step_pending = [False] * len(self.groups)
         if self.kind == "sgd":
