@@ -66,6 +66,17 @@ def _chunk(chunks, tensors):
 
 
 @triton.jit
+def _nonfinite_block(grad, offset, count, inv_scale, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    if MASKED:
+        g = tl.load(grad + offset + lanes, mask=lanes < count, other=0.0)
+    else:
+        g = tl.load(grad + offset + lanes)
+    g = g.to(tl.float32) * inv_scale
+    return ((g.to(tl.int32, bitcast=True) & _EXPONENT_BITS) == _EXPONENT_BITS).to(tl.int32)
+
+
+@triton.jit
 def nonfinite_kernel(tensors, grads, chunks, inv_scale_ptr, found_inf_ptr,
                      GRAD: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """``found_inf = 1.0`` if any ``grad * inv_scale`` (in float) is inf or NaN; the grads are only read."""
@@ -74,16 +85,13 @@ def nonfinite_kernel(tensors, grads, chunks, inv_scale_ptr, found_inf_ptr,
     inv_scale = tl.load(inv_scale_ptr)
     start = chunk.to(tl.int64) * CHUNK
     stop = tl.minimum(numel, start + CHUNK)
-    lanes = tl.arange(0, BLOCK)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, CHUNK // BLOCK):
         offset = tl.multiple_of(start + i * BLOCK, BLOCK)
         if offset + BLOCK <= stop:
-            g = tl.load(grad + offset + lanes).to(tl.float32) * inv_scale
-            bad |= ((g.to(tl.int32, bitcast=True) & _EXPONENT_BITS) == _EXPONENT_BITS).to(tl.int32)
+            bad |= _nonfinite_block(grad, offset, BLOCK, inv_scale, False, BLOCK)
         elif offset < stop:
-            g = tl.load(grad + offset + lanes, mask=lanes < stop - offset, other=0.0).to(tl.float32) * inv_scale
-            bad |= ((g.to(tl.int32, bitcast=True) & _EXPONENT_BITS) == _EXPONENT_BITS).to(tl.int32)
+            bad |= _nonfinite_block(grad, offset, stop - offset, inv_scale, True, BLOCK)
     if tl.max(bad, axis=0) != 0:
         tl.store(found_inf_ptr, 1.0)
 
