@@ -117,7 +117,8 @@ class _FusedSide:
                         masters, [self.state[i]["exp_avg"] for i in idx], [self.state[i]["exp_avg_sq"] for i in idx],
                         [self.state[i]["step"] for i in idx], model))
             if any(group.masters for group in groups):
-                self.plans[kind] = fused_o2.FusedPlan(groups, grad_dtype, chunk=twin.chunk, block=twin.block)
+                self.plans[kind] = fused_o2.FusedPlan(groups, grad_dtype, chunk=twin.chunk, block=twin.block,
+                                                      steps_on_host=twin.reference_impl != "fused")
         self.scale = torch.full((1,), twin.init_scale, dtype=torch.float32, device=device)
         self.tracker = torch.zeros(1, dtype=torch.int32, device=device)
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
@@ -309,6 +310,7 @@ def interpreter_scenarios() -> Dict[str, Twin]:
         "adamw": Twin("adamw", MIXED_SHAPES, ADAMW_GROUPS, **small),
         "adam_l2": Twin("adam", MIXED_SHAPES[:4], [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)],
                         **small),
+        "adam_foreach_host_steps": Twin("adam", MIXED_SHAPES, ADAMW_GROUPS, reference_impl="foreach", **small),
         "sgd": Twin("sgd", MIXED_SHAPES, SGD_GROUPS, **dict(small, inject={4: "inf", 9: "nan"}, init_scale=2.0 ** 4)),
         "unaligned_grads": Twin("adamw", [Param((300,), unaligned_grad=True), Param((1029,))], ADAMW_GROUPS[:1],
                                 **small),

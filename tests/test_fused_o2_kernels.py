@@ -188,6 +188,63 @@ def test_fp32_params_take_no_model_weights_and_momentum_buffers_are_all_or_none(
     assert plan.first_step_pending == [True, False]
 
 
+def test_steps_on_host_leaves_the_step_column_empty():
+    group = _adam_group([(5,), (3,)])
+    assert FusedPlan([group], torch.float16).device_steps  # CPU "device" steps: Triton's interpreter
+    plan = FusedPlan([group], torch.float16, steps_on_host=True)
+    assert not plan.device_steps and [row[4] for row in plan.tensor_table.tolist()] == [0, 0]
+
+
+_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def _ready_plan(**options):
+    group = _adam_group([(5,)])
+    plan = FusedPlan([group], torch.float16, **options)
+    plan.set_grads([[torch.randn(5).half()]])
+    return plan, group
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda plan: fused_o2.fused_adam_step(plan, [_HYPER, _HYPER], decoupled=True, inv_scale=torch.ones(1),
+                                           found_inf=None), ValueError, "2 sets of hyper-parameters for 1"),
+    (lambda plan: fused_o2.fused_sgd_step(plan, [_HYPER], inv_scale=torch.ones(1), found_inf=None),
+     ValueError, "built from SGDTensors"),
+    (lambda plan: fused_o2.fused_adam_step(plan, [dict(_HYPER, lr=torch.tensor(1e-3, device="meta"))],
+                                           decoupled=True, inv_scale=torch.ones(1), found_inf=None),
+     ValueError, "lr is a tensor on meta"),
+])
+def test_launch_arguments_are_checked_before_anything_runs(call, error, message):
+    plan, group = _ready_plan()
+    with pytest.raises(error, match=message):
+        call(plan)
+
+
+def test_no_launch_without_gradients():
+    plan = FusedPlan([_adam_group([(5,)])], torch.float16)
+    with pytest.raises(RuntimeError, match="set_grads"):
+        fused_o2.check_finite_(plan, torch.ones(1), torch.zeros(1))
+
+
+def test_host_step_counts_need_the_verdict_on_the_host():
+    plan, group = _ready_plan(steps_on_host=True)
+    with pytest.raises(ValueError, match="decide the overflow on the host"):
+        fused_o2.fused_adam_step(plan, [_HYPER], decoupled=True, inv_scale=torch.ones(1), found_inf=torch.zeros(1))
+    assert [float(s) for s in group.steps] == [0.0]  # refused before any step count moved
+
+
+def test_sgd_first_step_needs_the_verdict_on_the_host_and_momentum_must_match_the_plan():
+    masters = [torch.randn(4)]
+    plan = FusedPlan([SGDTensors(masters, [None], [masters[0].half()])], torch.float16)
+    plan.set_grads([[torch.randn(4).half()]])
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+    with pytest.raises(ValueError, match="first momentum step"):
+        fused_o2.fused_sgd_step(plan, [hyper], inv_scale=torch.ones(1), found_inf=torch.zeros(1))
+    with pytest.raises(ValueError, match="momentum 0.0 but its fused plan was built with momentum buffers"):
+        fused_o2.fused_sgd_step(plan, [dict(hyper, momentum=0.0)], inv_scale=torch.ones(1), found_inf=None)
+    assert plan.first_step_pending == [True]
+
+
 # --- Triton's interpreter (CPU) -----------------------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -29,6 +29,14 @@ def _grads_ready(plan: FusedPlan) -> None:
         raise RuntimeError("The fused plan has no gradients yet: call plan.set_grads(...) before launching.")
 
 
+def _check_call(plan: FusedPlan, kind: str, hyper_params: Sequence[Mapping[str, Any]]) -> None:
+    if plan.kind != kind:
+        raise ValueError(f"fused_{kind}_step needs a plan built from {'AdamTensors' if kind == 'adam' else 'SGDTensors'}.")
+    if len(hyper_params) != len(plan.segments):
+        raise ValueError(f"{len(hyper_params)} sets of hyper-parameters for {len(plan.segments)} param groups.")
+    _grads_ready(plan)
+
+
 def _scalar(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":
@@ -81,34 +89,30 @@ def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], 
         ValueError: for a plan of another kind, a hyper-parameter list of another length, a tensor
             hyper-parameter on the device, or ``found_inf`` with CPU step counts.
     """
-    if plan.kind != "adam":
-        raise ValueError("fused_adam_step needs a plan built from AdamTensors.")
-    if len(hyper_params) != len(plan.segments):
-        raise ValueError(f"{len(hyper_params)} sets of hyper-parameters for {len(plan.segments)} param groups.")
-    _grads_ready(plan)
-    host_steps = plan.done  # a placeholder argument when the steps live on the device
-    if not plan.device_steps:
-        if found_inf is not None:
-            raise ValueError("Adam's step counts are CPU tensors here: decide the overflow on the host and call "
-                             "with found_inf=None only for a clean step.")
-        if plan.steps:
-            torch._foreach_add_(plan.steps, 1)
-            host_steps = torch.stack(plan.steps).to(plan.device, torch.float32, non_blocking=True)
-    k = kernels()
-    grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
+    _check_call(plan, "adam", hyper_params)
+    if not plan.device_steps and found_inf is not None:
+        raise ValueError("Adam's step counts are CPU tensors here: decide the overflow on the host and call "
+                         "with found_inf=None only for a clean step.")
+    launches = []  # every group is checked before any is stepped: a refusal leaves all tensors as they were
     for segment, hyper in zip(plan.segments, hyper_params):
-        if segment.chunks is None:
-            continue
-        beta1, beta2 = hyper["betas"]
-        weight_decay = _scalar(hyper["weight_decay"], "weight_decay")
+        if segment.chunks is not None:
+            beta1, beta2 = hyper["betas"]
+            scalars = (_scalar(hyper["lr"], "lr"), _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
+                       _scalar(hyper["eps"], "eps"), _scalar(hyper["weight_decay"], "weight_decay"))
+            launches.append((segment, scalars, bool(hyper.get("maximize", False))))
+    k = kernels()
+    host_steps = plan.done  # a placeholder argument when the steps live on the device
+    if not plan.device_steps and plan.steps:
+        torch._foreach_add_(plan.steps, 1)
+        host_steps = torch.stack(plan.steps).to(plan.device, torch.float32, non_blocking=True)
+    grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
+    for segment, scalars, maximize in launches:
         k.adam_kernel[(segment.chunk_count,)](
             plan.tensor_table, plan.grad_table, segment.chunks, plan.done, host_steps, inv_scale,
-            found_inf if found_inf is not None else inv_scale,
-            _scalar(hyper["lr"], "lr"), _scalar(beta1, "beta1"), _scalar(beta2, "beta2"), _scalar(hyper["eps"], "eps"),
-            weight_decay,
+            found_inf if found_inf is not None else inv_scale, *scalars,
             GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
-            WRITE_MODEL=plan.writes_model, DECOUPLED=bool(decoupled), MAXIMIZE=bool(hyper.get("maximize", False)),
-            HAS_WD=weight_decay != 0.0, SKIP_ON_INF=found_inf is not None, DEVICE_STEPS=plan.device_steps,
+            WRITE_MODEL=plan.writes_model, DECOUPLED=bool(decoupled), MAXIMIZE=maximize,
+            HAS_WD=scalars[4] != 0.0, SKIP_ON_INF=found_inf is not None, DEVICE_STEPS=plan.device_steps,
             ALIGNED=plan.aligned, LIBDEVICE=not k.INTERPRETED, CHUNK=plan.chunk, BLOCK=plan.block,
             num_warps=plan.num_warps)
 
@@ -134,13 +138,8 @@ def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *
             momentum is nonzero but whose plan has no buffers (or the reverse), or ``found_inf`` with a
             first step pending.
     """
-    if plan.kind != "sgd":
-        raise ValueError("fused_sgd_step needs a plan built from SGDTensors.")
-    if len(hyper_params) != len(plan.segments):
-        raise ValueError(f"{len(hyper_params)} sets of hyper-parameters for {len(plan.segments)} param groups.")
-    _grads_ready(plan)
-    k = kernels()
-    grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
+    _check_call(plan, "sgd", hyper_params)
+    launches = []  # every group is checked before any is stepped: a refusal leaves all tensors as they were
     for index, (segment, hyper) in enumerate(zip(plan.segments, hyper_params)):
         if segment.chunks is None:
             continue
@@ -153,14 +152,17 @@ def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *
         if first and found_inf is not None:
             raise ValueError(f"Param group {index} takes its first momentum step: decide the overflow on the host "
                              "and call with found_inf=None only for a clean step.")
-        weight_decay = _scalar(hyper["weight_decay"], "weight_decay")
+        scalars = (_scalar(hyper["lr"], "lr"), momentum, _scalar(hyper["dampening"], "dampening"),
+                   _scalar(hyper["weight_decay"], "weight_decay"))
+        launches.append((index, segment, scalars, first, bool(hyper["nesterov"]), bool(hyper.get("maximize", False))))
+    k = kernels()
+    grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
+    for index, segment, scalars, first, nesterov, maximize in launches:
         k.sgd_kernel[(segment.chunk_count,)](
             plan.tensor_table, plan.grad_table, segment.chunks, inv_scale,
-            found_inf if found_inf is not None else inv_scale,
-            _scalar(hyper["lr"], "lr"), momentum, _scalar(hyper["dampening"], "dampening"), weight_decay,
+            found_inf if found_inf is not None else inv_scale, *scalars,
             GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
-            WRITE_MODEL=plan.writes_model, HAS_MOMENTUM=has_buffers, FIRST_STEP=first,
-            NESTEROV=bool(hyper["nesterov"]), MAXIMIZE=bool(hyper.get("maximize", False)),
-            HAS_WD=weight_decay != 0.0, SKIP_ON_INF=found_inf is not None, ALIGNED=plan.aligned,
+            WRITE_MODEL=plan.writes_model, HAS_MOMENTUM=scalars[1] != 0.0, FIRST_STEP=first, NESTEROV=nesterov,
+            MAXIMIZE=maximize, HAS_WD=scalars[3] != 0.0, SKIP_ON_INF=found_inf is not None, ALIGNED=plan.aligned,
             CHUNK=plan.chunk, BLOCK=plan.block, num_warps=plan.num_warps)
         plan.first_step_pending[index] = False

@@ -69,6 +69,9 @@ class FusedPlan:
         chunk: elements per program (a multiple of ``block``).
         block: elements per loop iteration of a program.
         num_warps: warps per program.
+        steps_on_host: Adam's ``step`` counts are CPU tensors the host advances (torch's default Adam),
+            not device tensors the kernel advances (fused Adam). None: decided by where they are (only
+            Triton's interpreter, whose "device" is the CPU, needs it said).
 
     Raises:
         ValueError: for tensors the kernels cannot step (not FP32 masters and state, mismatched shapes or
@@ -77,7 +80,8 @@ class FusedPlan:
     """
 
     def __init__(self, groups: Sequence, grad_dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
-                 block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS) -> None:
+                 block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS,
+                 steps_on_host: Optional[bool] = None) -> None:
         if chunk % block or block & (block - 1):
             raise ValueError(f"chunk ({chunk}) must be a multiple of block ({block}), a power of two.")
         if grad_dtype not in _HALF_TYPES + (torch.float32,):
@@ -98,7 +102,7 @@ class FusedPlan:
         if any(m.device != self.device for m in self._masters):
             raise ValueError("The fused step runs per device: give one plan the tensors of one device.")
         self.steps: List[torch.Tensor] = [s for group in self.groups for s in group.steps] if self.kind == "adam" else []
-        self.device_steps = self._step_placement(self.steps)
+        self.device_steps = self._step_placement(self.steps, steps_on_host)
         rows: List[List[int]] = []
         chunk_rows: List[List[int]] = []
         self._tensors: List[torch.Tensor] = []  # every tensor the tables point into, kept alive here
@@ -174,13 +178,16 @@ class FusedPlan:
             raise ValueError(f"A {what} differs from its master in shape or memory layout; the fused step reads "
                              "them element by element in storage order.")
 
-    def _step_placement(self, steps: List[torch.Tensor]) -> bool:
-        """True for float32 ``step`` tensors on the plan's device (fused Adam's), False for CPU ones on a CUDA
-        plan (the default Adam's: the host advances them)."""
+    def _step_placement(self, steps: List[torch.Tensor], on_host: Optional[bool]) -> bool:
+        """True for float32 ``step`` tensors on the plan's device (fused Adam's), False for CPU ones the host
+        advances (the default Adam's)."""
+        on_cpu = all(s.device.type == "cpu" and s.numel() == 1 for s in steps)
+        if on_host or (on_host is None and self.device.type != "cpu" and steps and on_cpu):
+            if not on_cpu:
+                raise ValueError("steps_on_host=True needs every step count on the CPU.")
+            return False
         if all(s.device == self.device and s.dtype == torch.float32 and s.numel() == 1 for s in steps):
             return True
-        if self.device.type == "cuda" and all(s.device.type == "cpu" and s.numel() == 1 for s in steps):
-            return False
         raise ValueError("Adam's step counts must all be float32 tensors on the parameters' device (fused or "
                          "capturable Adam) or all CPU tensors (the default implementation).")
 
