@@ -16,6 +16,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _torch_compat
+
 from .optimizers import _functional
 from .optimizers._tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
                                        stack_scalars)
@@ -53,7 +55,7 @@ def _as_c_float(value: float) -> float:
 def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One-element bool tensor: does any of ``tensors`` (one device) hold inf or NaN? Reads only."""
     device = tensors[0].device
-    max_abs = stack_scalars(torch._foreach_norm(list(tensors), math.inf), device)
+    max_abs = stack_scalars(_torch_compat.foreach_norm(list(tensors), math.inf), device)
     return ~torch.isfinite(max_abs).all()
 
 
@@ -78,7 +80,7 @@ def _per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device, ord
         members = pick(tensors, indices)
         accumulate = _accumulation_dtype(members[0])
         extra = {"dtype": accumulate} if accumulate is not None else {}
-        for i, norm in zip(indices, torch._foreach_norm(members, order, **extra)):
+        for i, norm in zip(indices, _torch_compat.foreach_norm(members, order, **extra)):
             ordered[i] = norm
     return stack_scalars(ordered, device)
 
@@ -97,17 +99,17 @@ def multi_tensor_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
         src, dst = pick(sources, indices), pick(destinations, indices)
         if src_dtype == dst_dtype and src_dtype != torch.bfloat16:  # no bf16 kernel for the check on CUDA
             if any(s is not d for s, d in zip(src, dst)):
-                torch._foreach_copy_(dst, src)
+                _torch_compat.foreach_copy_(dst, src)
             work = dst
         else:
             work_dtype = torch.float64 if torch.float64 in (src_dtype, dst_dtype) else torch.float32
             work = [torch.empty_like(s, dtype=work_dtype) for s in src]
-            torch._foreach_copy_(work, src)
+            _torch_compat.foreach_copy_(work, src)
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         factor = torch.full((1,), scale, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
+        _torch_compat.amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
         if work is not dst:
-            torch._foreach_copy_(dst, work)
+            _torch_compat.foreach_copy_(dst, work)
         flag_where(noop_flag, found_inf > 0)
 
 
@@ -126,9 +128,9 @@ def multi_tensor_axpby(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
         checked = {-1: x + y, 0: x, 1: y}.get(arg_to_check, [])
         if checked:
             flag_where(noop_flag, _non_finite(checked))
-        result = torch._foreach_mul(as_fp32(x), a)
-        torch._foreach_add_(result, as_fp32(y), alpha=b)
-        torch._foreach_copy_(out, result)
+        result = _torch_compat.foreach_mul(as_fp32(x), a)
+        _torch_compat.foreach_add_(result, as_fp32(y), alpha=b)
+        _torch_compat.foreach_copy_(out, result)
 
 
 def _norms_and_total(tensors: Sequence[torch.Tensor], per_tensor: Optional[bool],
@@ -250,7 +252,7 @@ def multi_tensor_sgd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Ten
     for indices in group_indices(params).values():
         g = as_fp32(pick(grads, indices))
         if scale != 1.0:
-            g = torch._foreach_mul(g, _as_c_float(scale))
+            g = _torch_compat.foreach_mul(g, _as_c_float(scale))
         p = Fp32Work(pick(params, indices))
         m = Fp32Work(pick(buffers, indices) if momentum != 0 else [])
         _functional.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
@@ -258,7 +260,7 @@ def multi_tensor_sgd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Ten
         p.write_back()
         m.write_back()
         if len(lists) == 4:
-            torch._foreach_copy_(pick(lists[3], indices), p.values)
+            _torch_compat.foreach_copy_(pick(lists[3], indices), p.values)
 
 
 @torch.no_grad()
@@ -296,7 +298,7 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
             use_nvlamb=bool(use_nvlamb))
         for work in (p, m, v):
             work.write_back()
-        torch._foreach_copy_(pick(grads, indices), update)
+        _torch_compat.foreach_copy_(pick(grads, indices), update)
 
 
 @torch.no_grad()

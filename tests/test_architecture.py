@@ -22,7 +22,7 @@ ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("foundation", ("ampcompat._version", "ampcompat.amp.process_state")),
+    ("foundation", ("ampcompat._version", "ampcompat._torch_compat", "ampcompat.amp.process_state")),
     ("amp mechanisms", ("ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
                         "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.optimizer_lifecycle")),
     ("optimizer patching", ("ampcompat.amp.master_weights",)),
@@ -263,3 +263,71 @@ def test_every_module_path_in_the_spec_and_readme_resolves_under_the_alias():
     result = subprocess.run([sys.executable, "-c", _RESOLVE_EVERY_PATH, ",".join(paths), ",".join(ADVISED_NOT_PROVIDED)],
                             capture_output=True, text=True, cwd=PACKAGE_DIR.parent, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- private PyTorch APIs: only through ampcompat/_torch_compat.py ---------------------------------
+
+TORCH_SHIMS = "ampcompat._torch_compat"
+# Attribute names torch keeps private on its objects (tensors, optimizers, schedulers): any use is a use
+# of a private torch API, whatever the object.
+TORCH_PRIVATE_ATTRIBUTES = {"_version", "_values", "_indices", "_base", "_cdata", "_step_supports_amp_scaling",
+                            "_opt_called", "_wrapped_by_lr_sched", "_get_scale_async", "_per_optimizer_states",
+                            "_check_inf_per_device"}
+
+
+def _is_private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def private_torch_uses(path: Path) -> List[str]:
+    """``file:line: name`` of every underscored torch name the module at ``path`` reaches."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    torch_names = set()  # local names bound to torch or one of its submodules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "torch":
+                    torch_names.add(alias.asname or alias.name.split(".")[0])
+                    if any(_is_private(p) for p in alias.name.split(".")):
+                        found.append((node.lineno, "import " + alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "torch":
+            for alias in node.names:
+                if any(_is_private(p) for p in node.module.split(".") + [alias.name]):
+                    found.append((node.lineno, "from {} import {}".format(node.module, alias.name)))
+                elif alias.name[:1].islower():  # a submodule or function of torch, used as a root below
+                    torch_names.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if node.attr in TORCH_PRIVATE_ATTRIBUTES:
+            found.append((node.lineno, "." + node.attr))
+            continue
+        chain, root = [node.attr], node.value
+        while isinstance(root, ast.Attribute):
+            chain.append(root.attr)
+            root = root.value
+        if isinstance(root, ast.Name) and root.id in torch_names and _is_private(node.attr):
+            found.append((node.lineno, ".".join([root.id] + chain[::-1])))
+    return ["{}:{}: {}".format(path.relative_to(PACKAGE_DIR.parent), line, what) for line, what in sorted(set(found))]
+
+
+def test_the_private_torch_scan_finds_planted_uses(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\nimport torch.nn as nn\nfrom torch._utils import _flatten_dense_tensors\n"
+                       "from torch import optim\ntorch._foreach_add_([], [])\nnn.modules.batchnorm._BatchNorm\n"
+                       "optim.optimizer._get_capturable_supported_devices\nx = t._version\ntorch.ones(1)\n")
+    original = PACKAGE_DIR
+    try:
+        globals()["PACKAGE_DIR"] = tmp_path / "pkg"
+        found = [line.split(": ", 1)[1] for line in private_torch_uses(planted)]
+    finally:
+        globals()["PACKAGE_DIR"] = original
+    assert found == ["from torch._utils import _flatten_dense_tensors", "torch._foreach_add_",
+                     "nn.modules.batchnorm._BatchNorm", "optim.optimizer._get_capturable_supported_devices",
+                     "._version"]
+
+
+def test_private_torch_apis_are_used_only_through_the_shims_module():
+    uses = [use for name, path in sorted(MODULES.items()) if name != TORCH_SHIMS for use in private_torch_uses(path)]
+    assert uses == [], "use ampcompat/_torch_compat.py (add a shim with its test and reason):\n" + "\n".join(uses)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ampcompat import amp
+from ampcompat import _torch_compat, amp
 
 INIT_SCALE = 2.0 ** 16
 OVERFLOW_MESSAGE = "Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}"
@@ -622,7 +622,7 @@ def _half_twin(device):
 def test_o3_default_short_circuits_without_scaling_or_unscaling(device, monkeypatch):
     model, optimizer = amp_model_and_optimizer(device, OPTIMIZERS["sgd_momentum"], opt_level="O3")
     twin = _half_twin(device)
-    calls = _count_calls(monkeypatch, ["_amp_foreach_non_finite_check_and_unscale_"])
+    calls = _count_calls(monkeypatch, ["amp_foreach_non_finite_check_and_unscale_"])
     items = _count_items(monkeypatch)
     x, y = batch(0, device)
 
@@ -632,7 +632,7 @@ def test_o3_default_short_circuits_without_scaling_or_unscaling(device, monkeypa
         scaled.backward()
     F.mse_loss(twin(x.half()).float(), y).backward()
 
-    assert calls["_amp_foreach_non_finite_check_and_unscale_"] == 0 and items[0] == 0
+    assert calls["amp_foreach_non_finite_check_and_unscale_"] == 0 and items[0] == 0
     assert_bitwise((p.grad for p in model.parameters()), (p.grad for p in twin.parameters()), "grad")
     assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
 
@@ -681,8 +681,8 @@ def test_o3_dynamic_unscales_half_grads_and_skips_on_overflow(device, capsys):
 
 # --- 8. the multi-tensor promise ---------------------------------------------------------------------
 
-_COUNTED = ["_amp_foreach_non_finite_check_and_unscale_"] + sorted(
-    name for name in dir(torch) if name.startswith("_foreach_"))
+_COUNTED = ["amp_foreach_non_finite_check_and_unscale_"] + sorted(
+    name for name in dir(_torch_compat) if name.startswith("foreach_"))
 _ALLOCATIONS = {"empty_like", "empty", "empty_strided", "full"}
 
 
@@ -696,7 +696,7 @@ def _count_calls(monkeypatch, names):
         return wrapper
 
     for name in names:
-        monkeypatch.setattr(torch, name, counting(name, getattr(torch, name)))
+        monkeypatch.setattr(_torch_compat, name, counting(name, getattr(_torch_compat, name)))
     return counts
 
 
@@ -763,8 +763,8 @@ def test_gradient_work_is_a_constant_number_of_multi_tensor_calls(device, monkey
 
     # Gradient transfer + unscale + inf/NaN check: the same multi-tensor calls whatever the model size ...
     assert exit_small == exit_large
-    assert exit_small["_amp_foreach_non_finite_check_and_unscale_"] >= 1
-    assert exit_small["_foreach_copy_"] >= 1
+    assert exit_small["amp_foreach_non_finite_check_and_unscale_"] >= 1
+    assert exit_small["foreach_copy_"] >= 1
     # ... and no per-parameter kernels besides (gradient buffers are allocated, nothing else).
     assert kernels_small == kernels_large
     assert sum(kernels_small.values()) <= 8
@@ -772,5 +772,5 @@ def test_gradient_work_is_a_constant_number_of_multi_tensor_calls(device, monkey
     assert items_small == items_large == 1
     assert kernels_small["_local_scalar_dense"] == 1
     # Master -> model copy: one multi-tensor call per step.
-    assert step_small == step_large == collections.Counter({"_foreach_copy_": 1})
+    assert step_small == step_large == collections.Counter({"foreach_copy_": 1})
     assert copy_small == copy_large == {"_foreach_copy_": 1}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ampcompat
-from ampcompat import amp
+from ampcompat import _torch_compat, amp
 from ampcompat.amp.scaler import LossScaler
 
 from _models import batches, make_mlp, params_of
@@ -259,7 +259,7 @@ def test_one_host_sync_per_scale_loss_exit(monkeypatch):
     (x, y), = batches(1)
     F.cross_entropy(model(x), y).backward()  # pre-existing grads: the stash-and-add path too
     calls = {"item": 0, "unscale": 0}
-    real_item, real_unscale = torch.Tensor.item, torch._amp_foreach_non_finite_check_and_unscale_
+    real_item, real_unscale = torch.Tensor.item, _torch_compat.amp_foreach_non_finite_check_and_unscale_
 
     def counting_item(self):
         calls["item"] += 1
@@ -270,7 +270,7 @@ def test_one_host_sync_per_scale_loss_exit(monkeypatch):
         return real_unscale(*args)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", counting_unscale)
+    monkeypatch.setattr(_torch_compat, "amp_foreach_non_finite_check_and_unscale_", counting_unscale)
     with amp.scale_loss(F.cross_entropy(model(x), y), opt) as scaled:
         scaled.backward()
     assert calls == {"item": 1, "unscale": 1}  # all grads fp32 on one device: one fused launch, one read

@@ -16,6 +16,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import torch
 
+from .. import _torch_compat
 from .o1_autocast import O1Scope, casts_back, casts_off
 from .optimizer_lifecycle import TRANSITIONS, Event, OptState, next_state
 from .process_state import _amp_state, maybe_print
@@ -313,7 +314,7 @@ def _unscale_with_stash(scaler: LossScaler, params: List[torch.Tensor], stashed:
     new, accumulating, previous = _split_new_grads(params, stashed)
     scaler.unscale_(new)
     if accumulating:
-        torch._foreach_add_(accumulating, previous)
+        _torch_compat.foreach_add_(accumulating, previous)
 
 
 
@@ -369,7 +370,7 @@ def _unscale_fast_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> 
             return None
     fresh = [torch.empty_like(m) for m in masters]
     if fresh:
-        torch._foreach_copy_(fresh, grads16)
+        _torch_compat.foreach_copy_(fresh, grads16)
         for master, grad in zip(masters, fresh):
             master.grad = grad
     grads = fresh + grads32
@@ -398,12 +399,12 @@ def _unscale_into_masters(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
     if fresh_dst:
         # Copy, then unscale below with the FP32 params' grads. Unscaling each large FP16 grad into
         # its master in one pass saves bytes but costs a launch per tensor: no faster on an H100.
-        torch._foreach_copy_(fresh_dst, fresh_src)
+        _torch_compat.foreach_copy_(fresh_dst, fresh_src)
     new, accumulating, previous = _split_new_grads(
         stash.all_fp32_from_fp32_params, stash.all_fp32_from_fp32_grad_stash)
     scaler.unscale_(fresh_dst + new + [g for _, g in sparse])  # one launch per (device, dtype)
     if accumulating:
-        torch._foreach_add_(accumulating, previous)
+        _torch_compat.foreach_add_(accumulating, previous)
     scaler.unscale_add_(acc_dst, acc_src)
     for master, grad in sparse:
         master.grad = grad if master.grad is None else master.grad + grad
@@ -416,7 +417,7 @@ def _unscale_with_stashes(stash: AmpOptimizerState, scaler: LossScaler) -> bool:
     new32, acc32, prev32 = _split_new_grads(stash.all_fp32_params, stash.all_fp32_grad_stash)
     scaler.unscale_(new16 + new32)
     if acc16 or acc32:
-        torch._foreach_add_(acc16 + acc32, prev16 + prev32)
+        _torch_compat.foreach_add_(acc16 + acc32, prev16 + prev32)
     stash.all_fp16_grad_stash = [None] * len(stash.all_fp16_params)
     stash.all_fp32_grad_stash = [None] * len(stash.all_fp32_params)
     return bool(new16 or new32)
@@ -429,11 +430,11 @@ def _master_params_to_model_params(self: Any) -> None:
 def _copy_masters_to_model(stash: AmpOptimizerState) -> None:
     if stash.all_fp16_params:
         grad_was_enabled = torch.is_grad_enabled()  # torch.no_grad() without its Python context manager
-        torch._C._set_grad_enabled(False)
+        _torch_compat.set_grad_enabled(False)
         try:
-            torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
+            _torch_compat.foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
         finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
+            _torch_compat.set_grad_enabled(grad_was_enabled)
 
 
 def refresh_stale_masters(optimizer: Any) -> None:
@@ -454,7 +455,7 @@ def refresh_stale_masters(optimizer: Any) -> None:
         differs = torch.stack([(m.to(p.dtype) != p).any().cpu() for p, m in pairs]).tolist()
         stale = [(p, m) for (p, m), d in zip(pairs, differs) if d]
         if stale:
-            torch._foreach_copy_([m for _, m in stale], [p for p, _ in stale])
+            _torch_compat.foreach_copy_([m for _, m in stale], [p for p, _ in stale])
 
 
 def _clear_master_grads(stash: AmpOptimizerState) -> None:
@@ -533,7 +534,7 @@ _FLAG_STATES = (OptState.OVERFLOW_ON_DEVICE, OptState.STEPPED_ON_DEVICE)
 
 def skips_on_device(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` honours a ``found_inf`` flag in its kernel (torch's fused optimizers)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False) or \
+    if not getattr(optimizer, _torch_compat.STEP_SUPPORTS_AMP_SCALING, False) or \
             optimizer._amp_stash._verdict() is OptState.SKIP_PENDING:
         return False
     # Fused SGD allocates momentum buffers with empty_like on its first step and leaves them unwritten
@@ -555,7 +556,7 @@ def _step_event(stash: AmpOptimizerState, state: OptState) -> Event:
 
 def _amp_step(self: Any, closure: Any = None) -> Any:
     stash = self._amp_stash
-    self._opt_called = True  # what an LR scheduler's step wrapper would have recorded
+    self.__dict__[_torch_compat.OPT_CALLED] = True  # what an LR scheduler's step wrapper records (a store: no call)
     before = stash._state
     if closure is not None and (stash._master_weights or before is OptState.SKIP_PENDING):
         raise RuntimeError(_CLOSURE_MESSAGE)
@@ -607,7 +608,7 @@ _LOOKS_BEFORE_STEP = (OptState.NO_GRADS, OptState.STEPPED_ON_DEVICE)
 
 
 # LR schedulers wrap ``optimizer.step`` to notice calls; ours records them itself (``_opt_called``).
-_amp_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+setattr(_amp_step, _torch_compat.WRAPPED_BY_LR_SCHED, True)
 
 
 def _skip_step(self: Any) -> None:
@@ -655,7 +656,7 @@ def _amp_zero_grad(self: Any, set_to_none: bool = False) -> None:
             elif g.requires_grad:
                 g.requires_grad_(False)
         if grads:
-            torch._foreach_zero_(grads)
+            _torch_compat.foreach_zero_(grads)
     for p in stash.all_fp32_from_fp16_params:
         p.grad = None
 
@@ -733,7 +734,8 @@ def _amp_load_state_dict(self: Any, state_dict: Dict[str, Any]) -> None:
         stash._refresh_masters_from_model = True  # an Apex-era checkpoint: masters come from the model
     elif masters:
         with torch.no_grad():
-            torch._foreach_copy_(stash.all_fp32_from_fp16_params, [m.to(stash.all_fp32_from_fp16_params[0].device) for m in masters])
+            device = stash.all_fp32_from_fp16_params[0].device
+            _torch_compat.foreach_copy_(stash.all_fp32_from_fp16_params, [m.to(device) for m in masters])
         stash._refresh_masters_from_model = False
 
 

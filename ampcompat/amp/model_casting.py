@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _torch_compat
 
 _NOT_ON_DEVICE = "An input tensor was not {}."
 
@@ -146,7 +147,7 @@ def _cast_collection(value: Any, cast: _Cast) -> Any:
 # --- parameter casting ------------------------------------------------------------------------------
 
 def _is_kept_fp32(module: torch.nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) and module.affine is True
+    return isinstance(module, _torch_compat.BatchNormBase) and module.affine is True
 
 
 def convert_module(module: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
+from .. import _torch_compat
 from .o1_op_lists import BannedFunctions, OpLists
 from .process_state import _amp_state
 
@@ -205,7 +206,7 @@ def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
         stack = _tls.regions = []
     if handle is None:
         stack.append(None)
-    elif torch._C._is_torch_function_mode_enabled():  # e.g. torch.export: autocast must be seen entering
+    elif _torch_compat.is_torch_function_mode_enabled():  # e.g. torch.export: autocast must be seen entering
         region = torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
         region.__enter__()
         stack.append(region)

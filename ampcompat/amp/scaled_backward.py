@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from .. import _torch_compat
 from .o1_autocast import O1Scope, casts_back, casts_off
 from .master_weights import abort_blocks, end_block, enter_blocks, restore_amp_backward, skips_on_device
 from .optimizer_lifecycle import Event
@@ -167,7 +168,7 @@ def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, d
 
 def _kernels_skip(optimizers: List[Any]) -> bool:
     for optimizer in optimizers:
-        if not (getattr(optimizer, "_step_supports_amp_scaling", False) and skips_on_device(optimizer)):
+        if not (getattr(optimizer, _torch_compat.STEP_SUPPORTS_AMP_SCALING, False) and skips_on_device(optimizer)):
             return False
     return True
 

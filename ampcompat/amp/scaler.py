@@ -23,6 +23,8 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, U
 
 import torch
 
+from .. import _torch_compat
+
 _BELOW_ONE_ADVICE = (
     "ampcompat: the dynamic loss scale of loss scaler {} fell below 1 ({}). Gradients overflow even "
     "unscaled, so every step is being skipped: the model or the data produce inf/NaN. Check the inputs "
@@ -47,7 +49,7 @@ def _dense(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
                     "ampcompat cannot unscale an uncoalesced sparse gradient in place; "
                     "call grad.coalesce() in a hook or use a dense embedding."
                 )
-            out.append(g._values())
+            out.append(g.values())
         else:
             out.append(g)
     return out
@@ -70,18 +72,18 @@ class _ScaleRecord:
             self._event.record()
         else:
             self._host = values
-        self._values: Optional[Tuple[bool, float, float]] = None
+        self._read: Optional[Tuple[bool, float, float]] = None
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
     def values(self) -> Tuple[bool, float, float]:
-        if self._values is None:
+        if self._read is None:
             if self._event is not None and not self._event.query():
                 self._event.synchronize()
             found, scale, unskipped = self._host.tolist()
-            self._values = (found != 0.0, scale, unskipped)
-        return self._values
+            self._read = (found != 0.0, scale, unskipped)
+        return self._read
 
 
 #: The dynamic scale never halves below this: its inverse, the unscale factor, must stay a finite
@@ -231,8 +233,8 @@ class LossScaler:
         if self._scale_t is None:
             self._scale_t = torch.full((1,), float(self._scale_host), dtype=torch.float32, device=buf.device)
             self._tracker_t = torch.full((1,), int(self._unskipped_host), dtype=torch.int32, device=buf.device)
-        torch._amp_update_scale_(self._scale_t, self._tracker_t, buf, self._scale_factor,
-                                 1.0 / self._scale_factor, self._scale_seq_len)
+        _torch_compat.amp_update_scale_(self._scale_t, self._tracker_t, buf, self._scale_factor,
+                                        1.0 / self._scale_factor, self._scale_seq_len)
         self._scale_t.clamp_(min=self._min_loss_scale or _SMALLEST_SCALE, max=self._max_loss_scale)
         record = _ScaleRecord(torch.cat([buf, self._scale_t, self._tracker_t.float()]), self._loss_id)
         self._records.append(record)
@@ -329,10 +331,10 @@ class LossScaler:
             if group[0].dtype == torch.bfloat16:
                 # The fused check has no bf16 kernel on CUDA: work on FP32 copies (bf16 -> FP32 is exact).
                 work = [g.float() for g in group]
-                torch._amp_foreach_non_finite_check_and_unscale_(work, flag, inv)
-                torch._foreach_copy_(group, work)
+                _torch_compat.amp_foreach_non_finite_check_and_unscale_(work, flag, inv)
+                _torch_compat.foreach_copy_(group, work)
             else:
-                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
+                _torch_compat.amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
             if flag is not self._overflow_buf:
                 self._merge_flag(flag)
 
@@ -341,9 +343,9 @@ class LossScaler:
         if not dst:
             return
         incoming = [torch.empty_like(d) for d in dst]
-        torch._foreach_copy_(incoming, list(src))
+        _torch_compat.foreach_copy_(incoming, list(src))
         self.unscale_(incoming)
-        torch._foreach_add_(list(dst), incoming)
+        _torch_compat.foreach_add_(list(dst), incoming)
 
     def _warn_if_below_one(self, scale: float) -> None:
         if self.dynamic and scale < 1.0 and not self._warned_below_one:

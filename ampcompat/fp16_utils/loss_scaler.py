@@ -16,6 +16,8 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
+from .. import _torch_compat
+
 from .fp16util import to_python_float
 
 __all__ = ["LossScaler", "DynamicLossScaler", "to_python_float"]
@@ -24,7 +26,7 @@ __all__ = ["LossScaler", "DynamicLossScaler", "to_python_float"]
 def _check_values(grad: torch.Tensor) -> torch.Tensor:
     """The dense tensor whose values decide whether ``grad`` holds inf/NaN."""
     if grad.is_sparse:
-        return grad.coalesce()._values()
+        return grad.coalesce().values()
     return grad
 
 
@@ -45,7 +47,7 @@ def _any_inf_or_nan(grads: Iterable[torch.Tensor]) -> bool:
         for (device, _), group in groups.items():
             flag = torch.zeros(1, dtype=torch.float32, device=device)
             unit = torch.ones(1, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, unit)
+            _torch_compat.amp_foreach_non_finite_check_and_unscale_(group, flag, unit)
             flags.append(flag)
     home = flags[0].device
     total = flags[0] if len(flags) == 1 else torch.stack([f.to(home) for f in flags]).sum()

@@ -11,6 +11,8 @@ from typing import List, Sequence
 
 import torch
 
+from .. import _torch_compat
+
 from ._tensor_lists import stack_scalars
 
 Tensors = Sequence[torch.Tensor]
@@ -26,7 +28,7 @@ def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     update = _adam_direction(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=1 - beta1,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
                              bias_correction1=bias_correction1, bias_correction2=bias_correction2)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)
 
 
 def _adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
@@ -38,18 +40,18 @@ def _adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_
     Shared by Adam and LAMB's first stage.
     """
     if not adam_w_mode and weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=new_grad_weight)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(update, denom)
+        grads = _torch_compat.foreach_add(grads, params, alpha=weight_decay)
+    _torch_compat.foreach_mul_(exp_avgs, beta1)
+    _torch_compat.foreach_add_(exp_avgs, grads, alpha=new_grad_weight)
+    _torch_compat.foreach_mul_(exp_avg_sqs, beta2)
+    _torch_compat.foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = _torch_compat.foreach_div(exp_avg_sqs, bias_correction2)
+    _torch_compat.foreach_sqrt_(denom)
+    _torch_compat.foreach_add_(denom, eps)
+    update = _torch_compat.foreach_div(exp_avgs, bias_correction1)
+    _torch_compat.foreach_div_(update, denom)
     if adam_w_mode and weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
     return update
 
 
@@ -62,34 +64,34 @@ def sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: floa
     """
     d_p: List[torch.Tensor] = list(grads)
     if weight_decay != 0 and not wd_after_momentum:
-        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+        d_p = _torch_compat.foreach_add(d_p, params, alpha=weight_decay)
     if momentum != 0:
         if first_run:
-            torch._foreach_copy_(momentum_buffers, d_p)
+            _torch_compat.foreach_copy_(momentum_buffers, d_p)
         else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
+            _torch_compat.foreach_mul_(momentum_buffers, momentum)
+            _torch_compat.foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
         if nesterov:
-            d_p = torch._foreach_add(d_p, momentum_buffers, alpha=momentum)
+            d_p = _torch_compat.foreach_add(d_p, momentum_buffers, alpha=momentum)
         else:
             d_p = list(momentum_buffers)
     if weight_decay != 0 and wd_after_momentum:
-        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
-    torch._foreach_add_(params, d_p, alpha=-lr)
+        d_p = _torch_compat.foreach_add(d_p, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, d_p, alpha=-lr)
 
 
 def adagrad_(params: Tensors, grads: Tensors, sums: Tensors, *, lr: float, eps: float, weight_decay: float,
              adagrad_w_mode: bool) -> None:
     """Adagrad: ``h += g*g; p -= lr * (g / (sqrt(h) + eps) [+ wd * p])`` (decay inside ``g`` unless w-mode)."""
     if not adagrad_w_mode and weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_addcmul_(sums, grads, grads, value=1)
-    std = torch._foreach_sqrt(sums)
-    torch._foreach_add_(std, eps)
-    update = torch._foreach_div(grads, std)
+        grads = _torch_compat.foreach_add(grads, params, alpha=weight_decay)
+    _torch_compat.foreach_addcmul_(sums, grads, grads, value=1)
+    std = _torch_compat.foreach_sqrt(sums)
+    _torch_compat.foreach_add_(std, eps)
+    update = _torch_compat.foreach_div(grads, std)
     if adagrad_w_mode and weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)
 
 
 def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *, lr: float,
@@ -105,19 +107,19 @@ def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     with nonzero weight decay, or all tensors with ``use_nvlamb``; otherwise ``ratio = 1``.
     """
     device = params[0].device
-    param_norms = torch._foreach_norm(params) if (use_nvlamb or weight_decay != 0) else None
-    scaled = torch._foreach_div(grads, grad_clip_divisor.to(device))
+    param_norms = _torch_compat.foreach_norm(params) if (use_nvlamb or weight_decay != 0) else None
+    scaled = _torch_compat.foreach_div(grads, grad_clip_divisor.to(device))
     update = _adam_direction(params, scaled, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=beta3,
                              beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
                              bias_correction1=bias_correction1, bias_correction2=bias_correction2)
     if param_norms is None:
-        torch._foreach_add_(params, update, alpha=-lr)
+        _torch_compat.foreach_add_(params, update, alpha=-lr)
         return update
     p_norm = stack_scalars(param_norms, device)
-    u_norm = stack_scalars(torch._foreach_norm(update), device)
+    u_norm = stack_scalars(_torch_compat.foreach_norm(update), device)
     trusted = (p_norm != 0) & (u_norm != 0)
     ratio = torch.where(trusted, p_norm / torch.where(trusted, u_norm, 1.0), 1.0) * lr
-    torch._foreach_sub_(params, torch._foreach_mul(update, list(ratio.unbind())))
+    _torch_compat.foreach_sub_(params, _torch_compat.foreach_mul(update, list(ratio.unbind())))
     return update
 
 
@@ -139,17 +141,17 @@ def novograd_(params: Tensors, grads: Tensors, exp_avgs: Tensors, grad_norms: to
     """
     denom = list((grad_norms / bias_correction2 + eps).unbind())
     if reg_inside_moment:
-        normalized = torch._foreach_div(grads, denom)
+        normalized = _torch_compat.foreach_div(grads, denom)
         if weight_decay != 0:
-            torch._foreach_add_(normalized, params, alpha=weight_decay)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, normalized, alpha=beta3)
-        torch._foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
+            _torch_compat.foreach_add_(normalized, params, alpha=weight_decay)
+        _torch_compat.foreach_mul_(exp_avgs, beta1)
+        _torch_compat.foreach_add_(exp_avgs, normalized, alpha=beta3)
+        _torch_compat.foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
         return
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=beta3)
-    update = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(update, denom)
+    _torch_compat.foreach_mul_(exp_avgs, beta1)
+    _torch_compat.foreach_add_(exp_avgs, grads, alpha=beta3)
+    update = _torch_compat.foreach_div(exp_avgs, bias_correction1)
+    _torch_compat.foreach_div_(update, denom)
     if weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)

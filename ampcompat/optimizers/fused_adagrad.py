@@ -5,6 +5,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
+from .. import _torch_compat
+
 from . import _functional, _native
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
 from ._tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick
@@ -64,7 +66,7 @@ class FusedAdagrad(FusedOptimizerBase):
     def _own_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         states = [self._init_state(p) for p in params]
         steps = place_steps(states, [torch.device("cpu")] * len(params))
-        torch._foreach_add_(steps, 1)
+        _torch_compat.foreach_add_(steps, 1)
         for indices in group_indices(params).values():
             members = pick(params, indices)
             weights = Fp32Work(members)

@@ -5,6 +5,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from .. import _torch_compat
+
 from . import _functional, _native
 from ._legacy_adam import legacy_adam_step
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
@@ -82,7 +84,7 @@ class FusedAdam(FusedOptimizerBase):
         self.capturable = capturable
         self.master_weights = master_weights
         if capturable:
-            self._step_supports_amp_scaling = True
+            setattr(self, _torch_compat.STEP_SUPPORTS_AMP_SCALING, True)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, grads: Any = None, output_params: Any = None,
@@ -169,7 +171,7 @@ class FusedAdam(FusedOptimizerBase):
         if found_inf is not None and bool(found_inf):
             return  # GradScaler found inf/NaN: skip, as Apex's capturable kernel did
         steps = place_steps(states, [torch.device("cpu")] * len(params))
-        torch._foreach_add_(steps, 1)
+        _torch_compat.foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
         buckets = group_indices(params, key=lambda p: (p.device, p.dtype))
         for indices in buckets.values():
@@ -183,7 +185,7 @@ class FusedAdam(FusedOptimizerBase):
         weights = Fp32Work([m if m is not None else p for m, p in zip(masters, params)])
         grads = Fp32Work([p.grad for p in params]).values
         if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale.to(params[0].device).reshape(()))
+            grads = _torch_compat.foreach_div(grads, grad_scale.to(params[0].device).reshape(()))
         if group["bias_correction"]:
             bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
         else:
@@ -195,7 +197,7 @@ class FusedAdam(FusedOptimizerBase):
         weights.write_back()
         with_master = [i for i, m in enumerate(masters) if m is not None]
         if with_master:
-            torch._foreach_copy_(pick(params, with_master), pick(masters, with_master))
+            _torch_compat.foreach_copy_(pick(params, with_master), pick(masters, with_master))
 
     def _init_state(self, p: torch.Tensor, on_device: bool) -> Dict[str, Any]:
         state = self._fp32_state(p)
@@ -238,10 +240,10 @@ def _scaler_tensors(optimizer: torch.optim.Optimizer,
 
     ``grad_scale`` is None when the scaler already unscaled this optimizer's gradients (``unscale_``).
     """
-    found_per_device = grad_scaler._check_inf_per_device(optimizer)
+    found_per_device = _torch_compat.grad_scaler_found_inf_per_device(grad_scaler, optimizer)
     device = next(iter(found_per_device.values())).device if found_per_device else None
     found_inf = sum(v.to(device) for v in found_per_device.values()) if found_per_device else None
-    stage = grad_scaler._per_optimizer_states[id(optimizer)].get("stage")
-    already_unscaled = getattr(stage, "name", None) == "UNSCALED"
-    grad_scale = None if already_unscaled else grad_scaler._get_scale_async()
+    if _torch_compat.grad_scaler_unscaled(grad_scaler, optimizer):
+        return None, found_inf
+    grad_scale = _torch_compat.grad_scaler_scale(grad_scaler)
     return grad_scale, found_inf

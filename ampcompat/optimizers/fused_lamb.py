@@ -5,6 +5,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
+from .. import _torch_compat
+
 from . import _functional
 from ._base import FusedOptimizerBase
 from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
@@ -96,7 +98,7 @@ def global_grad_norm(params: List[torch.Tensor]) -> torch.Tensor:
     device = params[0].device
     squares = []
     for indices in group_indices(params).values():
-        norms = torch._foreach_norm([p.grad for p in pick(params, indices)], 2, dtype=torch.float32)
+        norms = _torch_compat.foreach_norm([p.grad for p in pick(params, indices)], 2, dtype=torch.float32)
         squares.append(stack_scalars(norms, device).square().sum())
     return torch.stack(squares).sum().sqrt()
 

@@ -6,6 +6,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from .. import _torch_compat
+
 from . import _functional
 from ._base import FusedOptimizerBase, copy_state_dict
 from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
@@ -94,11 +96,11 @@ class FusedNovoGrad(FusedOptimizerBase):
             members = pick(params, indices)
             device = members[0].device
             grads = Fp32Work([p.grad for p in members]).values
-            norms = stack_scalars(torch._foreach_norm(grads, order), device)
+            norms = stack_scalars(_torch_compat.foreach_norm(grads, order), device)
             states = [self._init_state(p, norm, group["init_zero"]) for p, norm in zip(members, norms.unbind())]
             averages = [s["exp_avg_sq"] for s in states]
             blended = _functional.blend_grad_norms(stack_scalars(averages, device), norms, beta2, group["norm_type"])
-            torch._foreach_copy_(averages, list(blended.unbind()))
+            _torch_compat.foreach_copy_(averages, list(blended.unbind()))
             weights = Fp32Work(members)
             _functional.novograd_(
                 weights.values, grads, [s["exp_avg"] for s in states], blended,

@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _torch_compat
+
 __all__ = ["LARC"]
 
 
@@ -127,14 +129,14 @@ class LARC:
                 params.append(param)
                 grads.append(param.grad)
         for params, grads in by_device_and_dtype.values():
-            param_norms = torch.stack(torch._foreach_norm(params)).float()
-            grad_norms = torch.stack(torch._foreach_norm(grads)).float()
+            param_norms = torch.stack(_torch_compat.foreach_norm(params)).float()
+            grad_norms = torch.stack(_torch_compat.foreach_norm(grads)).float()
             local_rate = self.trust_coefficient * param_norms / (grad_norms + param_norms * weight_decay + self.eps)
             if self.clip:
                 local_rate = torch.clamp(local_rate / group["lr"], max=1.0)
             adapted = (param_norms != 0) & (grad_norms != 0)
             if weight_decay != 0:
                 decay = torch.where(adapted, weight_decay, 0.0)
-                torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind(0))))
+                _torch_compat.foreach_add_(grads, _torch_compat.foreach_mul(params, list(decay.unbind(0))))
             factors = torch.where(adapted, local_rate, 1.0)
-            torch._foreach_mul_(grads, list(factors.unbind(0)))
+            _torch_compat.foreach_mul_(grads, list(factors.unbind(0)))
