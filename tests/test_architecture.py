@@ -331,3 +331,31 @@ def test_the_private_torch_scan_finds_planted_uses(tmp_path):
 def test_private_torch_apis_are_used_only_through_the_shims_module():
     uses = [use for name, path in sorted(MODULES.items()) if name != TORCH_SHIMS for use in private_torch_uses(path)]
     assert uses == [], "use ampcompat/_torch_compat.py (add a shim with its test and reason):\n" + "\n".join(uses)
+
+
+# --- the process-wide _amp_state: written by its owner only ----------------------------------------
+
+STATE_OWNER = "ampcompat.amp.process_state"
+
+
+def amp_state_writes(path: Path) -> List[str]:
+    """``file:line`` of every assignment to, or deletion of, an ``_amp_state`` attribute (and of every
+    ``_amp_state.__dict__`` use) in the module at ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and \
+                    target.value.id == "_amp_state":
+                found.append(node.lineno)
+        if isinstance(node, ast.Attribute) and node.attr == "__dict__" and isinstance(node.value, ast.Name) and \
+                node.value.id == "_amp_state":
+            found.append(node.lineno)
+    return ["{}:{}".format(path.relative_to(PACKAGE_DIR.parent), line) for line in sorted(set(found))]
+
+
+def test_only_the_state_owner_writes_the_process_state():
+    writes = [w for name, path in sorted(MODULES.items()) if name != STATE_OWNER for w in amp_state_writes(path)]
+    assert writes == [], "go through ampcompat.amp.process_state's functions:\n" + "\n".join(writes)

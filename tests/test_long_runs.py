@@ -65,7 +65,7 @@ def _amp_containers(opt) -> Dict[str, int]:
     sizes = {"stash." + k: len(v) for k, v in vars(opt._amp_stash).items() if isinstance(v, list)}
     for i, scaler in enumerate(amp._amp_state.loss_scalers):
         sizes["scaler%d.inv_scale_cache" % i] = len(scaler._inv_scale_cache)
-    sizes["o1_forward_regions"] = len(autocast_scope._region_stack())
+    sizes["o1_forward_regions"] = len(getattr(autocast_scope._tls, "regions", ()))
     return sizes
 
 

@@ -14,7 +14,8 @@ import torch
 from .master_weights import _stash_and_clear, _unscale_with_stash
 from .o1_autocast import O1Scope
 from .scaler import LossScaler
-from .process_state import _amp_state, maybe_print
+from . import process_state
+from .process_state import maybe_print
 
 
 def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable_caching: bool = True,
@@ -34,17 +35,15 @@ def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable
     """
     if not enabled:
         handle: Any = NoOpHandle()
-        _amp_state.handle = handle
+        process_state.install_handle(handle)
         return handle
-    previous = getattr(_amp_state, "handle", None)
-    if previous is not None:
-        previous._deactivate()
+    process_state.remove_handle()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     handle = AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose,
                        allow_banned=allow_banned)
     handle._loss_scale = loss_scale
     handle.patch_registered_functions()
-    _amp_state.handle = handle
+    process_state.install_handle(handle)
     return handle
 
 

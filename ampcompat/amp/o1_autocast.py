@@ -19,18 +19,16 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 from .. import _torch_compat
-from .o1_op_lists import BannedFunctions, OpLists
+from . import process_state
+from .o1_op_lists import BannedFunctions, OpLists, floating_tensors
 from .process_state import _amp_state
 
 _HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
-
-#: Functions registered with ``register_{half,float,promote}_function`` before ``initialize``.
-_registry: Set[Tuple[Any, str, str]] = set()
 
 _tls = threading.local()
 
@@ -133,11 +131,12 @@ class O1Scope:
 
     def patch_registered_functions(self) -> None:
         """Wrap every registered ``module.name`` with its cast, then clear the registry (as Apex)."""
-        for module, name, kind in sorted(_registry, key=lambda entry: (id(entry[0]), entry[1], entry[2])):
+        registry = process_state.cast_registry
+        for module, name, kind in sorted(registry, key=lambda entry: (id(entry[0]), entry[1], entry[2])):
             original = getattr(module, name)
             self._patched.append((module, name, original))
             setattr(module, name, _casting_wrapper(original, kind))
-        _registry.clear()
+        registry.clear()
 
 
 class _CastsOff:
@@ -188,14 +187,6 @@ class _ApexLists:
 
 
 # --- forward regions --------------------------------------------------------------------------------
-
-def _region_stack() -> list:
-    """The forward regions open in this thread (the hooks below read ``_tls.regions`` inline)."""
-    stack = getattr(_tls, "regions", None)
-    if stack is None:
-        stack = _tls.regions = []
-    return stack
-
 
 def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
@@ -256,7 +247,7 @@ def register(module: Any, name: str, kind: str) -> None:
     """Record ``module.name`` for casting at the next O1 ``initialize`` (Apex's registry rules)."""
     if not hasattr(module, name):
         raise ValueError("No function named {} in module {}.".format(name, module))
-    _registry.add((module, name, kind))
+    process_state.cast_registry.add((module, name, kind))
 
 
 def _cast_leaf(value: Any, device_type: str, dtype: torch.dtype) -> Any:
@@ -273,20 +264,12 @@ def _cast_arg(value: Any, device_type: str, dtype: torch.dtype) -> Any:
     return _cast_leaf(value, device_type, dtype)
 
 
-def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> Iterator[torch.Tensor]:
-    for value in list(args) + list(kwargs.values()):
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        for item in items:
-            if isinstance(item, torch.Tensor) and item.is_floating_point():
-                yield item
-
-
 def _target_dtype(kind: str, handle: O1Scope, args: Tuple[Any, ...], kwargs: dict) -> Optional[torch.dtype]:
     if kind == _HALF:
         return handle._dtype
     if kind == _FLOAT:
         return torch.float32
-    dtypes = {t.dtype for t in _floating_tensors(args, kwargs) if t.device.type == handle._device_type}
+    dtypes = {t.dtype for t in floating_tensors(args, kwargs) if t.device.type == handle._device_type}
     if len(dtypes) <= 1:
         return None
     return functools.reduce(torch.promote_types, dtypes)
@@ -339,6 +322,3 @@ def register_promote_function(module: Any, name: str) -> None:
     """Cast ``module.name``'s inputs to their widest type under O1. Call before ``amp.initialize``."""
     register(module, name, _PROMOTE)
 
-
-def clear_registry() -> None:
-    _registry.clear()

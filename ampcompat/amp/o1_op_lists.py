@@ -175,7 +175,8 @@ BANNED_MESSAGE = (
 BANNED_FUNCTIONS: Tuple[Tuple[Any, str], ...] = ((F, "binary_cross_entropy"),)
 
 
-def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> List[torch.Tensor]:
+def floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> List[torch.Tensor]:
+    """The floating-point tensors among a call's arguments (and inside its list/tuple arguments)."""
     found = []
     for value in list(args) + list(kwargs.values()):
         for item in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -212,7 +213,7 @@ def _banned_wrapper(fn: Callable[..., Any], device_type: str, allow_banned: bool
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not (torch.is_autocast_enabled(device_type) and applies()):
             return fn(*args, **kwargs)
-        if not allow_banned and any(t.dtype == torch.float16 for t in _floating_tensors(args, kwargs)):
+        if not allow_banned and any(t.dtype == torch.float16 for t in floating_tensors(args, kwargs)):
             raise NotImplementedError(BANNED_MESSAGE)
         args = _cast(args, device_type, _LOW_PRECISION, torch.float32)
         kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), device_type, _LOW_PRECISION, torch.float32)))
