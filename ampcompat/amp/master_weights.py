@@ -500,11 +500,10 @@ def abort_blocks(optimizers: List[Any]) -> None:
             end_block(optimizer, Event.ABORT)
 
 
-def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Optional[torch.Tensor] = None,
-              record: Any = None) -> None:
+def end_block(optimizer: Any, event: Event, loss_id: int = 0, record: Any = None) -> None:
     """Leave the ``scale_loss`` block with ``event`` (``ABORT`` after :func:`restore_amp_backward`).
 
-    For ``EXIT_ON_DEVICE``, ``overflow_buf`` is this pass's overflow flag and ``record`` its scale update:
+    For ``EXIT_ON_DEVICE``, ``record`` is this pass's scale update and its overflow flag:
     the next step hands the flag to its fused kernel. For ``EXIT_OVERFLOW``, ``loss_id`` names the loss
     in the skip message.
     """
@@ -520,9 +519,9 @@ def end_block(optimizer: Any, event: Event, loss_id: int = 0, overflow_buf: Opti
         if before is OptState.OVERFLOW_ON_DEVICE:
             # torch's fused kernels skip only where found_inf == 1.0 exactly (2.0 would step and corrupt
             # the step counts they restore by subtracting found_inf).
-            torch.maximum(stash._found_inf, overflow_buf, out=stash._found_inf)
+            stash._found_inf = torch.maximum(stash._found_inf, record.found_inf)
         else:
-            stash._found_inf, stash._deferred_records = overflow_buf.clamp(max=1.0), []
+            stash._found_inf, stash._deferred_records = record.found_inf, []
         stash._deferred_records.append(record)
     elif after not in _FLAG_STATES and stash._found_inf is not None:
         stash._found_inf, stash._deferred_records = None, []  # the flag has no use in the new state

@@ -161,7 +161,7 @@ def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, d
     if event is not Event.EXIT_OVERFLOW and not produced:
         event = Event.EXIT_NO_GRADS
     for optimizer in optimizers:
-        end_block(optimizer, event, loss_id, loss_scaler._overflow_buf, record)
+        end_block(optimizer, event, loss_id, record)
     if record is not None:
         loss_scaler.resolve(block=False)
 
