@@ -24,8 +24,10 @@ ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("foundation", ("ampcompat._version", "ampcompat._torch_compat", "ampcompat.amp.process_state")),
     ("amp mechanisms", ("ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
-                        "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.optimizer_lifecycle")),
-    ("optimizer patching", ("ampcompat.amp.master_weights",)),
+                        "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists")),
+    ("optimizer lifecycle", ("ampcompat.amp.optimizer_lifecycle",)),
+    ("gradient strategies", ("ampcompat.amp.model_gradients", "ampcompat.amp.master_weights")),
+    ("optimizer patching", ("ampcompat.amp.patched_optimizer",)),
     ("per-backward and old API", ("ampcompat.amp.scaled_backward", "ampcompat.amp.legacy_handle")),
     ("initialize", ("ampcompat.amp.initialization",)),
     ("apex.amp surface", ("ampcompat.amp",)),

@@ -35,9 +35,7 @@ def test_fused_adamw_twin_with_overflow_matches_host_path(device, opt_level, cap
             opt.zero_grad()
         hook.remove()
         amp.state_dict()  # reading host-visible state brings everything up to date
-        from ampcompat.amp.master_weights import report_deferred_skips
-
-        report_deferred_skips(opt)
+        opt._amp_stash.report_deferred_skips()
         results[fused] = (params_of(model), amp.state_dict(), seen_skip, opt.state_dict(), capsys.readouterr().out)
     fused_params, fused_amp, fused_skips, fused_opt, fused_out = results[True]
     host_params, host_amp, host_skips, host_opt, _ = results[False]

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import master_weights, model_casting, process_state
+from . import model_casting, patched_optimizer, process_state
 from .legacy_handle import AmpHandle
 from .opt_levels import OVERRIDE_ORDER, Properties, format_options, get_opt_level
 from .scaler import LossScaler
@@ -192,7 +192,7 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
     if device_type == "cuda" and not torch.backends.cudnn.enabled:
         raise RuntimeError("Amp requires torch.backends.cudnn.enabled = True")
     for optimizer in optimizer_list:
-        master_weights.check_optimizer(optimizer)
+        patched_optimizer.check_optimizer(optimizer)
     if len(set(map(id, optimizer_list))) != len(optimizer_list):
         raise RuntimeError("A given optimizer should only be passed through amp.initialize once.")
 
@@ -215,7 +215,7 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
             model_casting.add_cast_hooks(model, None, cast_model_outputs, device_type)
 
     for optimizer in optimizer_list:
-        master_weights.patch_optimizer(optimizer, bool(props.master_weights))
+        patched_optimizer.patch_optimizer(optimizer, bool(props.master_weights))
 
     loss_scalers = []
     for loss_id in range(num_losses):

@@ -11,7 +11,7 @@ from typing import Any, Iterator, List, Union
 
 import torch
 
-from .master_weights import _stash_and_clear, _unscale_with_stash
+from .model_gradients import set_aside, unscale_and_add_back
 from .o1_autocast import O1Scope
 from .scaler import LossScaler
 from . import process_state
@@ -116,11 +116,11 @@ class OptimWrapper:
             raise RuntimeError("Too many loss calls: wrap_optimizer was given num_loss={}.".format(self._num_loss))
         scaler = self._loss_scaler[self._loss_idx]
         params = self._params()
-        stashed = _stash_and_clear(params)
+        stashed = set_aside(params)
         with self._amp_handle._disable_casts():
             yield loss.float() * scaler.loss_scale()
         scaler.clear_overflow_state()
-        _unscale_with_stash(scaler, params, stashed)
+        unscale_and_add_back(scaler, params, stashed)
         self._skip_next[self._loss_idx] = scaler.update_scale()
         self._loss_idx += 1
         torch.clear_autocast_cache()
