@@ -18,8 +18,8 @@ import torch
 
 from . import _torch_compat
 
-from .optimizers import _functional
-from .optimizers._tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
+from ._multi_tensor import update_rules
+from ._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
                                        stack_scalars)
 
 TensorLists = Sequence[Sequence[torch.Tensor]]
@@ -229,7 +229,7 @@ def multi_tensor_adam(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
     bc1, bc2 = _bias_corrections(bias_correction, beta1, beta2, step)
     for indices in group_indices(params).values():
         p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
-        _functional.adam_(p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1,
+        update_rules.adam_(p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1,
                           beta2=beta2, eps=epsilon, weight_decay=weight_decay, adam_w_mode=mode == 1,
                           bias_correction1=bc1, bias_correction2=bc2)
         for work in (p, m, v):
@@ -255,7 +255,7 @@ def multi_tensor_sgd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Ten
             g = _torch_compat.foreach_mul(g, _as_c_float(scale))
         p = Fp32Work(pick(params, indices))
         m = Fp32Work(pick(buffers, indices) if momentum != 0 else [])
-        _functional.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
+        update_rules.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, wd_after_momentum=wd_after_momentum, first_run=first_run)
         p.write_back()
         m.write_back()
@@ -270,7 +270,7 @@ def multi_tensor_adagrad(chunk_size: int, noop_flag: torch.Tensor, tensor_lists:
     grads, params, sums = _check_lists(tensor_lists, (3,))
     for indices in group_indices(params).values():
         p, h = Fp32Work(pick(params, indices)), Fp32Work(pick(sums, indices))
-        _functional.adagrad_(p.values, as_fp32(pick(grads, indices)), h.values, lr=lr, eps=epsilon,
+        update_rules.adagrad_(p.values, as_fp32(pick(grads, indices)), h.values, lr=lr, eps=epsilon,
                              weight_decay=weight_decay, adagrad_w_mode=mode == 1)
         p.write_back()
         h.write_back()
@@ -291,7 +291,7 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
     clip_divisor = torch.where(norm > max_grad_norm, norm / max_grad_norm, torch.ones_like(norm))
     for indices in group_indices(params).values():
         p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
-        update = _functional.lamb_(
+        update = update_rules.lamb_(
             p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1, beta2=beta2,
             beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,
             adam_w_mode=mode == 1, bias_correction1=bc1, bias_correction2=bc2, grad_clip_divisor=clip_divisor,
@@ -313,13 +313,13 @@ def multi_tensor_novograd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists
     if bias_correction == 1:
         bc1, bc2 = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
     current = _per_tensor_norms(grads, grad_norms.device, math.inf if norm_type == 0 else 2)
-    blended = _functional.blend_grad_norms(grad_norms.float(), current, beta2, 0 if norm_type == 0 else 2)
+    blended = update_rules.blend_grad_norms(grad_norms.float(), current, beta2, 0 if norm_type == 0 else 2)
     grad_norms.copy_(blended)
     per_tensor = blended.unbind()
     for indices in group_indices(params).values():
         device = params[indices[0]].device
         p, m = Fp32Work(pick(params, indices)), Fp32Work(pick(exp_avgs, indices))
-        _functional.novograd_(
+        update_rules.novograd_(
             p.values, as_fp32(pick(grads, indices)), m.values,
             stack_scalars(pick(per_tensor, indices), device), lr=lr, beta1=beta1,
             beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,

@@ -20,6 +20,12 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ampcompat"
 ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 
+# Apex's neighbour packages (each at Apex's path). None imports another; they share the helpers below them.
+INDEPENDENT_NEIGHBOURS: Tuple[str, ...] = (
+    "ampcompat.amp_C", "ampcompat.apex_C", "ampcompat.multi_tensor_apply", "ampcompat.optimizers",
+    "ampcompat.normalization", "ampcompat.parallel", "ampcompat.fp16_utils", "ampcompat.mlp", "ampcompat.fused_dense",
+    "ampcompat.RNN", "ampcompat.pyprof", "ampcompat.reparameterization", "ampcompat.transformer")
+
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("foundation", ("ampcompat._version", "ampcompat._torch_compat", "ampcompat.amp.process_state")),
@@ -31,7 +37,10 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("per-backward and old API", ("ampcompat.amp.scaled_backward", "ampcompat.amp.legacy_handle")),
     ("initialize", ("ampcompat.amp.initialization",)),
     ("apex.amp surface", ("ampcompat.amp",)),
-    ("Apex's neighbours", ("ampcompat",)),  # every other module outside amp/ and tools/
+    ("neighbours' shared helpers", ("ampcompat._not_provided", "ampcompat._autocast_utils", "ampcompat._multi_tensor")),
+    ("Apex's neighbours", INDEPENDENT_NEIGHBOURS),  # mutually independent: none imports another
+    ("contrib", ("ampcompat.contrib",)),  # apex.contrib builds on the neighbours (its optimizers on optimizers)
+    ("unplaced", ("ampcompat",)),  # catches a new top-level module: test_every_neighbour_has_a_layer refuses it
     ("tools", ("ampcompat.tools",)),
     ("entry points", ("ampcompat.__init__", "ampcompat.__main__")),
 ]
@@ -163,6 +172,24 @@ def test_every_import_goes_down_the_layers():
               for importer, targets in import_graph().items() for target in targets
               if layer_of(target) > layer_of(importer)]
     assert upward == [], "\n".join(f"{a} ({LAYERS[la][0]}) imports {b} ({LAYERS[lb][0]})" for a, la, b, lb in upward)
+
+
+def test_every_neighbour_has_a_layer():
+    # A new package beside amp/ and tools/ must be placed in LAYERS (and so in the neighbours' order).
+    unplaced = [name for name in MODULES if LAYERS[layer_of(name)][0] == "unplaced"]
+    assert unplaced == []
+
+
+def _package_of(module: str, prefixes: Tuple[str, ...]) -> str:
+    return next(p for p in prefixes if module == p or module.startswith(p + "."))
+
+
+def test_apexs_neighbours_are_mutually_independent():
+    graph = import_graph()
+    crossing = sorted((importer, target) for importer, targets in graph.items() for target in targets
+                      if LAYERS[layer_of(importer)][0] == LAYERS[layer_of(target)][0] == "Apex's neighbours"
+                      and _package_of(importer, INDEPENDENT_NEIGHBOURS) != _package_of(target, INDEPENDENT_NEIGHBOURS))
+    assert crossing == [], "\n".join("{} imports {}".format(a, b) for a, b in crossing)
 
 
 def test_every_amp_core_module_has_a_layer_of_its_own():
@@ -361,3 +388,88 @@ def amp_state_writes(path: Path) -> List[str]:
 def test_only_the_state_owner_writes_the_process_state():
     writes = [w for name, path in sorted(MODULES.items()) if name != STATE_OWNER for w in amp_state_writes(path)]
     assert writes == [], "go through ampcompat.amp.process_state's functions:\n" + "\n".join(writes)
+
+
+# --- underscored names stay private to the module (or package) that defines them --------------------
+
+# (importer prefix, imported name) -> why the import is allowed. "*" matches every importer.
+PRIVATE_IMPORTS_ALLOWED: Dict[Tuple[str, str], str] = {
+    ("*", "ampcompat.amp.process_state._amp_state"):
+        "Apex's name for the process-wide state object; legacy code imports it by this name, so it is the "
+        "object's only name",
+    ("ampcompat.amp", "ampcompat.amp._amp_state._amp_state"):
+        "Apex's apex.amp._amp_state path re-exported by the apex.amp surface",
+    ("ampcompat.contrib.optimizers", "ampcompat.optimizers._fused_fp16_optimizer"):
+        "apex.contrib.optimizers.FP16_Optimizer is apex.optimizers.FP16_Optimizer at another Apex path: one "
+        "implementation, whose base class belongs to neither public surface",
+    ("ampcompat.contrib.optimizers", "ampcompat.optimizers._legacy_adam"):
+        "contrib's FusedSGD takes Apex's legacy per-group step arguments exactly as the optimizers' FusedAdam "
+        "does: one parser of them, not an Apex name",
+}
+
+
+def _owner_allows(importer: str, owner: str) -> bool:
+    return importer == owner or importer.startswith(owner + ".")
+
+
+def private_imports(name: str, path: Path) -> List[str]:
+    """``importer: dotted.name`` for every underscored ampcompat name ``name`` imports from outside its owner.
+
+    ``pkg._mod`` is private to ``pkg`` (any module inside ``pkg`` may import it); ``mod._name`` (a function,
+    class or variable) is private to ``mod``. Dunder names are public. Uses of an underscored attribute of an
+    imported ampcompat module (``mod._helper``) count as imports.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    imported: List[Tuple[int, str]] = []
+    modules_bound: Dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(node, name)
+            if not (target == "ampcompat" or target.startswith("ampcompat.")):
+                continue
+            for alias in node.names:
+                full = target + "." + alias.name
+                imported.append((node.lineno, full))
+                if full in MODULES:
+                    modules_bound[alias.asname or alias.name] = full
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("ampcompat."):
+                    imported.append((node.lineno, alias.name))
+                    if alias.asname:
+                        modules_bound[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules_bound:
+            imported.append((node.lineno, modules_bound[node.value.id] + "." + node.attr))
+    refused = []
+    for line, full in imported:
+        parts = full.split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            if not _is_private(part):
+                continue
+            prefix = ".".join(parts[:i])
+            owner = prefix if _is_package(prefix) or prefix == "ampcompat" else prefix
+            if _owner_allows(name, owner):
+                continue
+            if any(key == ".".join(parts[:i + 1]) and (who == "*" or _owner_allows(name, who))
+                   for who, key in PRIVATE_IMPORTS_ALLOWED):
+                continue
+            refused.append("{}:{}: {}".format(name, line, ".".join(parts[:i + 1])))
+            break
+    return sorted(set(refused))
+
+
+def test_the_private_import_scan_refuses_a_planted_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from ampcompat.amp.scaler import _SMALLEST_SCALE\nfrom ampcompat.optimizers import _base\n"
+                       "from ampcompat import _torch_compat\nfrom ampcompat.amp import model_casting\n"
+                       "model_casting._cast_arg\nfrom ampcompat.amp.process_state import _amp_state\n")
+    found = [entry.split(": ", 1)[1] for entry in private_imports("ampcompat.elsewhere", planted)]
+    assert found == ["ampcompat.amp.scaler._SMALLEST_SCALE", "ampcompat.optimizers._base",
+                     "ampcompat.amp.model_casting._cast_arg"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    refused = [entry for name, path in sorted(MODULES.items()) for entry in private_imports(name, path)]
+    assert refused == [], "make the name public, or list it in PRIVATE_IMPORTS_ALLOWED with the reason:\n" + \
+        "\n".join(refused)

@@ -146,7 +146,8 @@ def _cast_collection(value: Any, cast: _Cast) -> Any:
 
 # --- parameter casting ------------------------------------------------------------------------------
 
-def _is_kept_fp32(module: torch.nn.Module) -> bool:
+def is_kept_fp32(module: torch.nn.Module) -> bool:
+    """Apex's ``keep_batchnorm_fp32`` rule: an affine batch norm (any ``_BatchNorm`` subclass) stays FP32."""
     return isinstance(module, _torch_compat.BatchNormBase) and module.affine is True
 
 
@@ -176,7 +177,7 @@ def convert_network(network: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
         ``network`` itself.
     """
     for module in network.modules():
-        if _is_kept_fp32(module):
+        if is_kept_fp32(module):
             continue
         convert_module(module, dtype)
         if isinstance(module, torch.nn.RNNBase):

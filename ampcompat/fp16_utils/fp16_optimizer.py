@@ -63,7 +63,7 @@ _SCALER_FIELDS = {
 
 def _amp_maybe_print(msg: str) -> None:
     """Print through amp's verbosity switch, as Apex's step() did."""
-    from ampcompat.amp._amp_state import maybe_print
+    from ampcompat.amp.process_state import maybe_print
 
     maybe_print(msg)
 

@@ -20,8 +20,7 @@ import torch.nn as nn
 
 from .. import _torch_compat
 
-from ..amp.model_casting import _is_kept_fp32 as _is_fp32_batchnorm
-from ..amp.model_casting import convert_module, convert_network
+from ..amp.model_casting import convert_module, convert_network, is_kept_fp32
 
 __all__ = [
     "tofp16",
@@ -62,7 +61,7 @@ def BN_convert_float(module: nn.Module) -> nn.Module:
         ``module`` itself.
     """
     for m in module.modules():
-        if _is_fp32_batchnorm(m):
+        if is_kept_fp32(m):
             m.float()
     return module
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ._tensor_lists import LOW_PRECISION
+from .._multi_tensor.tensor_lists import LOW_PRECISION
 
 
 class FusedOptimizerBase(torch.optim.Optimizer):

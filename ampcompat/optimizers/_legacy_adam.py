@@ -28,7 +28,7 @@ import torch
 from .. import _torch_compat
 
 from ._base import step_tensor
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
+from .._multi_tensor.tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
 
 __all__ = ["legacy_adam_step", "per_group"]
 

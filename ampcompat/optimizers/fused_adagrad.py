@@ -7,9 +7,10 @@ import torch
 
 from .. import _torch_compat
 
-from . import _functional, _native
+from . import _native
+from .._multi_tensor import update_rules
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
-from ._tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick
+from .._multi_tensor.tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick
 
 
 class FusedAdagrad(FusedOptimizerBase):
@@ -71,7 +72,7 @@ class FusedAdagrad(FusedOptimizerBase):
             members = pick(params, indices)
             weights = Fp32Work(members)
             sums = Fp32Work([s["sum"] for s in pick(states, indices)])
-            _functional.adagrad_(weights.values, Fp32Work([p.grad for p in members]).values, sums.values,
+            update_rules.adagrad_(weights.values, Fp32Work([p.grad for p in members]).values, sums.values,
                                  lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
                                  adagrad_w_mode=True)
             weights.write_back()

@@ -7,10 +7,11 @@ import torch
 
 from .. import _torch_compat
 
-from . import _functional, _native
+from . import _native
+from .._multi_tensor import update_rules
 from ._legacy_adam import legacy_adam_step
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
-from ._tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
+from .._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
                             group_indices, pick)
 
 
@@ -190,7 +191,7 @@ class FusedAdam(FusedOptimizerBase):
             bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
         else:
             bc1 = bc2 = 1.0
-        _functional.adam_(weights.values, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        update_rules.adam_(weights.values, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"], adam_w_mode=bool(self.adam_w_mode),
                           bias_correction1=bc1, bias_correction2=bc2)

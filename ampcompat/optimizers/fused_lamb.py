@@ -7,9 +7,9 @@ import torch
 
 from .. import _torch_compat
 
-from . import _functional
+from .._multi_tensor import update_rules
 from ._base import FusedOptimizerBase
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
+from .._multi_tensor.tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
 
 
 class FusedLAMB(FusedOptimizerBase):
@@ -18,7 +18,7 @@ class FusedLAMB(FusedOptimizerBase):
     Per step: the L2 norm of *all* gradients (every group) is computed; gradients are divided by
     ``norm / max_grad_norm`` when the norm exceeds ``max_grad_norm`` (the constructor's value, as in
     Apex); then per group the Adam-style update ``u`` and ``p -= lr * (||p|| / ||u||) * u`` for tensors
-    with nonzero weight decay (all tensors with ``use_nvlamb``). See :func:`._functional.lamb_`.
+    with nonzero weight decay (all tensors with ``use_nvlamb``). See :func:`ampcompat._multi_tensor.update_rules.lamb_`.
 
     State is Apex's format: ``step`` per param group, ``exp_avg``/``exp_avg_sq`` per parameter (kept in
     FP32 for FP16/BF16 parameters; Apex kept them in the parameter's dtype but did the math in FP32).
@@ -75,7 +75,7 @@ class FusedLAMB(FusedOptimizerBase):
             members = pick(params, indices)
             states = [self._init_state(p) for p in members]
             weights = Fp32Work(members)
-            _functional.lamb_(
+            update_rules.lamb_(
                 weights.values, Fp32Work([p.grad for p in members]).values,
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, beta3=1 - beta1 if group["grad_averaging"] else 1.0,

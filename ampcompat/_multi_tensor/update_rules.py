@@ -1,7 +1,7 @@
 """Apex's fused-optimizer update rules, written with ``torch._foreach_*`` (a few launches per list).
 
 Each function updates one list of parameters (one device, FP32 or FP64: callers upcast half tensors
-with :class:`~ampcompat.optimizers._tensor_lists.Fp32Work`) and its state in place, following the
+with :class:`~ampcompat._multi_tensor.tensor_lists.Fp32Work`) and its state in place, following the
 arithmetic of Apex's ``csrc/multi_tensor_{adam,sgd,adagrad,lamb,novograd}*.cu`` kernels. Gradients are
 never modified (where a rule needs a modified gradient it works on a new list).
 """
@@ -13,7 +13,7 @@ import torch
 
 from .. import _torch_compat
 
-from ._tensor_lists import stack_scalars
+from .tensor_lists import stack_scalars
 
 Tensors = Sequence[torch.Tensor]
 
