@@ -473,3 +473,12 @@ def test_no_module_imports_another_modules_private_names():
     refused = [entry for name, path in sorted(MODULES.items()) for entry in private_imports(name, path)]
     assert refused == [], "make the name public, or list it in PRIVATE_IMPORTS_ALLOWED with the reason:\n" + \
         "\n".join(refused)
+
+
+def test_architecture_doc_lists_every_lifecycle_state_in_its_table():
+    from ampcompat.amp.optimizer_lifecycle import OptState
+
+    text = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    section = text.split("## The optimizer lifecycle", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \|", section, re.M)
+    assert rows == [state.name for state in OptState]
