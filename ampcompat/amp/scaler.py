@@ -25,12 +25,13 @@ reads back as its float32 value.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _torch_compat
+from .._multi_tensor.tensor_lists import group_indices, pick
 
 _BELOW_ONE_ADVICE = (
     "ampcompat: the dynamic loss scale of loss scaler {} fell below 1 ({}). Gradients overflow even "
@@ -43,15 +44,6 @@ _BELOW_ONE_ADVICE = (
 _SMALLEST_SCALE = torch.finfo(torch.float32).tiny
 #: A static scale's growth window: never reached, so its clean-pass count grows for ever (as Apex's).
 _NEVER = 2 ** 31 - 1
-
-
-def group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype],
-                                                                         List[torch.Tensor]]:
-    """``tensors`` bucketed by ``(device, dtype)``, in first-seen order: one fused launch per bucket."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[(t.device, t.dtype)].append(t)
-    return groups
 
 
 def dense_values(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -89,7 +81,8 @@ def any_non_finite(tensors: Iterable[torch.Tensor]) -> bool:
     per (device, dtype), one host read."""
     values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     flags = []
-    for (device, _), group in group_by_device_and_dtype(values).items():
+    for (device, _), indices in group_indices(values).items():
+        group = pick(values, indices)
         flag = torch.zeros(1, dtype=torch.float32, device=device)
         check_and_scale_(group, flag, torch.ones(1, dtype=torch.float32, device=device))
         flags.append(flag)
@@ -373,7 +366,8 @@ class LossScaler:
             scale: the scale the gradients carry; defaults to the current scale.
         """
         if grads:
-            self.unscale_groups_(list(group_by_device_and_dtype(dense_values(grads)).values()), scale)
+            values = dense_values(grads)
+            self.unscale_groups_([pick(values, indices) for indices in group_indices(values).values()], scale)
 
     def unscale_groups_(self, groups: Sequence[List[torch.Tensor]], scale: Optional[float] = None) -> None:
         """:meth:`unscale_` for dense gradients already grouped by (device, dtype): one launch per group.
