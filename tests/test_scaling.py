@@ -113,7 +113,7 @@ PATTERN = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_one_policy_serves_both_paths_and_follows_apexs_rules(monkeypatch, dynamic):
+def test_one_policy_serves_both_paths_and_follows_apexs_rules(monkeypatch, dynamic, device):
     """Every scale change goes through LossScaler._update_scale_policy, from the host path (update_scale,
     one read) and from the device path (update_scale_on_device, read back later); both give Apex's
     sequence, and the same one."""
@@ -127,19 +127,22 @@ def test_one_policy_serves_both_paths_and_follows_apexs_rules(monkeypatch, dynam
     monkeypatch.setattr(LossScaler, "_update_scale_policy", spy)
     kwargs = dict(scale_window=3, min_loss_scale=2.0 ** 14, max_loss_scale=2.0 ** 17)
     host = LossScaler("dynamic" if dynamic else 2.0 ** 16, **kwargs)
-    device = LossScaler("dynamic" if dynamic else 2.0 ** 16, **kwargs)
+    deferred = LossScaler("dynamic" if dynamic else 2.0 ** 16, **kwargs)
+    for scaler in (host, deferred):
+        scaler.bind_device(device)
+        assert scaler._scale_t.device.type == device  # the authority lives with the gradients
     expected = (2.0 ** 16, 0)
     for overflowed in PATTERN:
         expected = _apex_rules(*expected, overflowed, dynamic=dynamic, floor=2.0 ** 14, ceiling=2.0 ** 17)
-        for scaler in (host, device):
+        for scaler in (host, deferred):
             scaler.clear_overflow_state()
-            scaler.unscale_([torch.tensor([float("inf") if overflowed else 1.0])])
+            scaler.unscale_([torch.tensor([float("inf") if overflowed else 1.0], device=device)])
         assert host.update_scale() is bool(overflowed)
-        device.update_scale_on_device()
-        device.resolve()
+        deferred.update_scale_on_device()
+        deferred.resolve()
         assert (host.loss_scale(), host._unskipped) == expected
-        assert (device.loss_scale(), device._unskipped) == expected  # the device/host agreement check
-    assert calls == [host, device] * len(PATTERN)
+        assert (deferred.loss_scale(), deferred._unskipped) == expected  # the device/host agreement check
+    assert calls == [host, deferred] * len(PATTERN)
 
 
 def test_scale_below_one_warns_once():
