@@ -7,7 +7,7 @@ grouping is pure bookkeeping, and up/down casts are one ``torch._foreach_copy_``
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,13 +16,15 @@ from .. import _torch_compat
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def group_indices(items: Sequence[Any],
-                  key: Callable[[Any], Hashable] = lambda t: (t.device, t.dtype),
-                  ) -> Dict[Hashable, List[int]]:
+def group_indices(items: Sequence[Any], key: Optional[Callable[[Any], Hashable]] = None) -> Dict[Hashable, List[int]]:
     """Indices of ``items`` bucketed by ``key`` (by default a tensor's ``(device, dtype)``), first-seen order."""
     groups: Dict[Hashable, List[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        groups[key(item)].append(index)
+    if key is None:  # the default inline: no Python call per tensor (this runs on amp's unscale path)
+        for index, item in enumerate(items):
+            groups[(item.device, item.dtype)].append(index)
+    else:
+        for index, item in enumerate(items):
+            groups[key(item)].append(index)
     return dict(groups)
 
 

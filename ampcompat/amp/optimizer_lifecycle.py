@@ -7,7 +7,7 @@ after a skipped one is refused, a nested block is refused. :data:`TRANSITIONS` l
 holds the state and, in :meth:`~OptimizerLifecycle.enter`, :meth:`~OptimizerLifecycle.exit`,
 :meth:`~OptimizerLifecycle.abort` and :meth:`~OptimizerLifecycle.step`, looks each move up in the table
 and performs its effects. Every effect of leaving a block with an overflow is in
-:meth:`~OptimizerLifecycle._exit_with_overflow`.
+:meth:`~OptimizerLifecycle.exit_with_overflow`.
 
 How gradients reach the optimizer's update is a strategy, given by the subclass: ``model_gradients``
 unscales the model's own gradients in place (O0/O1/O3/O4), ``master_weights`` materialises FP32 master
@@ -271,15 +271,15 @@ class OptimizerLifecycle:
             loss_id: the loss the block scaled (named in an overflow's skip message).
             record: for ``EXIT_ON_DEVICE``, the scale update whose flag the next fused step skips on.
         """
+        if event is E.EXIT_OVERFLOW:
+            self.exit_with_overflow(loss_id)
+            return
         before = self._state
         try:
             after = TRANSITIONS[before, event]
         except KeyError:
             after = next_state(before, event)
         self._in_block = False
-        if event is E.EXIT_OVERFLOW:
-            self._exit_with_overflow(loss_id, after)
-            return
         if event is E.EXIT_ON_DEVICE and after is S.OVERFLOW_ON_DEVICE:
             if before is S.OVERFLOW_ON_DEVICE:
                 # Either pass's overflow skips the step. torch's fused kernels skip only where found_inf is
@@ -292,13 +292,19 @@ class OptimizerLifecycle:
             self._deferred_records = []  # the flag has no use in the new state
         self._state = after
 
-    def _exit_with_overflow(self, loss_id: int, after: OptState) -> None:
-        """Every effect of leaving a block with an overflow the host saw (the scaler already backed off):
-        the next ``step()`` is skipped (``after`` is SKIP_PENDING) and its message names this loss, unless
+    def exit_with_overflow(self, loss_id: int) -> None:
+        """EXIT_OVERFLOW: every effect of leaving a block with an overflow the host saw (the scaler already
+        backed off). The next ``step()`` is skipped (SKIP_PENDING) and its message names this loss, unless
         an earlier block's overflow is already pending (the first one is named); an on-device flag left
         by an earlier block is dropped, the host's skip covers it. The overflowed master gradients are
         dropped when the skipped step is taken (:meth:`_after_skip`), as in Apex."""
-        if self._state is not S.SKIP_PENDING:
+        before = self._state
+        try:
+            after = TRANSITIONS[before, E.EXIT_OVERFLOW]
+        except KeyError:
+            after = next_state(before, E.EXIT_OVERFLOW)
+        self._in_block = False
+        if before is not S.SKIP_PENDING:
             self._skip_loss_id = loss_id
         self._deferred_records = []
         self._state = after

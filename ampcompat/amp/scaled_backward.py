@@ -170,9 +170,13 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
                 event = Event.EXIT_ON_DEVICE
             else:
                 event = Event.EXIT_OVERFLOW if scaler.update_scale() else Event.EXIT_CLEAN
-        if event is not Event.EXIT_OVERFLOW and not produced:
-            event = Event.EXIT_NO_GRADS
         loss_id = self._loss_id
+        if event is Event.EXIT_OVERFLOW:
+            for optimizer in optimizers:
+                optimizer._amp_stash.exit_with_overflow(loss_id)
+            return
+        if not produced:
+            event = Event.EXIT_NO_GRADS
         for optimizer in optimizers:
             optimizer._amp_stash.exit(event, loss_id, record)
         if record is not None:
