@@ -73,9 +73,10 @@ def _class_method(optimizer: Any, name: str) -> Any:
 
 
 def _amp_add_param_group(self: Any, param_group: Dict[str, Any]) -> None:
+    if not isinstance(param_group, dict):
+        raise AssertionError("param group must be a dict")  # Apex's type and words; kept under python -O
     lifecycle: OptimizerLifecycle = self._amp_stash
     lifecycle._lazy_init()
-    assert isinstance(param_group, dict), "param group must be a dict"
     params = param_group["params"]
     if isinstance(params, torch.Tensor):
         params = [params]

@@ -31,6 +31,13 @@ _NOT_INITIALIZED = (
 )
 
 
+_NO_OPTIMIZERS = (
+    "amp.scale_loss(loss, optimizers) got optimizers=None: pass the optimizer (or the list of optimizers) "
+    "that amp.initialize returned, as in `with amp.scale_loss(loss, optimizer) as scaled_loss:`; if "
+    "amp.initialize was called without optimizers, pass them to it first."
+)
+
+
 def _check_loss(loss: Any) -> None:
     if not (isinstance(loss, torch.Tensor) and loss.is_floating_point()):
         got = "a tensor of dtype {}".format(loss.dtype) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -64,6 +71,8 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
 
     Raises:
         RuntimeError: on entering, if ``amp.initialize`` was never called.
+        TypeError: on entering, for a loss that is not a floating-point tensor, or ``optimizers=None``
+            where the loss is scaled.
     """
 
     def __init__(self, loss: torch.Tensor, optimizers: Any, loss_id: int = 0,
@@ -98,6 +107,8 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
         if not props.options["master_weights"] and not scaler.dynamic and scaler.loss_scale() == 1.0:
             self._kind = _UNSCALED
         else:
+            if optimizers is None:
+                raise TypeError(_NO_OPTIMIZERS)
             self._kind = _SCALED
             set_aside = not self._delay_unscale and isinstance(optimizers, list)
             if several:  # all are checked before any is changed: a refusal leaves them as they were
