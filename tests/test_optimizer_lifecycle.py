@@ -260,3 +260,29 @@ def test_the_per_optimizer_state_is_the_fields_init_declares(level):
     opt.load_state_dict(opt.state_dict())
     assert list(vars(stash)) == declared
     assert stash.lazy_init_called and stash.unscale_paths["fast"] + stash.unscale_paths["general"] == 3
+
+
+def test_a_strategy_that_updates_itself_runs_between_the_same_effects():
+    """The slot a fused O2 step fills: _own_update replaces the optimizer's own step; skipping, O1's casts,
+    the masters' copy back and the state moves stay the lifecycle's."""
+    from ampcompat.amp.master_weights import MasterWeights
+
+    calls = []
+
+    class OwnUpdate(MasterWeights):
+        def _own_update(self, closure):
+            calls.append(closure)
+            return "updated"
+
+    model = make_mlp(d_hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp.initialize(model, opt, opt_level="O2", verbosity=0)
+    opt._amp_stash.__class__ = OwnUpdate
+    _block(model, opt)  # SGD: checked on the host
+    masters = [m.detach().clone() for m in opt._amp_stash.all_fp32_from_fp16_params]
+    assert opt.step() == "updated" and calls == [None]
+    assert opt._amp_stash.state is S.STEPPED  # the table's move
+    assert all(torch.equal(a, b) for a, b in zip(masters, opt._amp_stash.all_fp32_from_fp16_params))  # SGD did not run
+    assert all(m.grad is None for m in opt._amp_stash.all_fp32_from_fp16_params)  # the after-step effect ran
+    _block(model, opt, inf=True)
+    assert opt.step() is None and calls == [None]  # a skip never reaches the update

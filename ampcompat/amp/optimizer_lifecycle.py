@@ -183,6 +183,10 @@ class OptimizerLifecycle:
 
     #: Whether the optimizer steps FP32 master weights in place of the model's half parameters (O2/O5).
     HOLDS_MASTERS = False
+    #: A strategy that performs the update itself (a fused O2 kernel, say) defines this as a method
+    #: ``(closure) -> step's return value``; ``step`` then calls it in place of the optimizer's own ``step``,
+    #: between the same effects. None: the optimizer's own step runs (a class attribute: no call to ask).
+    _own_update: Optional[Any] = None
 
     def __init__(self, optimizer: Any) -> None:
         self._optimizer = optimizer
@@ -348,8 +352,10 @@ class OptimizerLifecycle:
         if casts_device is not None:
             casts_were_on = casts_off(casts_device)
         try:
-            original = self._original_step
-            if original is None:
+            own_update, original = self._own_update, self._original_step
+            if own_update is not None:
+                retval = own_update(closure)
+            elif original is None:
                 retval = type(optimizer).step(optimizer) if closure is None else type(optimizer).step(optimizer, closure)
             else:
                 retval = original() if closure is None else original(closure)
