@@ -24,33 +24,15 @@ _SUBMODULES = ("amp", "fp16_utils", "parallel", "optimizers", "normalization", "
                "apex_C", "contrib", "mlp", "fused_dense", "reparameterization")
 # Public functions defined further down the package: name -> the module that defines it.
 _FUNCTIONS = {"amp_state_to_grad_scaler": ".amp.scaler", "grad_scaler_to_amp_state": ".amp.scaler"}
-_STATE_ATTRIBUTES = ("opt_properties", "loss_scalers", "handle", "min_loss_scale", "max_loss_scale")
-
-
 def reset() -> None:
     """Forget every ``amp.initialize``: undo O1's autocast and patched functions, drop scalers and options.
 
     Models and optimizers already patched keep their casts and master weights; this resets the global
-    state so a new ``initialize`` (or a test) starts clean.
+    state so a new ``initialize`` (or a test) starts clean. (See ``ampcompat.amp.process_state.reset``.)
     """
-    import torch
+    from .amp import process_state
 
-    from .amp import o1_autocast
-    from .amp.process_state import _amp_state
-
-    handle = getattr(_amp_state, "handle", None)
-    if handle is not None:
-        handle._deactivate()
-    for name in _STATE_ATTRIBUTES:
-        _amp_state.__dict__.pop(name, None)
-    _amp_state.hard_override = False
-    _amp_state.allow_incoming_model_not_fp32 = False
-    _amp_state.verbosity = 1
-    o1_autocast.clear_registry()
-    for device_type in ("cpu", "cuda"):
-        torch.set_autocast_enabled(device_type, False)
-    torch.set_autocast_cache_enabled(True)
-    torch.clear_autocast_cache()
+    process_state.reset()
 
 
 def install_apex_alias() -> None:

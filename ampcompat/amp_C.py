@@ -18,8 +18,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .optimizers import _functional, lamb_math
-from .optimizers._tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
+from . import _torch_compat
+
+from ._multi_tensor import lamb_math, update_rules
+from ._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
                                        stack_scalars)
 
 TensorLists = Sequence[Sequence[torch.Tensor]]
@@ -56,7 +58,7 @@ def _as_c_float(value: float) -> float:
 def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One-element bool tensor: does any of ``tensors`` (one device) hold inf or NaN? Reads only."""
     device = tensors[0].device
-    max_abs = stack_scalars(torch._foreach_norm(list(tensors), math.inf), device)
+    max_abs = stack_scalars(_torch_compat.foreach_norm(list(tensors), math.inf), device)
     return ~torch.isfinite(max_abs).all()
 
 
@@ -81,7 +83,7 @@ def _per_tensor_norms(tensors: Sequence[torch.Tensor], device: torch.device, ord
         members = pick(tensors, indices)
         accumulate = _accumulation_dtype(members[0])
         extra = {"dtype": accumulate} if accumulate is not None else {}
-        for i, norm in zip(indices, torch._foreach_norm(members, order, **extra)):
+        for i, norm in zip(indices, _torch_compat.foreach_norm(members, order, **extra)):
             ordered[i] = norm
     return stack_scalars(ordered, device)
 
@@ -100,17 +102,17 @@ def multi_tensor_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
         src, dst = pick(sources, indices), pick(destinations, indices)
         if src_dtype == dst_dtype and src_dtype != torch.bfloat16:  # no bf16 kernel for the check on CUDA
             if any(s is not d for s, d in zip(src, dst)):
-                torch._foreach_copy_(dst, src)
+                _torch_compat.foreach_copy_(dst, src)
             work = dst
         else:
             work_dtype = torch.float64 if torch.float64 in (src_dtype, dst_dtype) else torch.float32
             work = [torch.empty_like(s, dtype=work_dtype) for s in src]
-            torch._foreach_copy_(work, src)
+            _torch_compat.foreach_copy_(work, src)
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         factor = torch.full((1,), scale, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
+        _torch_compat.amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
         if work is not dst:
-            torch._foreach_copy_(dst, work)
+            _torch_compat.foreach_copy_(dst, work)
         flag_where(noop_flag, found_inf > 0)
 
 
@@ -129,9 +131,9 @@ def multi_tensor_axpby(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
         checked = {-1: x + y, 0: x, 1: y}.get(arg_to_check, [])
         if checked:
             flag_where(noop_flag, _non_finite(checked))
-        result = torch._foreach_mul(as_fp32(x), a)
-        torch._foreach_add_(result, as_fp32(y), alpha=b)
-        torch._foreach_copy_(out, result)
+        result = _torch_compat.foreach_mul(as_fp32(x), a)
+        _torch_compat.foreach_add_(result, as_fp32(y), alpha=b)
+        _torch_compat.foreach_copy_(out, result)
 
 
 def _norms_and_total(tensors: Sequence[torch.Tensor], per_tensor: Optional[bool],
@@ -194,7 +196,7 @@ def multi_tensor_l2norm_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_l
     flag_where(noop_flag, ~torch.isfinite(total))
     factor = _as_c_float(scale)
     for indices in group_indices(sources, key=lambda t: t.device).values():
-        torch._foreach_copy_(pick(destinations, indices), torch._foreach_mul(as_fp32(pick(sources, indices)), factor))
+        _torch_compat.foreach_copy_(pick(destinations, indices), _torch_compat.foreach_mul(as_fp32(pick(sources, indices)), factor))
     return total, per
 
 
@@ -250,7 +252,7 @@ def multi_tensor_adam(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
     bc1, bc2 = _bias_corrections(bias_correction, beta1, beta2, step)
     for indices in group_indices(params).values():
         p, m, v = (Fp32Work(pick(lst, indices)) for lst in (params, exp_avgs, exp_avg_sqs))
-        _functional.adam_(p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1,
+        update_rules.adam_(p.values, as_fp32(pick(grads, indices)), m.values, v.values, lr=lr, beta1=beta1,
                           beta2=beta2, eps=epsilon, weight_decay=weight_decay, adam_w_mode=mode == 1,
                           bias_correction1=bc1, bias_correction2=bc2)
         for work in (p, m, v):
@@ -273,15 +275,15 @@ def multi_tensor_sgd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Ten
     for indices in group_indices(params).values():
         g = as_fp32(pick(grads, indices))
         if scale != 1.0:
-            g = torch._foreach_mul(g, _as_c_float(scale))
+            g = _torch_compat.foreach_mul(g, _as_c_float(scale))
         p = Fp32Work(pick(params, indices))
         m = Fp32Work(pick(buffers, indices) if momentum != 0 else [])
-        _functional.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
+        update_rules.sgd_(p.values, g, m.values, lr=lr, weight_decay=wd, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, wd_after_momentum=wd_after_momentum, first_run=first_run)
         p.write_back()
         m.write_back()
         if len(lists) == 4:
-            torch._foreach_copy_(pick(lists[3], indices), p.values)
+            _torch_compat.foreach_copy_(pick(lists[3], indices), p.values)
 
 
 @torch.no_grad()
@@ -291,7 +293,7 @@ def multi_tensor_adagrad(chunk_size: int, noop_flag: torch.Tensor, tensor_lists:
     grads, params, sums = _check_lists(tensor_lists, (3,))
     for indices in group_indices(params).values():
         p, h = Fp32Work(pick(params, indices)), Fp32Work(pick(sums, indices))
-        _functional.adagrad_(p.values, as_fp32(pick(grads, indices)), h.values, lr=lr, eps=epsilon,
+        update_rules.adagrad_(p.values, as_fp32(pick(grads, indices)), h.values, lr=lr, eps=epsilon,
                              weight_decay=weight_decay, adagrad_w_mode=mode == 1)
         p.write_back()
         h.write_back()
@@ -319,7 +321,7 @@ def multi_tensor_lamb(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: Te
             use_nvlamb=bool(use_nvlamb))
         for work in (p, m, v):
             work.write_back()
-        torch._foreach_copy_(pick(grads, indices), update)
+        _torch_compat.foreach_copy_(pick(grads, indices), update)
 
 
 def _index(values: torch.Tensor, indices: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -387,7 +389,7 @@ def multi_tensor_lamb_mp(chunk_size: int, noop_flag: torch.Tensor, tensor_lists:
                                      update_norms=_index(update_norms, indices, device))
         members.write_back()
         if model_params is not None:
-            torch._foreach_copy_(pick(model_params, indices), members.values)
+            _torch_compat.foreach_copy_(pick(model_params, indices), members.values)
 
 
 @torch.no_grad()
@@ -422,7 +424,7 @@ def multi_tensor_lamb_stage1_cuda(chunk_size: int, noop_flag: torch.Tensor, tens
             grad_clip_divisor=lamb_math.clip_divisor(norm.to(device), _as_c_float(max_global_grad_norm)))
         moments.write_back()
         second_moments.write_back()
-        torch._foreach_copy_(pick(updates, indices), update)
+        _torch_compat.foreach_copy_(pick(updates, indices), update)
 
 
 @torch.no_grad()
@@ -458,13 +460,13 @@ def multi_tensor_novograd(chunk_size: int, noop_flag: torch.Tensor, tensor_lists
     if bias_correction == 1:
         bc1, bc2 = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
     current = _per_tensor_norms(grads, grad_norms.device, math.inf if norm_type == 0 else 2)
-    blended = _functional.blend_grad_norms(grad_norms.float(), current, beta2, 0 if norm_type == 0 else 2)
+    blended = update_rules.blend_grad_norms(grad_norms.float(), current, beta2, 0 if norm_type == 0 else 2)
     grad_norms.copy_(blended)
     per_tensor = blended.unbind()
     for indices in group_indices(params).values():
         device = params[indices[0]].device
         p, m = Fp32Work(pick(params, indices)), Fp32Work(pick(exp_avgs, indices))
-        _functional.novograd_(
+        update_rules.novograd_(
             p.values, as_fp32(pick(grads, indices)), m.values,
             stack_scalars(pick(per_tensor, indices), device), lr=lr, beta1=beta1,
             beta3=1 - beta1 if grad_averaging == 1 else 1.0, eps=epsilon, weight_decay=weight_decay,

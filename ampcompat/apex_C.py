@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from . import _torch_compat
 
 __all__ = ["flatten", "unflatten"]
 
@@ -41,7 +42,7 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         ValueError: if ``tensors`` is empty.
         TypeError: for a non-tensor element or mixed dtypes/devices.
     """
-    return _flatten_dense_tensors(_check_tensors(tensors, "flatten"))
+    return _torch_compat.flatten_dense_tensors(_check_tensors(tensors, "flatten"))
 
 
 def unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -64,4 +65,4 @@ def unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch
     needed = sum(t.numel() for t in tensors)
     if flat.numel() < needed:
         raise ValueError(f"apex_C.unflatten: the flat tensor has {flat.numel()} elements, the tensors need {needed}")
-    return list(_unflatten_dense_tensors(flat, tensors))
+    return list(_torch_compat.unflatten_dense_tensors(flat, tensors))

@@ -162,6 +162,9 @@ def test_ampcompat_never_creates_apex_without_the_alias():
                     importlib.import_module(info.name)
                 except ApexModuleNotProvided:  # a stub that refuses (apex.transformer, ...)
                     pass
+                except ModuleNotFoundError as exc:  # the fused O2 kernels need Triton, an optional dependency
+                    if exc.name != "triton":
+                        raise
         leaked = [n for n in sys.modules if n == "apex" or n.startswith("apex.") or n == "amp_C"]
         assert not leaked, leaked
         assert not [f for f in sys.meta_path if getattr(f, "_ampcompat_alias", False)], sys.meta_path

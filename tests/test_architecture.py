@@ -21,17 +21,29 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ampcompat"
 ARCHITECTURE_DOC = PACKAGE_DIR.parent / "docs" / "architecture.md"
 
+# Apex's neighbour packages (each at Apex's path). None imports another; they share the helpers below them.
+INDEPENDENT_NEIGHBOURS: Tuple[str, ...] = (
+    "ampcompat.amp_C", "ampcompat.apex_C", "ampcompat.multi_tensor_apply", "ampcompat.optimizers",
+    "ampcompat.normalization", "ampcompat.parallel", "ampcompat.fp16_utils", "ampcompat.mlp", "ampcompat.fused_dense",
+    "ampcompat.RNN", "ampcompat.pyprof", "ampcompat.reparameterization", "ampcompat.transformer")
+
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("foundation", ("ampcompat._version", "ampcompat.amp.verbosity", "ampcompat.amp.process_state")),
-    ("amp mechanisms", ("ampcompat.amp.option_validation", "ampcompat.amp.state_validation", "ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
-                        "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.optimizer_lifecycle",
-                        "ampcompat.amp.fused_o2")),
-    ("optimizer patching", ("ampcompat.amp.master_weights",)),
+    ("foundation", ("ampcompat._version", "ampcompat._torch_compat", "ampcompat._multi_tensor",
+                    "ampcompat.amp.verbosity", "ampcompat.amp.process_state")),
+    ("amp mechanisms", ("ampcompat.amp.option_validation", "ampcompat.amp.state_validation",
+                        "ampcompat.amp.opt_levels", "ampcompat.amp.scaler", "ampcompat.amp.model_casting",
+                        "ampcompat.amp.o1_autocast", "ampcompat.amp.o1_op_lists", "ampcompat.amp.fused_o2")),
+    ("optimizer lifecycle", ("ampcompat.amp.optimizer_lifecycle",)),
+    ("gradient strategies", ("ampcompat.amp.model_gradients", "ampcompat.amp.master_weights")),
+    ("optimizer patching", ("ampcompat.amp.patched_optimizer",)),
     ("per-backward and old API", ("ampcompat.amp.scaled_backward", "ampcompat.amp.legacy_handle")),
     ("initialize", ("ampcompat.amp.initialization",)),
     ("apex.amp surface", ("ampcompat.amp",)),
-    ("Apex's neighbours", ("ampcompat",)),  # every other module outside amp/ and tools/
+    ("neighbours' shared helpers", ("ampcompat._not_provided", "ampcompat._autocast_utils")),
+    ("Apex's neighbours", INDEPENDENT_NEIGHBOURS),  # mutually independent: none imports another
+    ("contrib", ("ampcompat.contrib",)),  # apex.contrib builds on the neighbours (its optimizers on optimizers)
+    ("unplaced", ("ampcompat",)),  # catches a new top-level module: test_every_neighbour_has_a_layer refuses it
     ("tools", ("ampcompat.tools",)),
     ("entry points", ("ampcompat.__init__", "ampcompat.__main__")),
 ]
@@ -165,6 +177,24 @@ def test_every_import_goes_down_the_layers():
     assert upward == [], "\n".join(f"{a} ({LAYERS[la][0]}) imports {b} ({LAYERS[lb][0]})" for a, la, b, lb in upward)
 
 
+def test_every_neighbour_has_a_layer():
+    # A new package beside amp/ and tools/ must be placed in LAYERS (and so in the neighbours' order).
+    unplaced = [name for name in MODULES if LAYERS[layer_of(name)][0] == "unplaced"]
+    assert unplaced == []
+
+
+def _package_of(module: str, prefixes: Tuple[str, ...]) -> str:
+    return next(p for p in prefixes if module == p or module.startswith(p + "."))
+
+
+def test_apexs_neighbours_are_mutually_independent():
+    graph = import_graph()
+    crossing = sorted((importer, target) for importer, targets in graph.items() for target in targets
+                      if LAYERS[layer_of(importer)][0] == LAYERS[layer_of(target)][0] == "Apex's neighbours"
+                      and _package_of(importer, INDEPENDENT_NEIGHBOURS) != _package_of(target, INDEPENDENT_NEIGHBOURS))
+    assert crossing == [], "\n".join("{} imports {}".format(a, b) for a, b in crossing)
+
+
 def test_every_amp_core_module_has_a_layer_of_its_own():
     # A new module in amp/ must be placed in LAYERS (and in docs/architecture.md), not fall into "apex.amp surface".
     apex_paths = {"ampcompat.amp", "ampcompat.amp._amp_state", "ampcompat.amp._process_optimizer", "ampcompat.amp.amp",
@@ -271,3 +301,193 @@ def test_every_module_path_in_the_spec_and_readme_resolves_under_the_alias():
     result = subprocess.run([sys.executable, "-c", _RESOLVE_EVERY_PATH, ",".join(paths), ",".join(ADVISED_NOT_PROVIDED)],
                             capture_output=True, text=True, cwd=PACKAGE_DIR.parent, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- private PyTorch APIs: only through ampcompat/_torch_compat.py ---------------------------------
+
+TORCH_SHIMS = "ampcompat._torch_compat"
+# Attribute names torch keeps private on its objects (tensors, optimizers, schedulers): any use is a use
+# of a private torch API, whatever the object.
+TORCH_PRIVATE_ATTRIBUTES = {"_version", "_values", "_indices", "_base", "_cdata", "_step_supports_amp_scaling",
+                            "_opt_called", "_wrapped_by_lr_sched", "_get_scale_async", "_per_optimizer_states",
+                            "_check_inf_per_device"}
+
+
+def _is_private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def private_torch_uses(path: Path) -> List[str]:
+    """``file:line: name`` of every underscored torch name the module at ``path`` reaches."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    torch_names = set()  # local names bound to torch or one of its submodules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "torch":
+                    torch_names.add(alias.asname or alias.name.split(".")[0])
+                    if any(_is_private(p) for p in alias.name.split(".")):
+                        found.append((node.lineno, "import " + alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "torch":
+            for alias in node.names:
+                if any(_is_private(p) for p in node.module.split(".") + [alias.name]):
+                    found.append((node.lineno, "from {} import {}".format(node.module, alias.name)))
+                elif alias.name[:1].islower():  # a submodule or function of torch, used as a root below
+                    torch_names.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if node.attr in TORCH_PRIVATE_ATTRIBUTES:
+            found.append((node.lineno, "." + node.attr))
+            continue
+        chain, root = [node.attr], node.value
+        while isinstance(root, ast.Attribute):
+            chain.append(root.attr)
+            root = root.value
+        if isinstance(root, ast.Name) and root.id in torch_names and _is_private(node.attr):
+            found.append((node.lineno, ".".join([root.id] + chain[::-1])))
+    return ["{}:{}: {}".format(path.relative_to(PACKAGE_DIR.parent), line, what) for line, what in sorted(set(found))]
+
+
+def test_the_private_torch_scan_finds_planted_uses(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\nimport torch.nn as nn\nfrom torch._utils import _flatten_dense_tensors\n"
+                       "from torch import optim\ntorch._foreach_add_([], [])\nnn.modules.batchnorm._BatchNorm\n"
+                       "optim.optimizer._get_capturable_supported_devices\nx = t._version\ntorch.ones(1)\n")
+    original = PACKAGE_DIR
+    try:
+        globals()["PACKAGE_DIR"] = tmp_path / "pkg"
+        found = [line.split(": ", 1)[1] for line in private_torch_uses(planted)]
+    finally:
+        globals()["PACKAGE_DIR"] = original
+    assert found == ["from torch._utils import _flatten_dense_tensors", "torch._foreach_add_",
+                     "nn.modules.batchnorm._BatchNorm", "optim.optimizer._get_capturable_supported_devices",
+                     "._version"]
+
+
+def test_private_torch_apis_are_used_only_through_the_shims_module():
+    uses = [use for name, path in sorted(MODULES.items()) if name != TORCH_SHIMS for use in private_torch_uses(path)]
+    assert uses == [], "use ampcompat/_torch_compat.py (add a shim with its test and reason):\n" + "\n".join(uses)
+
+
+# --- the process-wide _amp_state: written by its owner only ----------------------------------------
+
+STATE_OWNER = "ampcompat.amp.process_state"
+
+
+def amp_state_writes(path: Path) -> List[str]:
+    """``file:line`` of every assignment to, or deletion of, an ``_amp_state`` attribute (and of every
+    ``_amp_state.__dict__`` use) in the module at ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and \
+                    target.value.id == "_amp_state":
+                found.append(node.lineno)
+        if isinstance(node, ast.Attribute) and node.attr == "__dict__" and isinstance(node.value, ast.Name) and \
+                node.value.id == "_amp_state":
+            found.append(node.lineno)
+    return ["{}:{}".format(path.relative_to(PACKAGE_DIR.parent), line) for line in sorted(set(found))]
+
+
+def test_only_the_state_owner_writes_the_process_state():
+    writes = [w for name, path in sorted(MODULES.items()) if name != STATE_OWNER for w in amp_state_writes(path)]
+    assert writes == [], "go through ampcompat.amp.process_state's functions:\n" + "\n".join(writes)
+
+
+# --- underscored names stay private to the module (or package) that defines them --------------------
+
+# (importer prefix, imported name) -> why the import is allowed. "*" matches every importer.
+PRIVATE_IMPORTS_ALLOWED: Dict[Tuple[str, str], str] = {
+    ("*", "ampcompat.amp.process_state._amp_state"):
+        "Apex's name for the process-wide state object; legacy code imports it by this name, so it is the "
+        "object's only name",
+    ("ampcompat.amp", "ampcompat.amp._amp_state._amp_state"):
+        "Apex's apex.amp._amp_state path re-exported by the apex.amp surface",
+    ("ampcompat.contrib.optimizers", "ampcompat.optimizers._fused_fp16_optimizer"):
+        "apex.contrib.optimizers.FP16_Optimizer is apex.optimizers.FP16_Optimizer at another Apex path: one "
+        "implementation, whose base class belongs to neither public surface",
+    ("ampcompat.contrib.optimizers", "ampcompat.optimizers._legacy_adam"):
+        "contrib's FusedSGD takes Apex's legacy per-group step arguments exactly as the optimizers' FusedAdam "
+        "does: one parser of them, not an Apex name",
+}
+
+
+def _owner_allows(importer: str, owner: str) -> bool:
+    return importer == owner or importer.startswith(owner + ".")
+
+
+def private_imports(name: str, path: Path) -> List[str]:
+    """``importer: dotted.name`` for every underscored ampcompat name ``name`` imports from outside its owner.
+
+    ``pkg._mod`` is private to ``pkg`` (any module inside ``pkg`` may import it); ``mod._name`` (a function,
+    class or variable) is private to ``mod``. Dunder names are public. Uses of an underscored attribute of an
+    imported ampcompat module (``mod._helper``) count as imports.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    imported: List[Tuple[int, str]] = []
+    modules_bound: Dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(node, name)
+            if not (target == "ampcompat" or target.startswith("ampcompat.")):
+                continue
+            for alias in node.names:
+                full = target + "." + alias.name
+                imported.append((node.lineno, full))
+                if full in MODULES:
+                    modules_bound[alias.asname or alias.name] = full
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("ampcompat."):
+                    imported.append((node.lineno, alias.name))
+                    if alias.asname:
+                        modules_bound[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules_bound:
+            imported.append((node.lineno, modules_bound[node.value.id] + "." + node.attr))
+    refused = []
+    for line, full in imported:
+        parts = full.split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            if not _is_private(part):
+                continue
+            prefix = ".".join(parts[:i])
+            owner = prefix if _is_package(prefix) or prefix == "ampcompat" else prefix
+            if _owner_allows(name, owner):
+                continue
+            if any(key == ".".join(parts[:i + 1]) and (who == "*" or _owner_allows(name, who))
+                   for who, key in PRIVATE_IMPORTS_ALLOWED):
+                continue
+            refused.append("{}:{}: {}".format(name, line, ".".join(parts[:i + 1])))
+            break
+    return sorted(set(refused))
+
+
+def test_the_private_import_scan_refuses_a_planted_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from ampcompat.amp.scaler import _SMALLEST_SCALE\nfrom ampcompat.optimizers import _base\n"
+                       "from ampcompat import _torch_compat\nfrom ampcompat.amp import model_casting\n"
+                       "model_casting._cast_arg\nfrom ampcompat.amp.process_state import _amp_state\n")
+    found = [entry.split(": ", 1)[1] for entry in private_imports("ampcompat.elsewhere", planted)]
+    assert found == ["ampcompat.amp.scaler._SMALLEST_SCALE", "ampcompat.optimizers._base",
+                     "ampcompat.amp.model_casting._cast_arg"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    refused = [entry for name, path in sorted(MODULES.items()) for entry in private_imports(name, path)]
+    assert refused == [], "make the name public, or list it in PRIVATE_IMPORTS_ALLOWED with the reason:\n" + \
+        "\n".join(refused)
+
+
+def test_architecture_doc_lists_every_lifecycle_state_in_its_table():
+    from ampcompat.amp.optimizer_lifecycle import OptState
+
+    text = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    section = text.split("## The optimizer lifecycle", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \|", section, re.M)
+    assert rows == [state.name for state in OptState]

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ampcompat import amp
+from ampcompat import _torch_compat, amp
 
 from _models import batches, make_mlp, params_of
 
@@ -35,9 +35,7 @@ def test_fused_adamw_twin_with_overflow_matches_host_path(device, opt_level, cap
             opt.zero_grad()
         hook.remove()
         amp.state_dict()  # reading host-visible state brings everything up to date
-        from ampcompat.amp.master_weights import report_deferred_skips
-
-        report_deferred_skips(opt)
+        opt._amp_stash.report_deferred_skips()
         results[fused] = (params_of(model), amp.state_dict(), seen_skip, opt.state_dict(), capsys.readouterr().out)
     fused_params, fused_amp, fused_skips, fused_opt, fused_out = results[True]
     host_params, host_amp, host_skips, host_opt, _ = results[False]
@@ -60,7 +58,7 @@ def test_fused_path_needs_no_host_read(device, monkeypatch):
     amp.initialize(model, opt, opt_level="O2", verbosity=0)
     data = batches(3, device)
     calls = {"item": 0, "update": 0}
-    real_item, real_update = torch.Tensor.item, torch._amp_update_scale_
+    real_item, real_update = torch.Tensor.item, _torch_compat.amp_update_scale_
 
     def counting_item(self):
         calls["item"] += 1
@@ -71,7 +69,7 @@ def test_fused_path_needs_no_host_read(device, monkeypatch):
         return real_update(*args)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    monkeypatch.setattr(torch, "_amp_update_scale_", counting_update)
+    monkeypatch.setattr(_torch_compat, "amp_update_scale_", counting_update)
     for x, y in data:
         with amp.scale_loss(F.cross_entropy(model(x), y), opt) as scaled:
             scaled.backward()

@@ -14,6 +14,7 @@ them with ``python -m pytest -q -m slow tests/test_long_runs.py``.
 """
 from __future__ import annotations
 
+import collections
 import gc
 import warnings
 from typing import Dict, List, Tuple
@@ -62,10 +63,12 @@ def _amp_containers(opt) -> Dict[str, int]:
     """Sizes of every list amp keeps per optimizer and per scaler; they must not grow."""
     from ampcompat.amp import o1_autocast as autocast_scope
 
-    sizes = {"stash." + k: len(v) for k, v in vars(opt._amp_stash).items() if isinstance(v, list)}
+    stash = opt._amp_stash
+    sizes = {"stash." + k: len(v) for k, v in vars(stash).items() if isinstance(v, (list, collections.deque))}
+    sizes.update({"plan." + k: len(v) for k, v in vars(stash._plan).items() if isinstance(v, list)})
     for i, scaler in enumerate(amp._amp_state.loss_scalers):
         sizes["scaler%d.inv_scale_cache" % i] = len(scaler._inv_scale_cache)
-    sizes["o1_forward_regions"] = len(autocast_scope._region_stack())
+    sizes["o1_forward_regions"] = len(getattr(autocast_scope._tls, "regions", ()))
     return sizes
 
 

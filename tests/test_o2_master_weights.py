@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ampcompat import amp
+from ampcompat import _torch_compat, amp
 
 INIT_SCALE = 2.0 ** 16
 OVERFLOW_MESSAGE = "Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}"
@@ -574,6 +574,10 @@ def test_accumulating_two_backward_passes_before_one_step(delay_first, device):
     model, optimizer = _amp_accumulated(device, steps, delay_first)
     reference = _accumulated_reference(device, steps, delay_first)
     assert scale_of() == INIT_SCALE and not optimizer._amp_stash.already_patched
+    # The second pass of a step accumulates onto the first's master gradients: the general path. A pass
+    # after delay_unscale has nothing to add to: the fast path.
+    assert optimizer._amp_stash.unscale_paths == ({"fast": 3, "general": 0} if delay_first else
+                                                  {"fast": 3, "general": 3})
 
     # Same operations as Apex's accumulation (stash-and-add, or one delayed unscale): bitwise.
     assert_bitwise(amp.master_params(optimizer), reference.masters, "master")
@@ -622,7 +626,7 @@ def _half_twin(device):
 def test_o3_default_short_circuits_without_scaling_or_unscaling(device, monkeypatch):
     model, optimizer = amp_model_and_optimizer(device, OPTIMIZERS["sgd_momentum"], opt_level="O3")
     twin = _half_twin(device)
-    calls = _count_calls(monkeypatch, ["_amp_foreach_non_finite_check_and_unscale_"])
+    calls = _count_calls(monkeypatch, ["amp_foreach_non_finite_check_and_unscale_"])
     items = _count_items(monkeypatch)
     x, y = batch(0, device)
 
@@ -632,7 +636,7 @@ def test_o3_default_short_circuits_without_scaling_or_unscaling(device, monkeypa
         scaled.backward()
     F.mse_loss(twin(x.half()).float(), y).backward()
 
-    assert calls["_amp_foreach_non_finite_check_and_unscale_"] == 0 and items[0] == 0
+    assert calls["amp_foreach_non_finite_check_and_unscale_"] == 0 and items[0] == 0
     assert_bitwise((p.grad for p in model.parameters()), (p.grad for p in twin.parameters()), "grad")
     assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
 
@@ -681,8 +685,8 @@ def test_o3_dynamic_unscales_half_grads_and_skips_on_overflow(device, capsys):
 
 # --- 8. the multi-tensor promise ---------------------------------------------------------------------
 
-_COUNTED = ["_amp_foreach_non_finite_check_and_unscale_"] + sorted(
-    name for name in dir(torch) if name.startswith("_foreach_"))
+_COUNTED = ["amp_foreach_non_finite_check_and_unscale_"] + sorted(
+    name for name in dir(_torch_compat) if name.startswith("foreach_"))
 _ALLOCATIONS = {"empty_like", "empty", "empty_strided", "full"}
 
 
@@ -696,19 +700,22 @@ def _count_calls(monkeypatch, names):
         return wrapper
 
     for name in names:
-        monkeypatch.setattr(torch, name, counting(name, getattr(torch, name)))
+        monkeypatch.setattr(_torch_compat, name, counting(name, getattr(_torch_compat, name)))
     return counts
 
 
 def _count_items(monkeypatch):
+    """Host reads of tensor values (``item`` and ``tolist``): each is a sync on a GPU."""
     count = [0]
-    original = torch.Tensor.item
 
-    def item(self):
-        count[0] += 1
-        return original(self)
+    def counting(original):
+        def read(self):
+            count[0] += 1
+            return original(self)
+        return read
 
-    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "item", counting(torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting(torch.Tensor.tolist))
     return count
 
 
@@ -763,14 +770,77 @@ def test_gradient_work_is_a_constant_number_of_multi_tensor_calls(device, monkey
 
     # Gradient transfer + unscale + inf/NaN check: the same multi-tensor calls whatever the model size ...
     assert exit_small == exit_large
-    assert exit_small["_amp_foreach_non_finite_check_and_unscale_"] >= 1
-    assert exit_small["_foreach_copy_"] >= 1
+    assert exit_small["amp_foreach_non_finite_check_and_unscale_"] >= 1
+    assert exit_small["foreach_copy_"] >= 1
     # ... and no per-parameter kernels besides (gradient buffers are allocated, nothing else).
     assert kernels_small == kernels_large
     assert sum(kernels_small.values()) <= 8
-    # Exactly one host read per scale_loss exit, as .item() and at the ATen level.
+    # Exactly one host read per scale_loss exit (the flag and the new scale, read together).
     assert items_small == items_large == 1
-    assert kernels_small["_local_scalar_dense"] == 1
     # Master -> model copy: one multi-tensor call per step.
-    assert step_small == step_large == collections.Counter({"_foreach_copy_": 1})
+    assert step_small == step_large == collections.Counter({"foreach_copy_": 1})
     assert copy_small == copy_large == {"_foreach_copy_": 1}
+
+
+# --- the unscale path is chosen, not found: BatchNorm models and amp's zero_grad ---------------------
+
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["zero_grad_in_place", "zero_grad_to_none"])
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_foreach"])
+def test_bn_model_takes_the_fast_path_every_step_and_equals_the_hand_written_twin(optimizer_name, set_to_none,
+                                                                                    device):
+    """With BatchNorm (FP32 params under O2) and Apex's default zero_grad, which zeroes gradients in place,
+    the FP32 gradients are known zeros at each scale_loss entry: every exit takes the fast path."""
+    steps = 8
+    model, optimizer = amp_model_and_optimizer(device, OPTIMIZERS[optimizer_name])
+    reference = ReferenceO2(make_net(device), OPTIMIZERS[optimizer_name])
+    for step in range(steps):
+        x, y = batch(step, device)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        with amp.scale_loss(F.mse_loss(model(x), y), optimizer) as scaled:
+            scaled.backward()
+        optimizer.step()
+        assert reference.train_step(x, y)
+        assert_bitwise(amp.master_params(optimizer), reference.masters, "master after step %d" % step)
+    assert_bitwise(model.parameters(), reference.params, "model param")
+    assert optimizer._amp_stash.unscale_paths == {"fast": steps, "general": 0}
+    assert any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def _bn_params(model):
+    return [p for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)]
+
+
+def test_gradients_written_after_zero_grad_are_not_taken_for_zeros(device):
+    """A backward outside scale_loss after zero_grad writes into the zeroed FP32 gradients: they are put
+    aside and added back (the general path), exactly as gradients zero_grad dropped and backward re-made."""
+    runs = {}
+    for set_to_none in (False, True):
+        import ampcompat
+
+        ampcompat.reset()
+        model, optimizer = amp_model_and_optimizer(device, OPTIMIZERS["sgd_momentum"])
+        x, y = batch(0, device)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        F.mse_loss(model(x), y).backward()  # not scaled: these gradients must not be divided by the scale
+        outside = [p.grad.clone() for p in _bn_params(model)]
+        with amp.scale_loss(F.mse_loss(model(x), y), optimizer) as scaled:
+            scaled.backward()
+        assert optimizer._amp_stash.unscale_paths == {"fast": 0, "general": 1}
+        runs[set_to_none] = [p.grad.clone() for p in _bn_params(model)]
+        assert all(not torch.equal(g, o) for g, o in zip(runs[set_to_none], outside))
+    assert_bitwise(runs[False], runs[True], "BatchNorm gradient")
+
+
+def test_an_aborted_block_after_zero_grad_leaves_the_zeroed_gradients_zero(device):
+    model, optimizer = amp_model_and_optimizer(device, OPTIMIZERS["sgd_momentum"])
+    amp_train_step(model, optimizer, *batch(0, device))  # zero_grad in place: every grad is a zero tensor
+    held = {id(p): p.grad for p in model.parameters()}
+    with pytest.raises(ZeroDivisionError):
+        with amp.scale_loss(F.mse_loss(model(batch(1, device)[0]), batch(1, device)[1]), optimizer) as scaled:
+            scaled.backward()
+            raise ZeroDivisionError
+    for p in model.parameters():
+        assert p.grad is held[id(p)] and not p.grad.any()  # the same tensors, zero again
+    assert all(m.grad is None for m in optimizer._amp_stash.all_fp32_from_fp16_params)
+    amp_train_step(model, optimizer, *batch(1, device))
+    assert optimizer._amp_stash.unscale_paths == {"fast": 2, "general": 0}

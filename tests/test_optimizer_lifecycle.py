@@ -101,7 +101,7 @@ REACH_FOR_ROW = {
 def _reach(state: OptState, event: Event):
     model, opt = _setup()
     REACH_FOR_ROW.get((state, event), REACH[state])(model, opt)
-    assert opt._amp_stash._state is state
+    assert opt._amp_stash.state is state
     return model, opt
 
 
@@ -117,7 +117,7 @@ def _inside_block(model, opt, body: Callable) -> None:
     """Run ``body`` inside a block entered from the optimizer's state, then leave the block cleanly."""
     with amp.scale_loss(_loss(model), opt) as scaled:
         scaled.backward()
-        assert opt._amp_stash._state is S.IN_SCALE_LOSS
+        assert opt._amp_stash.state is S.IN_SCALE_LOSS
         body()
 
 
@@ -148,7 +148,7 @@ def test_every_legal_transition_happens_as_the_table_says(row):
 
 def _assert_state(opt, expected: OptState) -> None:
     stash = opt._amp_stash
-    assert stash._state is expected
+    assert stash.state is expected
     if expected is not S.IN_SCALE_LOSS:
         assert stash.params_have_scaled_gradients is (expected is S.SCALED)
         assert stash.already_patched is (expected is S.SKIP_PENDING)  # no device flag overflowed here
@@ -165,7 +165,7 @@ def test_every_refused_transition_raises_its_message_and_changes_nothing(row):
                 with amp.scale_loss(_loss(model), opt):
                     pass
             assert str(err.value) == REFUSALS[row]
-            assert opt._amp_stash._state is S.IN_SCALE_LOSS
+            assert opt._amp_stash.state is S.IN_SCALE_LOSS
 
         _inside_block(model, opt, nested)
         return
@@ -174,7 +174,7 @@ def test_every_refused_transition_raises_its_message_and_changes_nothing(row):
     with pytest.raises(RuntimeError) as err:
         FIRE[event](model, opt)
     assert str(err.value) == REFUSALS[row]
-    assert opt._amp_stash._state is state
+    assert opt._amp_stash.state is state
     assert all(torch.equal(a, b) for a, b in zip(params, amp.master_params(opt)))
 
 
@@ -208,10 +208,10 @@ def test_table_covers_every_state_and_no_move_is_both_legal_and_refused():
 def test_a_device_flag_that_overflowed_shows_as_already_patched_and_skips_in_the_kernel():
     model, opt = _setup()
     _block(model, opt, inf=True)
-    assert opt._amp_stash._state is S.OVERFLOW_ON_DEVICE and opt._amp_stash.already_patched
+    assert opt._amp_stash.state is S.OVERFLOW_ON_DEVICE and opt._amp_stash.already_patched
     params = [p.detach().clone() for p in amp.master_params(opt)]
     opt.step()
-    assert opt._amp_stash._state is S.STEPPED_ON_DEVICE
+    assert opt._amp_stash.state is S.STEPPED_ON_DEVICE
     assert all(torch.equal(a, b) for a, b in zip(params, amp.master_params(opt)))
 
 
@@ -221,7 +221,68 @@ def test_a_pending_verdict_outlives_later_blocks_until_the_step():
     _block(model, opt, inf=True, host=True)
     _block(model, opt, host=True)
     _block(model, opt)  # a clean pass checked on the device cannot cancel the host's verdict either
-    assert opt._amp_stash._state is S.SKIP_PENDING and opt._amp_stash.already_patched
+    assert opt._amp_stash.state is S.SKIP_PENDING and opt._amp_stash.already_patched
     params = [p.detach().clone() for p in amp.master_params(opt)]
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, amp.master_params(opt)))
+
+
+# --- one owner: every field declared in __init__, at most twelve ------------------------------------
+
+LIFECYCLE_FIELDS = ["_optimizer", "_state", "_in_block", "_skip_loss_id", "_deferred_records", "_pending_steps",
+                    "_original_step", "_plan", "_set_aside", "unscale_paths"]
+STRATEGY_FIELDS = {"O1": [], "O2": ["_zeroed", "_refresh_from_model"]}
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_the_per_optimizer_state_is_the_fields_init_declares(level):
+    """A run through every kind of move (fused and host-checked exits, an overflow skip, delay_unscale, an
+    aborted block, add_param_group, zero_grad, a checkpoint round trip) adds no field to the lifecycle."""
+    model = make_mlp(d_hidden=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    amp.initialize(model, opt, opt_level=level, loss_scale="dynamic", verbosity=0)
+    stash = opt._amp_stash
+    declared = list(vars(stash))
+    assert declared == LIFECYCLE_FIELDS + STRATEGY_FIELDS[level] and len(declared) <= 12
+    _block(model, opt)
+    opt.step()
+    _block(model, opt, inf=True, host=True)
+    opt.step()
+    _block(model, opt, delay_unscale=True)
+    _block(model, opt, host=True)
+    with pytest.raises(ZeroDivisionError):
+        with amp.scale_loss(_loss(model), opt) as scaled:
+            scaled.backward()
+            raise ZeroDivisionError
+    opt.zero_grad()
+    extra = torch.nn.Linear(4, 4)
+    opt.add_param_group({"params": list(extra.parameters())})
+    opt.load_state_dict(opt.state_dict())
+    assert list(vars(stash)) == declared
+    assert stash.lazy_init_called and stash.unscale_paths["fast"] + stash.unscale_paths["general"] == 3
+
+
+def test_a_strategy_that_updates_itself_runs_between_the_same_effects():
+    """The slot a fused O2 step fills: _own_update replaces the optimizer's own step; skipping, O1's casts,
+    the masters' copy back and the state moves stay the lifecycle's."""
+    from ampcompat.amp.master_weights import MasterWeights
+
+    calls = []
+
+    class OwnUpdate(MasterWeights):
+        def _own_update(self, closure):
+            calls.append(closure)
+            return "updated"
+
+    model = make_mlp(d_hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    amp.initialize(model, opt, opt_level="O2", verbosity=0)
+    opt._amp_stash.__class__ = OwnUpdate
+    _block(model, opt)  # SGD: checked on the host
+    masters = [m.detach().clone() for m in opt._amp_stash.all_fp32_from_fp16_params]
+    assert opt.step() == "updated" and calls == [None]
+    assert opt._amp_stash.state is S.STEPPED  # the table's move
+    assert all(torch.equal(a, b) for a, b in zip(masters, opt._amp_stash.all_fp32_from_fp16_params))  # SGD did not run
+    assert all(m.grad is None for m in opt._amp_stash.all_fp32_from_fp16_params)  # the after-step effect ran
+    _block(model, opt, inf=True)
+    assert opt.step() is None and calls == [None]  # a skip never reaches the update

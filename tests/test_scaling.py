@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ampcompat
-from ampcompat import amp
+from ampcompat import _torch_compat, amp
 from ampcompat.amp.scaler import LossScaler
 
 from _models import batches, make_mlp, params_of
@@ -92,6 +92,57 @@ def test_scale_sequence_closed_form_and_bounds():
         unbounded._has_overflow = True
         unbounded.update_scale()
         assert unbounded.loss_scale() == 2.0 ** (16 - k)
+
+
+def _apex_rules(scale, unskipped, overflowed, dynamic=True, factor=2.0, window=3, floor=None, ceiling=2.0 ** 24):
+    """Apex's update_scale written out in plain Python, for comparison (the library has no such copy)."""
+    if overflowed and dynamic:
+        scale, unskipped = scale / factor, 0
+        scale = max(floor, scale) if floor else scale
+    elif overflowed:
+        unskipped = 0
+    else:
+        unskipped += 1
+    if unskipped == window and dynamic:
+        scale, unskipped = min(ceiling, scale * factor), 0
+    return scale, unskipped
+
+
+# Overflow patterns: halvings to the floor, growth past the ceiling (window 3), interleaved.
+PATTERN = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_one_policy_serves_both_paths_and_follows_apexs_rules(monkeypatch, dynamic, device):
+    """Every scale change goes through LossScaler._update_scale_policy, from the host path (update_scale,
+    one read) and from the device path (update_scale_on_device, read back later); both give Apex's
+    sequence, and the same one."""
+    calls = []
+    policy = LossScaler._update_scale_policy
+
+    def spy(self, found_inf):
+        calls.append(self)
+        return policy(self, found_inf)
+
+    monkeypatch.setattr(LossScaler, "_update_scale_policy", spy)
+    kwargs = dict(scale_window=3, min_loss_scale=2.0 ** 14, max_loss_scale=2.0 ** 17)
+    host = LossScaler("dynamic" if dynamic else 2.0 ** 16, **kwargs)
+    deferred = LossScaler("dynamic" if dynamic else 2.0 ** 16, **kwargs)
+    for scaler in (host, deferred):
+        scaler.bind_device(device)
+        assert scaler._scale_t.device.type == device  # the authority lives with the gradients
+    expected = (2.0 ** 16, 0)
+    for overflowed in PATTERN:
+        expected = _apex_rules(*expected, overflowed, dynamic=dynamic, floor=2.0 ** 14, ceiling=2.0 ** 17)
+        for scaler in (host, deferred):
+            scaler.clear_overflow_state()
+            scaler.unscale_([torch.tensor([float("inf") if overflowed else 1.0], device=device)])
+        assert host.update_scale() is bool(overflowed)
+        deferred.update_scale_on_device()
+        deferred.resolve()
+        assert (host.loss_scale(), host._unskipped) == expected
+        assert (deferred.loss_scale(), deferred._unskipped) == expected  # the device/host agreement check
+    assert calls == [host, deferred] * len(PATTERN)
 
 
 def test_scale_below_one_warns_once():
@@ -258,22 +309,28 @@ def test_one_host_sync_per_scale_loss_exit(monkeypatch):
     amp.initialize(model, opt, opt_level="O1", verbosity=0)
     (x, y), = batches(1)
     F.cross_entropy(model(x), y).backward()  # pre-existing grads: the stash-and-add path too
-    calls = {"item": 0, "unscale": 0}
-    real_item, real_unscale = torch.Tensor.item, torch._amp_foreach_non_finite_check_and_unscale_
+    calls = {"reads": 0, "unscale": 0}
+    real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+    real_unscale = _torch_compat.amp_foreach_non_finite_check_and_unscale_
 
     def counting_item(self):
-        calls["item"] += 1
+        calls["reads"] += 1
         return real_item(self)
+
+    def counting_tolist(self):
+        calls["reads"] += 1
+        return real_tolist(self)
 
     def counting_unscale(*args):
         calls["unscale"] += 1
         return real_unscale(*args)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", counting_unscale)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    monkeypatch.setattr(_torch_compat, "amp_foreach_non_finite_check_and_unscale_", counting_unscale)
     with amp.scale_loss(F.cross_entropy(model(x), y), opt) as scaled:
         scaled.backward()
-    assert calls == {"item": 1, "unscale": 1}  # all grads fp32 on one device: one fused launch, one read
+    assert calls == {"reads": 1, "unscale": 1}  # all grads fp32 on one device: one fused launch, one read
 
 
 def test_amp_state_dict_round_trip_weights_only():

@@ -1,2 +1,2 @@
 """Apex's ``apex.amp._process_optimizer`` module path."""
-from .master_weights import AmpOptimizerState  # noqa: F401
+from .optimizer_lifecycle import OptimizerLifecycle as AmpOptimizerState  # noqa: F401

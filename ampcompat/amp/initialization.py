@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import master_weights, model_casting
+from . import model_casting, patched_optimizer, process_state
 from .legacy_handle import AmpHandle
 from .option_validation import check_initialize_arguments, check_verbosity
 from .opt_levels import OVERRIDE_ORDER, Properties, format_options, get_opt_level
@@ -159,7 +159,7 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
             ``num_losses=0``, ``min_loss_scale > max_loss_scale``, a non-dtype ``cast_model_type``, ...).
             Raised before anything is changed: models, optimizers and amp's state stay as they were.
     """
-    saved = {key: _amp_state.__dict__[key] for key in _SET_BY_INITIALIZE if key in _amp_state.__dict__}
+    saved = process_state.snapshot()
     try:
         return _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
                                    patch_torch_functions, keep_batchnorm_fp32, master_weights, loss_scale,
@@ -167,9 +167,7 @@ def initialize(models: Any, optimizers: Any = None, enabled: bool = True, opt_le
                                    patch_torch_functions_type, allow_banned)
     except BaseException:
         # A refused call leaves the state of the previous initialize (or of none) as it was.
-        for key in _SET_BY_INITIALIZE:
-            _amp_state.__dict__.pop(key, None)
-        _amp_state.__dict__.update(saved)
+        process_state.restore(saved, _SET_BY_INITIALIZE)
         raise
 
 
@@ -182,8 +180,7 @@ def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
     verbosity = effective_verbosity(check_verbosity(verbosity))
     if enabled:
         check_initialize_arguments(num_losses, min_loss_scale, max_loss_scale, cast_model_outputs)
-    _amp_state.opt_properties = Properties()
-    _amp_state.verbosity = verbosity
+    process_state.begin_initialize(Properties(), verbosity)
     if not enabled:
         return models if optimizers is None else (models, optimizers)
 
@@ -193,8 +190,7 @@ def _initialize_options(models, optimizers, enabled, opt_level, cast_model_type,
     maybe_print("Selected optimization level {}".format(level.brief), True)
     maybe_print("Defaults for this optimization level are:", True)
     _print_block(props, level)
-    _amp_state.min_loss_scale = min_loss_scale
-    _amp_state.max_loss_scale = max_loss_scale
+    process_state.set_loss_scale_bounds(min_loss_scale, max_loss_scale)
 
     maybe_print("Processing user overrides (additional kwargs that are not None)...", True)
     overrides = dict(enabled=enabled, opt_level=opt_level, cast_model_type=cast_model_type,
@@ -221,15 +217,12 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
     if device_type == "cuda" and not torch.backends.cudnn.enabled:
         raise RuntimeError("Amp requires torch.backends.cudnn.enabled = True")
     for optimizer in optimizer_list:
-        master_weights.check_optimizer(optimizer)
+        patched_optimizer.check_optimizer(optimizer)
     if len(set(map(id, optimizer_list))) != len(optimizer_list):
         raise RuntimeError("A given optimizer should only be passed through amp.initialize once.")
 
     # Everything is validated: from here on, objects are modified.
-    previous = getattr(_amp_state, "handle", None)
-    if previous is not None:
-        previous._deactivate()
-        del _amp_state.handle
+    process_state.remove_handle()
 
     if props.cast_model_type:
         for model in model_list:
@@ -247,20 +240,21 @@ def _initialize(models: Any, optimizers: Any, props: Properties, num_losses: int
             model_casting.add_cast_hooks(model, None, cast_model_outputs, device_type)
 
     for optimizer in optimizer_list:
-        master_weights.patch_optimizer(optimizer, bool(props.master_weights))
+        patched_optimizer.patch_optimizer(optimizer, bool(props.master_weights))
 
-    _amp_state.loss_scalers = []
+    loss_scalers = []
     for loss_id in range(num_losses):
         scaler = LossScaler(props.loss_scale, min_loss_scale=_amp_state.min_loss_scale,
                             max_loss_scale=_amp_state.max_loss_scale)
         scaler._loss_id = loss_id
         scaler.bind_device(_scaler_device(model_list, device_type))
-        _amp_state.loss_scalers.append(scaler)
+        loss_scalers.append(scaler)
+    process_state.install_loss_scalers(loss_scalers)
 
     if props.patch_torch_functions:
         handle = AmpHandle(device_type, props.autocast_dtype(), verbose=_amp_state.verbosity == 2,
                            allow_banned=allow_banned)
-        _amp_state.handle = handle
+        process_state.install_handle(handle)
         handle.patch_registered_functions()
         for model in model_list:
             handle.attach_model(model)

@@ -11,10 +11,11 @@ from typing import Any, Iterator, List, Union
 
 import torch
 
-from .master_weights import _stash_and_clear, _unscale_with_stash
+from .model_gradients import set_aside, unscale_and_add_back
 from .o1_autocast import O1Scope
 from .scaler import LossScaler
-from .process_state import _amp_state, maybe_print
+from . import process_state
+from .process_state import maybe_print
 
 
 def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable_caching: bool = True,
@@ -34,17 +35,15 @@ def init(enabled: bool = True, loss_scale: Union[str, float] = "dynamic", enable
     """
     if not enabled:
         handle: Any = NoOpHandle()
-        _amp_state.handle = handle
+        process_state.install_handle(handle)
         return handle
-    previous = getattr(_amp_state, "handle", None)
-    if previous is not None:
-        previous._deactivate()
+    process_state.remove_handle()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     handle = AmpHandle(device_type, torch.float16, enable_caching=enable_caching, verbose=verbose,
                        allow_banned=allow_banned)
     handle._loss_scale = loss_scale
     handle.patch_registered_functions()
-    _amp_state.handle = handle
+    process_state.install_handle(handle)
     return handle
 
 
@@ -117,11 +116,11 @@ class OptimWrapper:
             raise RuntimeError("Too many loss calls: wrap_optimizer was given num_loss={}.".format(self._num_loss))
         scaler = self._loss_scaler[self._loss_idx]
         params = self._params()
-        stashed = _stash_and_clear(params)
+        stashed = set_aside(params)
         with self._amp_handle._disable_casts():
             yield loss.float() * scaler.loss_scale()
         scaler.clear_overflow_state()
-        _unscale_with_stash(scaler, params, stashed)
+        unscale_and_add_back(scaler, params, stashed)
         self._skip_next[self._loss_idx] = scaler.update_scale()
         self._loss_idx += 1
         torch.clear_autocast_cache()

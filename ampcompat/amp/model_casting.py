@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _torch_compat
 
 _NOT_ON_DEVICE = "An input tensor was not {}."
 
@@ -145,8 +146,9 @@ def _cast_collection(value: Any, cast: _Cast) -> Any:
 
 # --- parameter casting ------------------------------------------------------------------------------
 
-def _is_kept_fp32(module: torch.nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) and module.affine is True
+def is_kept_fp32(module: torch.nn.Module) -> bool:
+    """Apex's ``keep_batchnorm_fp32`` rule: an affine batch norm (any ``_BatchNorm`` subclass) stays FP32."""
+    return isinstance(module, _torch_compat.BatchNormBase) and module.affine is True
 
 
 def convert_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -175,7 +177,7 @@ def convert_network(network: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
         ``network`` itself.
     """
     for module in network.modules():
-        if _is_kept_fp32(module):
+        if is_kept_fp32(module):
             continue
         convert_module(module, dtype)
         if isinstance(module, torch.nn.RNNBase):

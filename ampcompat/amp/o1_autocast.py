@@ -19,17 +19,16 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from .o1_op_lists import BannedFunctions, OpLists
+from .. import _torch_compat
+from . import process_state
+from .o1_op_lists import BannedFunctions, OpLists, floating_tensors
 from .process_state import _amp_state
 
 _HALF, _FLOAT, _PROMOTE = "half", "float", "promote"
-
-#: Functions registered with ``register_{half,float,promote}_function`` before ``initialize``.
-_registry: Set[Tuple[Any, str, str]] = set()
 
 _tls = threading.local()
 
@@ -132,11 +131,12 @@ class O1Scope:
 
     def patch_registered_functions(self) -> None:
         """Wrap every registered ``module.name`` with its cast, then clear the registry (as Apex)."""
-        for module, name, kind in sorted(_registry, key=lambda entry: (id(entry[0]), entry[1], entry[2])):
+        registry = process_state.cast_registry
+        for module, name, kind in sorted(registry, key=lambda entry: (id(entry[0]), entry[1], entry[2])):
             original = getattr(module, name)
             self._patched.append((module, name, original))
             setattr(module, name, _casting_wrapper(original, kind))
-        _registry.clear()
+        registry.clear()
 
 
 class _CastsOff:
@@ -188,14 +188,6 @@ class _ApexLists:
 
 # --- forward regions --------------------------------------------------------------------------------
 
-def _region_stack() -> list:
-    """The forward regions open in this thread (the hooks below read ``_tls.regions`` inline)."""
-    stack = getattr(_tls, "regions", None)
-    if stack is None:
-        stack = _tls.regions = []
-    return stack
-
-
 def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
         return  # traced code runs under the thread's autocast state, which dynamo records and guards on
@@ -205,12 +197,15 @@ def _enter_forward_region(module: torch.nn.Module, args: Any) -> None:
         stack = _tls.regions = []
     if handle is None:
         stack.append(None)
-    elif torch._C._is_torch_function_mode_enabled():  # e.g. torch.export: autocast must be seen entering
+    elif _torch_compat.is_torch_function_mode_enabled():  # e.g. torch.export: autocast must be seen entering
         region = torch.autocast(handle._device_type, dtype=handle._dtype, cache_enabled=handle._enable_caching)
         region.__enter__()
         stack.append(region)
     else:
-        # What torch.autocast(...).__enter__ does, in C calls only (this runs on every forward).
+        # What torch.autocast(...).__enter__ does, in C calls only: this runs on every forward, and the
+        # public context manager costs 7 Python calls more per forward (measured with benchmarks/_counts.py:
+        # 8 for torch.autocast(...).__enter__/__exit__, 1 for this pair of hooks), which would put O1's
+        # step above the native autocast loop's in tests/test_host_overhead.py.
         device = handle._device_type
         stack.append((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                       torch.is_autocast_cache_enabled()))
@@ -255,7 +250,7 @@ def register(module: Any, name: str, kind: str) -> None:
     """Record ``module.name`` for casting at the next O1 ``initialize`` (Apex's registry rules)."""
     if not hasattr(module, name):
         raise ValueError("No function named {} in module {}.".format(name, module))
-    _registry.add((module, name, kind))
+    process_state.cast_registry.add((module, name, kind))
 
 
 def _cast_leaf(value: Any, device_type: str, dtype: torch.dtype) -> Any:
@@ -272,20 +267,12 @@ def _cast_arg(value: Any, device_type: str, dtype: torch.dtype) -> Any:
     return _cast_leaf(value, device_type, dtype)
 
 
-def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> Iterator[torch.Tensor]:
-    for value in list(args) + list(kwargs.values()):
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        for item in items:
-            if isinstance(item, torch.Tensor) and item.is_floating_point():
-                yield item
-
-
 def _target_dtype(kind: str, handle: O1Scope, args: Tuple[Any, ...], kwargs: dict) -> Optional[torch.dtype]:
     if kind == _HALF:
         return handle._dtype
     if kind == _FLOAT:
         return torch.float32
-    dtypes = {t.dtype for t in _floating_tensors(args, kwargs) if t.device.type == handle._device_type}
+    dtypes = {t.dtype for t in floating_tensors(args, kwargs) if t.device.type == handle._device_type}
     if len(dtypes) <= 1:
         return None
     return functools.reduce(torch.promote_types, dtypes)
@@ -338,6 +325,3 @@ def register_promote_function(module: Any, name: str) -> None:
     """Cast ``module.name``'s inputs to their widest type under O1. Call before ``amp.initialize``."""
     register(module, name, _PROMOTE)
 
-
-def clear_registry() -> None:
-    _registry.clear()

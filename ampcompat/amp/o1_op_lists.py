@@ -31,6 +31,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _torch_compat
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 #: Apex's FP32 list (``torch``, ``Tensor`` and ``torch.nn.functional``), as the aten overloads those
@@ -65,10 +67,11 @@ HALF_OPS: Tuple[str, ...] = (
     "addbmm", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
 )
 
-def _autocast_key(device_type: str) -> Optional[torch._C.DispatchKey]:
+def _autocast_key(device_type: str) -> Optional[str]:
+    """The name of ``device_type``'s autocast dispatch key (``"AutocastCPU"``), or None if torch has none."""
     name = "Autocast" + {"cuda": "CUDA", "cpu": "CPU", "xpu": "XPU", "hpu": "HPU", "mps": "MPS",
                          "privateuseone": "PrivateUse1"}.get(device_type, device_type.upper())
-    return getattr(torch._C.DispatchKey, name, None)
+    return name if _torch_compat.dispatch_key_exists(name) else None
 
 
 def _overload(qualified: str) -> Any:
@@ -77,7 +80,7 @@ def _overload(qualified: str) -> Any:
 
 
 def _has_autocast_kernel(qualified: str, key_name: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::" + qualified, key_name)
+    return _torch_compat.has_kernel_for_dispatch_key("aten::" + qualified, key_name)
 
 
 def _cast(values: Tuple[Any, ...], device_type: str, from_dtypes: Tuple[torch.dtype, ...],
@@ -106,15 +109,13 @@ class OpLists:
     def __init__(self, device_type: str, dtype: torch.dtype) -> None:
         self._library: Optional[torch.library.Library] = None
         self.registered: List[str] = []
-        key = _autocast_key(device_type)
-        if key is None:
+        key_name = _autocast_key(device_type)
+        if key_name is None:
             return
-        key_name = key.name
-        below = torch._C.DispatchKeySet(key)
         to_fp32 = (device_type, _LOW_PRECISION, torch.float32)
         to_low = (device_type, (torch.float32,), dtype)
-        kernels = ([(name, _casting_kernel(_overload(name), to_fp32, below)) for name in FP32_OPS]
-                   + [(name, _casting_kernel(_overload(name), to_low, below)) for name in HALF_OPS])
+        kernels = ([(name, _casting_kernel(_overload(name), to_fp32)) for name in FP32_OPS]
+                   + [(name, _casting_kernel(_overload(name), to_low)) for name in HALF_OPS])
         for name, kernel in kernels:
             if hasattr(torch.ops.aten, name.partition(".")[0]) and not _has_autocast_kernel(name, key_name):
                 if self._library is None:
@@ -125,15 +126,15 @@ class OpLists:
     def remove(self) -> None:
         """Deregister every kernel (the dispatcher falls back to native autocast's behaviour)."""
         if self._library is not None:
-            self._library._destroy()
+            _torch_compat.destroy_library(self._library)
             self._library = None
         self.registered = []
 
 
-def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dtype], below: Any) -> Callable[..., Any]:
+def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dtype]) -> Callable[..., Any]:
     """Native autocast's cast policies: cast the inputs (``cast`` = ``(device_type, from_dtypes, to_dtype)``),
-    then run the op with this autocast key excluded. The body is flat on purpose: it runs on every call
-    of the op under O1, as one Python frame."""
+    then run the op with the device's autocast off (so it dispatches below this key, as native autocast's
+    kernels do). The body is flat on purpose: it runs on every call of the op under O1, as one Python frame."""
     device_type, from_dtypes, to_dtype = cast
     run = getattr(op, "_op", op)  # the C++ callable behind OpOverload.__call__: one Python frame less
 
@@ -147,8 +148,12 @@ def _casting_kernel(op: Any, cast: Tuple[str, Tuple[torch.dtype, ...], torch.dty
                 args[i] = type(value)(_cast(tuple(value), *cast))
         if kwargs:
             kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), *cast)))
-        with torch._C._ExcludeDispatchKeyGuard(below):
+        # This kernel runs only while autocast is on for the device: it is turned back on, not restored.
+        torch.set_autocast_enabled(device_type, False)
+        try:
             return run(*args, **kwargs)
+        finally:
+            torch.set_autocast_enabled(device_type, True)
 
     return kernel
 
@@ -170,7 +175,8 @@ BANNED_MESSAGE = (
 BANNED_FUNCTIONS: Tuple[Tuple[Any, str], ...] = ((F, "binary_cross_entropy"),)
 
 
-def _floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> List[torch.Tensor]:
+def floating_tensors(args: Tuple[Any, ...], kwargs: dict) -> List[torch.Tensor]:
+    """The floating-point tensors among a call's arguments (and inside its list/tuple arguments)."""
     found = []
     for value in list(args) + list(kwargs.values()):
         for item in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -207,7 +213,7 @@ def _banned_wrapper(fn: Callable[..., Any], device_type: str, allow_banned: bool
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not (torch.is_autocast_enabled(device_type) and applies()):
             return fn(*args, **kwargs)
-        if not allow_banned and any(t.dtype == torch.float16 for t in _floating_tensors(args, kwargs)):
+        if not allow_banned and any(t.dtype == torch.float16 for t in floating_tensors(args, kwargs)):
             raise NotImplementedError(BANNED_MESSAGE)
         args = _cast(args, device_type, _LOW_PRECISION, torch.float32)
         kwargs = dict(zip(kwargs, _cast(tuple(kwargs.values()), device_type, _LOW_PRECISION, torch.float32)))

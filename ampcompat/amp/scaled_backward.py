@@ -19,8 +19,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from .. import _torch_compat
 from .o1_autocast import O1Scope, casts_back, casts_off
-from .master_weights import abort_blocks, end_block, enter_blocks, restore_amp_backward, skips_on_device
 from .optimizer_lifecycle import Event
 from .process_state import _amp_state
 
@@ -98,19 +98,24 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
         if not 0 <= loss_id < len(_amp_state.loss_scalers):
             _check_loss_id(loss_id)
         optimizers = self._optimizers
-        if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "_amp_stash"):
+        several = not (isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "_amp_stash"))
+        if not several:
             optimizers = [optimizers]
         self._optimizers = optimizers
         self._scaler = scaler = _amp_state.loss_scalers[loss_id]
         # A dynamic scale is never read on the host here: reading it would wait for the GPU.
         if not props.options["master_weights"] and not scaler.dynamic and scaler.loss_scale() == 1.0:
             self._kind = _UNSCALED
-            self._prepared = ()
         else:
             if optimizers is None:
                 raise TypeError(_NO_OPTIMIZERS)
             self._kind = _SCALED
-            self._prepared = enter_blocks(optimizers, not self._delay_unscale and isinstance(optimizers, list))
+            set_aside = not self._delay_unscale and isinstance(optimizers, list)
+            if several:  # all are checked before any is changed: a refusal leaves them as they were
+                for optimizer in optimizers:
+                    optimizer._amp_stash.check_enter()
+            for optimizer in optimizers:
+                optimizer._amp_stash.enter(set_aside)
         # The backward inside the block runs without O1's casts.
         handle = getattr(_amp_state, "handle", None)
         if isinstance(handle, O1Scope) and handle._is_active:
@@ -130,57 +135,63 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
             return False
         if self._casts_device is not None:
             casts_back(self._casts_device, self._casts_were_on)
-        if exc_type is not None:
-            for optimizer in self._prepared:
-                restore_amp_backward(optimizer)
-            if kind == _SCALED:
-                abort_blocks(self._optimizers)
-            return False
         if kind == _SCALED:
+            if exc_type is not None:
+                self._abort()
+                return False
             try:
-                _unscale_and_update(self._scaler, self._optimizers, self._loss_id, self._delay_unscale,
-                                    self._delay_overflow_check)
+                self._leave()
             except BaseException:
-                abort_blocks(self._optimizers)
+                self._abort()
                 raise
         if getattr(_amp_state, "handle", None) is not None:
             torch.clear_autocast_cache()
         return False
 
+    def _abort(self) -> None:
+        for optimizer in self._optimizers:
+            optimizer._amp_stash.abort()
 
-def _unscale_and_update(loss_scaler: Any, optimizers: List[Any], loss_id: int, delay_unscale: bool,
-                        delay_overflow_check: bool) -> None:
-    """Leaving the block: unscale the new grads, update the scale, and tell each optimizer how it ended."""
-    if delay_unscale:
+    def _leave(self) -> None:
+        """Leaving the block: unscale the new grads, update the scale, and tell each optimizer how it ended."""
+        optimizers = self._optimizers
+        if self._delay_unscale:
+            for optimizer in optimizers:
+                optimizer._amp_stash.exit(Event.EXIT_DELAYED)
+            return
+        scaler = self._scaler
+        scaler.clear_overflow_state()
+        produced = False
         for optimizer in optimizers:
-            end_block(optimizer, Event.EXIT_DELAYED)
-        return
-    loss_scaler.clear_overflow_state()
-    produced = False
-    for optimizer in optimizers:
-        produced = optimizer._post_amp_backward(loss_scaler) or produced
-    record = None
-    if delay_overflow_check:
-        event = Event.EXIT_CLEAN
-    elif _kernels_skip(optimizers) and loss_scaler.can_defer():
-        # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here.
-        record = loss_scaler.update_scale_on_device()
-        event = Event.EXIT_ON_DEVICE
-    else:
-        event = Event.EXIT_OVERFLOW if loss_scaler.update_scale() else Event.EXIT_CLEAN
-    if event is not Event.EXIT_OVERFLOW and not produced:
-        event = Event.EXIT_NO_GRADS
-    for optimizer in optimizers:
-        end_block(optimizer, event, loss_id, loss_scaler._overflow_buf, record)
-    if record is not None:
-        loss_scaler.resolve(block=False)
-
-
-def _kernels_skip(optimizers: List[Any]) -> bool:
-    for optimizer in optimizers:
-        if not (getattr(optimizer, "_step_supports_amp_scaling", False) and skips_on_device(optimizer)):
-            return False
-    return True
+            produced = optimizer._post_amp_backward(scaler) or produced
+        record = None
+        if self._delay_overflow_check:
+            event = Event.EXIT_CLEAN
+        else:
+            # Fused optimizers skip an overflowing step inside their kernel: no host sync needed here. (The
+            # attribute test spares other optimizers a call to skips_in_kernel, which makes it too.)
+            on_device = True
+            for optimizer in optimizers:
+                if not (getattr(optimizer, _torch_compat.STEP_SUPPORTS_AMP_SCALING, False)
+                        and optimizer._amp_stash.skips_in_kernel()):
+                    on_device = False
+                    break
+            if on_device and scaler.can_defer():
+                record = scaler.update_scale_on_device()
+                event = Event.EXIT_ON_DEVICE
+            else:
+                event = Event.EXIT_OVERFLOW if scaler.update_scale() else Event.EXIT_CLEAN
+        loss_id = self._loss_id
+        if event is Event.EXIT_OVERFLOW:
+            for optimizer in optimizers:
+                optimizer._amp_stash.exit_with_overflow(loss_id)
+            return
+        if not produced:
+            event = Event.EXIT_NO_GRADS
+        for optimizer in optimizers:
+            optimizer._amp_stash.exit(event, loss_id, record)
+        if record is not None:
+            scaler.resolve(block=False)
 
 
 def disable_casts() -> contextlib.AbstractContextManager:

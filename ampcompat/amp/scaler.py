@@ -1,9 +1,17 @@
-"""``LossScaler``: Apex's loss-scaling rules on PyTorch's fused AMP kernels.
+"""``LossScaler``: Apex's loss-scaling rules on PyTorch's fused AMP kernels, with one authority for the scale.
 
-Apex semantics, kept exactly: the scale is a Python float; dynamic scaling starts at
-``min(init_scale, max_loss_scale)``, divides by ``scale_factor`` on every overflowing backward pass
-(floored at ``min_loss_scale`` when one is set), multiplies after ``scale_window`` consecutive clean
-backward passes and never exceeds ``max_loss_scale``.
+The scale lives in one place, a float32 tensor on the device the gradients are on (as in
+``torch.amp.GradScaler``), beside the overflow flag and the growth counter; every change to it goes
+through :meth:`LossScaler._update_scale_policy`, the one statement of Apex's rules: dynamic scaling
+starts at ``min(init_scale, max_loss_scale)``, divides by ``scale_factor`` on every overflowing backward
+pass (floored at ``min_loss_scale`` when one is set), multiplies after ``scale_window`` consecutive clean
+backward passes and never exceeds ``max_loss_scale``. Apex's host-side fields (``_loss_scale``,
+``_unskipped``) are derived from the device values when read, and writing them writes the device.
+
+Two ways to use the policy, one rule: :meth:`LossScaler.update_scale` (Apex's method) applies it and
+reads the verdict back with one host sync; :meth:`LossScaler.update_scale_on_device` applies it and
+leaves the verdict on the device for an optimizer that skips inside its kernel, reading it back
+later without stalling (:class:`_ScaleRecord`).
 
 Two deliberate fixes, both documented in ``migration_guide.md``:
 
@@ -11,17 +19,19 @@ Two deliberate fixes, both documented in ``migration_guide.md``:
   (Apex stepped with non-finite gradients);
 * a dynamic scale that falls below 1 warns once, with advice, instead of decaying silently.
 
-Gradients are unscaled and checked with ``torch._amp_foreach_non_finite_check_and_unscale_``, one
-launch per (device, dtype) group, writing an on-device flag; :meth:`LossScaler.update_scale` reads
-that flag with the one host sync of a backward pass.
+As in GradScaler the scale is a float32: a static scale or bound float32 cannot hold exactly (0.1)
+reads back as its float32 value.
 """
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict, defaultdict, deque
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections import OrderedDict, deque
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from .. import _torch_compat
+from .._multi_tensor.tensor_lists import group_indices, pick
 
 _BELOW_ONE_ADVICE = (
     "ampcompat: the dynamic loss scale of loss scaler {} fell below 1 ({}). Gradients overflow even "
@@ -29,16 +39,15 @@ _BELOW_ONE_ADVICE = (
     "and the learning rate, or set min_loss_scale in amp.initialize to bound the scale."
 )
 
+#: The dynamic scale never halves below this: its inverse, the unscale factor, must stay a finite
+#: float32 (Apex decayed to 1e-205 in float64).
+_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+#: A static scale's growth window: never reached, so its clean-pass count grows for ever (as Apex's).
+_NEVER = 2 ** 31 - 1
 
-def _group_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
-    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[(t.device, t.dtype)].append(t)
-    return groups
 
-
-def _dense(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Views the kernels can work on: sparse gradients are coalesced and their values used."""
+def dense_values(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Views the kernels can work on in place: a sparse gradient's values (it must be coalesced)."""
     out = []
     for g in grads:
         if g.is_sparse:
@@ -47,46 +56,91 @@ def _dense(grads: Sequence[torch.Tensor]) -> List[torch.Tensor]:
                     "ampcompat cannot unscale an uncoalesced sparse gradient in place; "
                     "call grad.coalesce() in a hook or use a dense embedding."
                 )
-            out.append(g._values())
+            out.append(g.values())
         else:
             out.append(g)
     return out
 
 
-class _ScaleRecord:
-    """One on-device scale update, read back to the host without stalling the GPU.
+def check_and_scale_(group: List[torch.Tensor], found_inf: torch.Tensor, factor: torch.Tensor) -> None:
+    """Multiply one (device, dtype) group in place by ``factor`` and set ``found_inf`` to 1.0 where a value
+    is inf/NaN: the fused kernel, with FP32 work copies for bf16 (the kernel has none for it on CUDA;
+    bf16 -> FP32 is exact). ``found_inf`` and ``factor`` are one-element float32 tensors on the group's device.
+    """
+    if group[0].dtype == torch.bfloat16:
+        work = [g.float() for g in group]
+        _torch_compat.amp_foreach_non_finite_check_and_unscale_(work, found_inf, factor)
+        _torch_compat.foreach_copy_(group, work)
+    else:
+        _torch_compat.amp_foreach_non_finite_check_and_unscale_(group, found_inf, factor)
 
-    The values (overflow flag, new scale, new unskipped count) are copied into pinned host memory
-    asynchronously; reading them waits only for this copy, which by then has normally finished.
+
+@torch.no_grad()
+def any_non_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` (sparse ones included) holds inf/NaN, values left as they are: one launch
+    per (device, dtype), one host read."""
+    values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    flags = []
+    for (device, _), indices in group_indices(values).items():
+        group = pick(values, indices)
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        check_and_scale_(group, flag, torch.ones(1, dtype=torch.float32, device=device))
+        flags.append(flag)
+    if not flags:
+        return False
+    home = flags[0].device
+    return bool(sum(f.to(home) for f in flags).item())
+
+
+class _ScaleRecord:
+    """One on-device scale update: a snapshot of ``[overflow flag, new scale]``, read back lazily.
+
+    On CUDA the values are copied into pinned host memory asynchronously; reading them waits only for
+    this copy, which by then has normally finished. ``found_inf`` is the snapshot's flag on the device,
+    the one a fused optimizer step skips on.
     """
 
-    def __init__(self, values: torch.Tensor, loss_id: int) -> None:
+    def __init__(self, state: torch.Tensor, loss_id: int) -> None:
         self.loss_id = loss_id
+        snapshot = state.clone()
+        self.found_inf = snapshot[0:1]
         self._event = None
-        if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
+        if snapshot.device.type == "cuda":
+            self._host = torch.empty(snapshot.shape, dtype=snapshot.dtype, pin_memory=True)
+            self._host.copy_(snapshot, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = values
-        self._values: Optional[Tuple[bool, float, float]] = None
+            self._host = snapshot
+        self._read: Optional[Tuple[bool, float]] = None
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
-    def values(self) -> Tuple[bool, float, float]:
-        if self._values is None:
+    def values(self) -> Tuple[bool, float]:
+        """``(overflowed, scale after the update)``."""
+        if self._read is None:
             if self._event is not None and not self._event.query():
                 self._event.synchronize()
-            found, scale, unskipped = self._host.tolist()
-            self._values = (found != 0.0, scale, unskipped)
-        return self._values
+            found, scale = self._host.tolist()
+            self._read = (found != 0.0, scale)
+        return self._read
 
 
-#: The dynamic scale never halves below this: its inverse, the unscale factor, must stay a finite
-#: float32 (Apex decayed to 1e-205 and, here, torch.full would fail near 2**-128).
-_SMALLEST_SCALE = torch.finfo(torch.float32).tiny
+def _as_float32(value: float) -> float:
+    """``value`` as the float32 the scale tensor holds (rounded on the host: no device read)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+def _kernels_run_on(device: torch.device) -> bool:
+    """Whether torch's fused scale-update kernel exists for ``device`` (else the scale lives on the CPU)."""
+    if device.type in ("cpu", "cuda"):
+        return True
+    try:
+        return bool(_torch_compat.has_kernel_for_dispatch_key(
+            "aten::_amp_update_scale_", _torch_compat.dispatch_key_name(device.type)))
+    except RuntimeError:
+        return False
 
 
 class LossScaler:
@@ -101,6 +155,8 @@ class LossScaler:
         max_loss_scale: ceiling of the dynamic scale.
     """
 
+    # Apex's class attributes, which legacy code may read. They were switches of Apex's Python fallback
+    # (no amp_C extension); ampcompat always has its fused kernels, so they are constants.
     warned_no_fused_kernel = False
     warned_unscaling_non_fp32_grad = False
     has_fused_kernel = True
@@ -114,51 +170,58 @@ class LossScaler:
         min_loss_scale: Optional[float] = None,
         max_loss_scale: float = 2.0 ** 24,
     ) -> None:
-        self._records: Deque[_ScaleRecord] = deque()
-        self._scale_t: Optional[torch.Tensor] = None
-        self._tracker_t: Optional[torch.Tensor] = None
-        if loss_scale == "dynamic":
-            self.dynamic = True
-            self._scale_host = min(max_loss_scale, init_scale)
-        else:
-            self.dynamic = False
-            self._scale_host = loss_scale
+        self.dynamic = loss_scale == "dynamic"
         self._max_loss_scale = max_loss_scale
         self._min_loss_scale = min_loss_scale
         self._scale_seq_len = scale_window
         self._scale_factor = scale_factor
-        self._unskipped_host = 0
         self._has_overflow = False
-        self._overflow_buf: Optional[torch.Tensor] = None
         self._loss_id = 0
         self._warned_below_one = False
+        self._place(torch.device("cpu"), float(min(max_loss_scale, init_scale) if self.dynamic else loss_scale), 0)
+
+    def _place(self, device: torch.device, scale: float, unskipped: int) -> None:
+        """Put the authority on ``device``: ``[overflow flag, scale]`` in one tensor, and the counter."""
+        self._state = torch.tensor([0.0, scale], dtype=torch.float32, device=device)
+        self._flag = self._state[0:1]
+        self._scale_t = self._state[1:2]
+        self._tracker_t = torch.tensor([unskipped], dtype=torch.int32, device=device)
+        self._legacy_flag: Optional[torch.Tensor] = None  # a buffer legacy code put in _overflow_buf
+        self._flag_clear = True  # the flag is known to be 0 (no unscale or outside reader since it was)
+        self._scale_on_host = _as_float32(scale)  # the scale's value, exact while no record is pending
+        self._records: Deque[_ScaleRecord] = deque()  # on-device updates the host has not read yet
         self._inv_scale_cache: Dict[Tuple[torch.device, bool], list] = {}
 
-    # --- Apex's fields: exact whenever read ------------------------------------------------------
+    # --- Apex's fields: views of the authority -----------------------------------------------------
 
     @property
     def _loss_scale(self) -> float:
         self.resolve()
-        return self._scale_host
+        return self._scale_on_host
 
     @_loss_scale.setter
     def _loss_scale(self, value: float) -> None:
         self.resolve()
-        self._scale_host = value
-        if self._scale_t is not None:
-            self._scale_t.fill_(value)
+        self._scale_t.fill_(value)
+        self._scale_on_host = _as_float32(value)
 
     @property
     def _unskipped(self) -> int:
-        self.resolve()
-        return self._unskipped_host
+        return int(self._tracker_t.item())
 
     @_unskipped.setter
     def _unskipped(self, value: int) -> None:
-        self.resolve()
-        self._unskipped_host = value
-        if self._tracker_t is not None:
-            self._tracker_t.fill_(value)
+        self._tracker_t.fill_(value)
+
+    @property
+    def _overflow_buf(self) -> torch.Tensor:
+        """Apex's overflow flag; legacy code may read, write or replace it (BERT swaps in its own)."""
+        self._flag_clear = False  # the caller may write to it
+        return self._flag if self._legacy_flag is None else self._legacy_flag
+
+    @_overflow_buf.setter
+    def _overflow_buf(self, buf: torch.Tensor) -> None:
+        self._legacy_flag = None if buf is self._flag else buf
 
     # --- Apex's public surface -------------------------------------------------------------------
 
@@ -169,126 +232,131 @@ class LossScaler:
     def clear_overflow_state(self) -> None:
         """Forget any overflow recorded since the last :meth:`update_scale`."""
         self._has_overflow = False
-        if self._overflow_buf is not None:
-            self._overflow_buf.zero_()
+        if self._legacy_flag is not None:
+            self._legacy_flag.zero_()
+        if not self._flag_clear:
+            self._flag.zero_()
+            self._flag_clear = True
 
     def update_scale(self) -> bool:
-        """Read the overflow flag (one host sync), adjust the scale, and say whether to skip the step.
+        """Apply the scale policy to this backward pass's overflow flag and read the verdict (one host sync).
 
         Returns:
             True if the gradients of this backward pass held inf/NaN and the step must be skipped.
         """
         if self._records:
             self.resolve()
-        scale, unskipped = self._scale_host, self._unskipped_host
-        checks = self.dynamic or scale != 1.0
-        if not self._has_overflow and self._overflow_buf is not None and checks:
-            self._has_overflow = bool(self._overflow_buf.item())
-        if self._has_overflow and checks:
-            should_skip = True
-            unskipped = 0
-            if self.dynamic:
-                scale = scale / self._scale_factor
-                if self._min_loss_scale:
-                    scale = max(self._min_loss_scale, scale)
-                scale = max(scale, _SMALLEST_SCALE)
+        checks = self.dynamic or self._scale_on_host != 1.0  # a static scale of 1 is never checked (as Apex)
+        if checks and not self._has_overflow and self._legacy_flag is None:
+            self._update_scale_policy(self._flag)  # the usual case, without a call to _verdict_flag
         else:
-            should_skip = False
-            unskipped += 1
-        if unskipped == self._scale_seq_len and self.dynamic:
-            scale = min(self._max_loss_scale, scale * self._scale_factor)
-            unskipped = 0
-        self._scale_host, self._unskipped_host = scale, unskipped
-        if self._scale_t is not None:  # a device copy exists (the deferred path was used before)
-            self._scale_t.fill_(scale)
-            self._tracker_t.fill_(unskipped)
-        if scale < 1.0:
+            self._update_scale_policy(self._verdict_flag(checks))
+        flag, scale = self._state.tolist()  # the one host read of a backward pass
+        self._flag_clear = flag == 0.0
+        self._scale_on_host = scale
+        overflowed = checks and (flag != 0.0 or self._has_overflow)
+        if overflowed and scale < 1.0:
             self._warn_if_below_one(scale)
-        return should_skip
+        return overflowed
+
+    # --- the policy: every path ------------------------------------------------------------------
+
+    def _update_scale_policy(self, found_inf: torch.Tensor) -> None:
+        """Apex's rules for one backward pass, applied on the device to the scale and the counter.
+
+        ``found_inf`` (one float32 element, 0 or 1) says whether the pass overflowed. Dynamic: halve on
+        overflow (floored at ``min_loss_scale``, or at the smallest float32 whose inverse is finite) and
+        reset the count; else count, and after ``scale_window`` clean passes double (capped at
+        ``max_loss_scale``) and reset the count. Static: the scale stays; the count resets on overflow.
+        """
+        if self.dynamic:
+            _torch_compat.amp_update_scale_(self._scale_t, self._tracker_t, found_inf, self._scale_factor,
+                                            1.0 / self._scale_factor, self._scale_seq_len)
+            self._scale_t.clamp_(min=self._min_loss_scale or _SMALLEST_SCALE, max=self._max_loss_scale)
+        else:
+            _torch_compat.amp_update_scale_(self._scale_t, self._tracker_t, found_inf, 1.0, 1.0, _NEVER)
+
+    def _verdict_flag(self, checks: bool) -> torch.Tensor:
+        """The flag the policy reads: ours (a legacy buffer in ``_overflow_buf`` copied into it first), or
+        an overflow when Apex's ``_has_overflow`` is set; a static scale of 1 never overflows (as Apex)."""
+        if not checks:
+            return torch.zeros_like(self._flag)
+        if self._has_overflow:
+            return torch.ones_like(self._flag)
+        if self._legacy_flag is not None:
+            self._flag.copy_(self._legacy_flag.reshape(1).clamp(max=1))
+        return self._flag
 
     # --- the deferred path: no host sync per backward pass ----------------------------------------
 
-    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss.float() * scale``, using the on-device scale when there is one (same bits)."""
-        if self._scale_t is not None:
-            return loss.float() * self._scale_t.clone()  # a snapshot: the scale is updated in place later
-        return loss.float() * self._scale_host
-
     def can_defer(self) -> bool:
-        """Whether this scaler can update itself on the device (dynamic, with a bound device)."""
-        return self.dynamic and self._overflow_buf is not None and self._overflow_buf.dtype == torch.float32
+        """Whether this scaler can leave its verdict on the device (dynamic, and its own flag in use)."""
+        return self.dynamic and self._legacy_flag is None
 
-    def update_scale_on_device(self) -> "_ScaleRecord":
-        """Apex's :meth:`update_scale` without the host sync: the scale and counter change on the device.
-
-        The overflow flag of this backward pass stays in ``_overflow_buf`` for the optimizers' fused
-        kernels to skip on; the host copies of the fields catch up when they are next read.
+    def update_scale_on_device(self) -> _ScaleRecord:
+        """:meth:`update_scale` without the host sync: the policy runs on the device and the verdict stays
+        there for the optimizers' fused kernels; the host copies of Apex's fields catch up when read.
 
         Returns:
-            The record of this update (its overflow flag and resulting scale, read back lazily).
+            The record of this update (its on-device flag, and the values read back lazily).
         """
-        buf = self._overflow_buf
-        if self._scale_t is None:
-            self._scale_t = torch.full((1,), float(self._scale_host), dtype=torch.float32, device=buf.device)
-            self._tracker_t = torch.full((1,), int(self._unskipped_host), dtype=torch.int32, device=buf.device)
-        torch._amp_update_scale_(self._scale_t, self._tracker_t, buf, self._scale_factor,
-                                 1.0 / self._scale_factor, self._scale_seq_len)
-        self._scale_t.clamp_(min=self._min_loss_scale or _SMALLEST_SCALE, max=self._max_loss_scale)
-        record = _ScaleRecord(torch.cat([buf, self._scale_t, self._tracker_t.float()]), self._loss_id)
+        if self._has_overflow:
+            self._flag.fill_(1.0)  # the record carries the verdict to the optimizers' kernels
+        self._update_scale_policy(self._flag)
+        record = _ScaleRecord(self._state, self._loss_id)
+        self._flag_clear = False
         self._records.append(record)
         return record
 
     def resolve(self, block: bool = True) -> None:
-        """Bring the host fields up to date with the device updates made so far (reads finished ones only
-        when ``block`` is False)."""
+        """Bring the host copy of the scale up to date with the device updates made so far (reads finished
+        ones only when ``block`` is False)."""
         while self._records:
             record = self._records[0]
             if not block and not record.ready():
                 return
             self._records.popleft()
-            found, scale, unskipped = record.values()
-            self._scale_host, self._unskipped_host = scale, int(unskipped)
+            found, scale = record.values()
+            self._scale_on_host = scale
             if found:
                 self._warn_if_below_one(scale)
 
-    # --- ampcompat's multi-tensor work -----------------------------------------------------------
+    # --- unscaling -----------------------------------------------------------------------------
 
-    def checks_overflow(self) -> bool:
-        """Whether gradients are checked for inf/NaN: always when dynamic, and for a static scale != 1."""
-        return self.dynamic or self._loss_scale != 1.0
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss.float() * scale`` (the device scale when the host copy is behind: same bits, no sync)."""
+        if self._records:
+            return loss.float() * self._scale_t.clone()  # a snapshot: the scale is updated in place later
+        return loss.float() * self._scale_on_host
 
     def bind_device(self, device: Union[str, torch.device]) -> None:
-        """Allocate the on-device overflow flag (done by ``initialize`` with the model's device)."""
+        """Move the scale, counter and flag to ``device`` (``initialize`` binds the model's device)."""
         device = torch.device(device)
-        if self._overflow_buf is None or self._overflow_buf.device != device:
-            self._overflow_buf = torch.zeros(1, dtype=torch.float32, device=device)
+        if not _kernels_run_on(device):
+            device = torch.device("cpu")
+        if self._state.device != device:
+            self.resolve()
+            self._place(device, self._scale_on_host, self._unskipped)
 
-    def _flag_for(self, device: torch.device) -> torch.Tensor:
-        if self._overflow_buf is None:
-            self.bind_device(device)
-        buf = self._overflow_buf
-        if buf.device == device and buf.dtype == torch.float32 and buf.numel() == 1:
-            return buf
-        # Legacy code may swap in its own (e.g. int, all-reduced) buffer; the kernel needs float32.
+    def _other_flag(self, device: torch.device) -> torch.Tensor:
+        """A fresh flag for an unscale our own cannot take (grads on another device, or legacy code's
+        buffer in ``_overflow_buf``), merged into the right one by :meth:`_merge_flag` afterwards."""
         return torch.zeros(1, dtype=torch.float32, device=device)
 
     def _merge_flag(self, flag: torch.Tensor) -> None:
-        self._overflow_buf.add_(flag.to(self._overflow_buf.device, self._overflow_buf.dtype))
+        target = self._flag if self._legacy_flag is None else self._legacy_flag
+        target.copy_(torch.maximum(target, flag.to(target.device, target.dtype)))
 
-    def _inv_scale(self, device: torch.device, scale: float) -> torch.Tensor:
-        """``1/scale`` as a one-element device tensor, refilled in place when the scale changes.
-
-        Refilling (a fill kernel, no host-to-device copy) instead of allocating keeps device memory flat.
-        """
-        key = (device, scale == 1.0)
-        cached = self._inv_scale_cache.get(key)
-        if cached is None:
-            cached = [scale, torch.full((1,), 1.0 / scale, dtype=torch.float32, device=device)]
-            self._inv_scale_cache[key] = cached
-        elif cached[0] != scale:
-            cached[0] = scale
-            cached[1].fill_(1.0 / scale)
-        return cached[1]
+    def _inverse(self, device: torch.device) -> torch.Tensor:
+        """``1/scale`` (the host copy's) as a one-element tensor on ``device``, made once per device and
+        refilled in place when the scale changes (a fill kernel, no allocation: device memory stays flat)."""
+        inv = self._inv_scale_cache.get(device)
+        if inv is None or inv[0] != self._scale_on_host:
+            if inv is None:
+                inv = self._inv_scale_cache[device] = [None, torch.empty(1, dtype=torch.float32, device=device)]
+            inv[0] = self._scale_on_host
+            inv[1].fill_(1.0 / self._scale_on_host)
+        return inv[1]
 
     def unscale_(self, grads: Sequence[torch.Tensor], scale: Optional[float] = None) -> None:
         """Divide ``grads`` in place by the scale and record inf/NaN in the overflow flag.
@@ -298,42 +366,44 @@ class LossScaler:
             scale: the scale the gradients carry; defaults to the current scale.
         """
         if grads:
-            self.unscale_groups_(list(_group_by_device_and_dtype(_dense(grads)).values()), scale)
+            values = dense_values(grads)
+            self.unscale_groups_([pick(values, indices) for indices in group_indices(values).values()], scale)
 
     def unscale_groups_(self, groups: Sequence[List[torch.Tensor]], scale: Optional[float] = None) -> None:
         """:meth:`unscale_` for dense gradients already grouped by (device, dtype): one launch per group.
 
         The optimizers group their parameters once, at lazy init, and call this on every backward pass.
         """
-        if scale is None and self._scale_t is not None:
-            # In place on the fresh FP64 copy: in-place ops are on no autocast list, so under O1 this never
-            # meets an autocast kernel (out-of-place reciprocal has one on CPU: a Python call per step).
-            inv_on_device = self._scale_t.double().reciprocal_().float()
+        if scale is not None:
+            on_device = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=self._state.device)
+        elif self._records:
+            # The host copy is behind the device: 1/scale from the device scale, in place on a fresh FP64
+            # copy (bitwise GradScaler's; in-place ops meet no O1 autocast kernel: no Python call).
+            on_device = self._scale_t.double().reciprocal_().float()
         else:
-            inv_on_device = None
-            scale = self._scale_host if scale is None else scale
-            if scale == 1.0 and not self.checks_overflow():
-                return
+            on_device = None
+            if self._scale_on_host == 1.0 and not self.dynamic:
+                return  # a static scale of 1: nothing to divide, and no check (as Apex)
+        self._flag_clear = False
         for group in groups:
             if not group:
                 continue
             device = group[0].device
-            flag = self._overflow_buf  # the usual flag and 1/scale are taken without a call
-            if flag is None or flag.device != device or flag.dtype != torch.float32 or flag.shape != (1,):
-                flag = self._flag_for(device)
-            if inv_on_device is None:
-                cached = self._inv_scale_cache.get((device, scale == 1.0))
-                inv = cached[1] if cached is not None and cached[0] == scale else self._inv_scale(device, scale)
+            flag = self._flag
+            if flag.device != device or self._legacy_flag is not None:
+                flag = self._other_flag(device)
+            # The cached 1/scale and the non-bf16 kernel taken inline, not through _inverse/check_and_scale_:
+            # measured, 2 Python calls fewer per step (tests/test_host_overhead.py, O1 AdamW: 266, else 268).
+            inv = self._inv_scale_cache.get(device) if on_device is None else None
+            if inv is not None and inv[0] == self._scale_on_host:
+                inv = inv[1]
             else:
-                inv = inv_on_device.to(device)
+                inv = self._inverse(device) if on_device is None else on_device.to(device)
             if group[0].dtype == torch.bfloat16:
-                # The fused check has no bf16 kernel on CUDA: work on FP32 copies (bf16 -> FP32 is exact).
-                work = [g.float() for g in group]
-                torch._amp_foreach_non_finite_check_and_unscale_(work, flag, inv)
-                torch._foreach_copy_(group, work)
+                check_and_scale_(group, flag, inv)
             else:
-                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
-            if flag is not self._overflow_buf:
+                _torch_compat.amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
+            if flag is not self._flag:
                 self._merge_flag(flag)
 
     def unscale_add_(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
@@ -341,9 +411,9 @@ class LossScaler:
         if not dst:
             return
         incoming = [torch.empty_like(d) for d in dst]
-        torch._foreach_copy_(incoming, list(src))
+        _torch_compat.foreach_copy_(incoming, list(src))
         self.unscale_(incoming)
-        torch._foreach_add_(list(dst), incoming)
+        _torch_compat.foreach_add_(list(dst), incoming)
 
     def _warn_if_below_one(self, scale: float) -> None:
         if self.dynamic and scale < 1.0 and not self._warned_below_one:
@@ -352,28 +422,25 @@ class LossScaler:
 
     # --- pickling: old Apex pickles and our own --------------------------------------------------
 
+    _APEX_FIELDS = ("dynamic", "_max_loss_scale", "_min_loss_scale", "_scale_seq_len", "_scale_factor",
+                    "_has_overflow", "_loss_id", "_warned_below_one")
+
     def __getstate__(self) -> Dict[str, Any]:
-        self.resolve()
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_records", "_scale_t", "_tracker_t", "_scale_host", "_unskipped_host")}
-        state["_loss_scale"] = self._scale_host  # Apex's field names, so Apex-era readers still work
-        state["_unskipped"] = self._unskipped_host
-        state["_inv_scale_cache"] = {}
+        """Apex's fields (``_loss_scale``, ``_unskipped``... as plain numbers) and the device of the scale."""
+        state = {name: self.__dict__[name] for name in self._APEX_FIELDS}
+        state.update(_loss_scale=self._loss_scale, _unskipped=self._unskipped, _device=str(self._state.device))
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        # Apex-era pickles lack ampcompat's fields; fill them with their defaults.
-        state = dict(state)
-        scale = state.pop("_loss_scale", 1.0)
-        unskipped = state.pop("_unskipped", 0)
-        self.__dict__.update(
-            dict(_scale_factor=2.0, _loss_id=0, _warned_below_one=False, _overflow_buf=None,
-                 _has_overflow=False, _min_loss_scale=None, _max_loss_scale=2.0 ** 24, _scale_seq_len=2000,
-                 dynamic=False)
-        )
-        self.__dict__.update(state)
-        self.__dict__.update(_records=deque(), _scale_t=None, _tracker_t=None, _inv_scale_cache={},
-                             _scale_host=scale, _unskipped_host=unskipped)
+        # Apex-era pickles lack ampcompat's fields (and hold an overflow buffer of their own): defaults.
+        self.__dict__.update(dict(_scale_factor=2.0, _loss_id=0, _warned_below_one=False, _has_overflow=False,
+                                  _min_loss_scale=None, _max_loss_scale=2.0 ** 24, _scale_seq_len=2000,
+                                  dynamic=False))
+        self.__dict__.update({k: v for k, v in state.items() if k in self._APEX_FIELDS})
+        self._place(torch.device("cpu"), float(state.get("_loss_scale", 1.0)), int(state.get("_unskipped", 0)))
+        device = state.get("_device", "cpu")
+        if torch.device(device).type != "cuda" or torch.cuda.is_available():
+            self.bind_device(device)
 
 
 # --- conversion between Apex's amp.state_dict() and torch.amp.GradScaler.state_dict() -------------

@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .. import _torch_compat
+
 from .fp16util import clip_grad_norm
 
 __all__ = ["FP16_Optimizer"]
@@ -61,7 +63,7 @@ _SCALER_FIELDS = {
 
 def _amp_maybe_print(msg: str) -> None:
     """Print through amp's verbosity switch, as Apex's step() did."""
-    from ampcompat.amp._amp_state import maybe_print
+    from ampcompat.amp.process_state import maybe_print
 
     maybe_print(msg)
 
@@ -201,7 +203,7 @@ class FP16_Optimizer:
     def _make_masters(model_params: List[torch.Tensor]) -> List[torch.Tensor]:
         masters = [torch.empty_like(p, dtype=torch.float32) for p in model_params]
         if masters:
-            torch._foreach_copy_(masters, [p.detach() for p in model_params])
+            _torch_compat.foreach_copy_(masters, [p.detach() for p in model_params])
         for master in masters:
             master.requires_grad_(True)
         return masters
@@ -243,7 +245,7 @@ class FP16_Optimizer:
                 grad.requires_grad_(False)
             grads.append(grad)
         if grads:
-            torch._foreach_zero_(grads)
+            _torch_compat.foreach_zero_(grads)
 
     def backward(self, loss: torch.Tensor, update_master_grads: bool = True, retain_graph: bool = False) -> None:
         """Backpropagate ``loss.float() * loss_scale``, then (by default) :meth:`update_master_grads`.
@@ -276,7 +278,7 @@ class FP16_Optimizer:
             master_grads.append(master.grad)
             model_grads.append(model_param.grad)
         if master_grads:
-            torch._foreach_copy_(master_grads, model_grads)
+            _torch_compat.foreach_copy_(master_grads, model_grads)
         fp32_grads = [p.grad for p in self.all_fp32_from_fp32_params if p.grad is not None]
         self.loss_scaler.unscale_(master_grads + fp32_grads)
         self.overflow = self.loss_scaler.update_scale()
@@ -354,7 +356,7 @@ class FP16_Optimizer:
     def _master_params_to_model_params(self) -> None:
         if self.all_fp16_params:
             with torch.no_grad():
-                torch._foreach_copy_(self.all_fp16_params, self.all_fp32_from_fp16_params)
+                _torch_compat.foreach_copy_(self.all_fp16_params, self.all_fp32_from_fp16_params)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
@@ -405,7 +407,7 @@ class FP16_Optimizer:
         self.first_closure_call_this_step = state_dict["first_closure_call_this_step"]
         if saved_masters:
             with torch.no_grad():
-                torch._foreach_copy_(self.all_fp32_from_fp16_params, saved_masters)
+                _torch_compat.foreach_copy_(self.all_fp32_from_fp16_params, saved_masters)
 
     def _matching_saved_masters(self, saved_groups: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         if len(saved_groups) != len(self.fp32_from_fp16_groups):

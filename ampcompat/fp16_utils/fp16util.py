@@ -17,10 +17,10 @@ from typing import Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors
 
-from ..amp.model_casting import _is_kept_fp32 as _is_fp32_batchnorm
-from ..amp.model_casting import convert_module, convert_network
+from .. import _torch_compat
+
+from ..amp.model_casting import convert_module, convert_network, is_kept_fp32
 
 __all__ = [
     "tofp16",
@@ -61,7 +61,7 @@ def BN_convert_float(module: nn.Module) -> nn.Module:
         ``module`` itself.
     """
     for m in module.modules():
-        if _is_fp32_batchnorm(m):
+        if is_kept_fp32(m):
             m.float()
     return module
 
@@ -159,7 +159,7 @@ def prep_param_lists(model: nn.Module, flat_master: bool = False) -> Tuple[List[
     if flat_master:
         try:
             # copy=True: flattening a single FP32 parameter returns a view of it, which must not alias.
-            flat = _flatten_dense_tensors([p.detach() for p in model_params]).to(torch.float32, copy=True)
+            flat = _torch_compat.flatten_dense_tensors([p.detach() for p in model_params]).to(torch.float32, copy=True)
         except BaseException:
             print(_MIXED_TYPES_MESSAGE)
             raise
@@ -168,7 +168,7 @@ def prep_param_lists(model: nn.Module, flat_master: bool = False) -> Tuple[List[
         return model_params, [master]
     masters = [torch.empty_like(p, dtype=torch.float32) for p in model_params]
     if masters:
-        torch._foreach_copy_(masters, [p.detach() for p in model_params])
+        _torch_compat.foreach_copy_(masters, [p.detach() for p in model_params])
     for master in masters:
         master.requires_grad_(True)
     return model_params, masters
@@ -203,7 +203,7 @@ def model_grads_to_master_grads(
         if flat.grad is None:
             flat.grad = torch.empty_like(flat)
         if model_params:
-            torch._foreach_copy_(_views_into(flat.grad, model_params), [p.grad for p in model_params])
+            _torch_compat.foreach_copy_(_views_into(flat.grad, model_params), [p.grad for p in model_params])
         return
     _check_pairing(model_params, master_params, "model_grads_to_master_grads")
     dst, src = [], []
@@ -216,7 +216,7 @@ def model_grads_to_master_grads(
         dst.append(master.grad)
         src.append(model.grad)
     if dst:
-        torch._foreach_copy_(dst, src)
+        _torch_compat.foreach_copy_(dst, src)
 
 
 def master_params_to_model_params(
@@ -241,7 +241,7 @@ def master_params_to_model_params(
         sources = [m.detach() for m in master_params]
     if model_params:
         with torch.no_grad():
-            torch._foreach_copy_(model_params, sources)
+            _torch_compat.foreach_copy_(model_params, sources)
 
 
 def to_python_float(t) -> float:

@@ -11,45 +11,15 @@ not "the float sum is not finite") with the fused non-finite kernel and one host
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Dict, Iterable, List, Tuple
+from typing import Iterable
 
 import torch
+
+from ..amp.scaler import any_non_finite
 
 from .fp16util import to_python_float
 
 __all__ = ["LossScaler", "DynamicLossScaler", "to_python_float"]
-
-
-def _check_values(grad: torch.Tensor) -> torch.Tensor:
-    """The dense tensor whose values decide whether ``grad`` holds inf/NaN."""
-    if grad.is_sparse:
-        return grad.coalesce()._values()
-    return grad
-
-
-def _any_inf_or_nan(grads: Iterable[torch.Tensor]) -> bool:
-    """True if any of ``grads`` holds inf or NaN; one fused launch per (device, dtype), one host sync.
-
-    The fused AMP kernel is run with an inverse scale of exactly 1.0, so the gradients' values are
-    left as they were.
-    """
-    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        values = _check_values(g)
-        groups[(values.device, values.dtype)].append(values)
-    if not groups:
-        return False
-    flags = []
-    with torch.no_grad():
-        for (device, _), group in groups.items():
-            flag = torch.zeros(1, dtype=torch.float32, device=device)
-            unit = torch.ones(1, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, unit)
-            flags.append(flag)
-    home = flags[0].device
-    total = flags[0] if len(flags) == 1 else torch.stack([f.to(home) for f in flags]).sum()
-    return bool(total.item())
 
 
 class _ScaledBackward:
@@ -122,11 +92,11 @@ class DynamicLossScaler(_ScaledBackward):
         Returns:
             True if at least one gradient is not finite.
         """
-        return _any_inf_or_nan(p.grad for p in params if p.grad is not None)
+        return any_non_finite(p.grad for p in params if p.grad is not None)
 
     @staticmethod
     def _has_inf_or_nan(x: torch.Tensor) -> bool:
-        return _any_inf_or_nan([x])
+        return any_non_finite([x])
 
     def update_scale(self, overflow: bool) -> None:
         """Advance one iteration, shrinking the scale on overflow or growing it after a clean window."""

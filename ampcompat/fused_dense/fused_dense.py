@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._autocast_utils import _cast_if_autocast_enabled
+from .._autocast_utils import cast_if_autocast_enabled
 
 __all__ = ["FusedDense", "FusedDenseGeluDense", "fused_dense_function", "dense_no_bias_function",
            "fused_dense_gelu_dense_function"]
@@ -19,14 +19,14 @@ __all__ = ["FusedDense", "FusedDenseGeluDense", "fused_dense_function", "dense_n
 
 def fused_dense_function(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``input @ weight.T + bias`` with Apex's autocast rule."""
-    (input, weight, bias), autocast_off = _cast_if_autocast_enabled(input, weight, bias)
+    (input, weight, bias), autocast_off = cast_if_autocast_enabled(input, weight, bias)
     with autocast_off:
         return F.linear(input, weight, bias)
 
 
 def dense_no_bias_function(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``input @ weight.T`` with Apex's autocast rule."""
-    (input, weight), autocast_off = _cast_if_autocast_enabled(input, weight)
+    (input, weight), autocast_off = cast_if_autocast_enabled(input, weight)
     with autocast_off:
         return F.linear(input, weight)
 
@@ -34,7 +34,7 @@ def dense_no_bias_function(input: torch.Tensor, weight: torch.Tensor) -> torch.T
 def fused_dense_gelu_dense_function(input: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
                                     weight2: torch.Tensor, bias2: torch.Tensor) -> torch.Tensor:
     """``linear(gelu_tanh(linear(input, weight1, bias1)), weight2, bias2)`` with Apex's autocast rule."""
-    args, autocast_off = _cast_if_autocast_enabled(input, weight1, bias1, weight2, bias2)
+    args, autocast_off = cast_if_autocast_enabled(input, weight1, bias1, weight2, bias2)
     input, weight1, bias1, weight2, bias2 = args
     with autocast_off:
         return F.linear(F.gelu(F.linear(input, weight1, bias1), approximate="tanh"), weight2, bias2)

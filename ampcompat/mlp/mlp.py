@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._autocast_utils import _cast_if_autocast_enabled
+from .._autocast_utils import cast_if_autocast_enabled
 
 __all__ = ["MLP", "mlp_function"]
 
@@ -25,7 +25,7 @@ def mlp_function(bias: int, activation: int, *args: torch.Tensor) -> torch.Tenso
     Raises:
         ValueError: if the number of weights and biases does not match ``bias``.
     """
-    (input, *params), autocast_off = _cast_if_autocast_enabled(*args)
+    (input, *params), autocast_off = cast_if_autocast_enabled(*args)
     if bias:
         if len(params) % 2:
             raise ValueError(f"mlp_function with bias needs as many biases as weights; got {len(params)} tensors")

@@ -23,6 +23,8 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .._autocast_utils import autocast_cast, autocast_dtype
+
 __all__ = [
     "FusedLayerNorm", "FusedRMSNorm", "MixedFusedLayerNorm", "MixedFusedRMSNorm",
     "fused_layer_norm", "fused_layer_norm_affine", "mixed_dtype_fused_layer_norm_affine",
@@ -35,30 +37,6 @@ ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
 # --- dtype rules -------------------------------------------------------------------------------------
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device_type``, or None when autocast is off (or absent) there."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
-    except RuntimeError:  # a device type autocast does not know
-        return None
-
-
-def _autocast_cast(tensor: Optional[torch.Tensor], dtype: torch.dtype, device_type: str) -> Optional[torch.Tensor]:
-    """Autocast's eligibility rule: floating tensors on the autocast device, FP64 excepted."""
-    if (tensor is not None and tensor.is_floating_point() and tensor.device.type == device_type
-            and tensor.dtype != torch.float64):
-        return tensor.to(dtype)
-    return tensor
-
 
 def _normalize(op: Any, input: torch.Tensor, params: List[Optional[torch.Tensor]], out_dtype: torch.dtype,
                *args: Any) -> torch.Tensor:
@@ -81,13 +59,13 @@ def _apply(op: Any, input: torch.Tensor, params: List[Optional[torch.Tensor]], n
             functions and modules do; Apex's ``*Function.apply`` did not).
     """
     device_type = input.device.type
-    autocast_dtype = _autocast_dtype(device_type)
-    if cast_for_autocast and autocast_dtype is not None:
-        input = _autocast_cast(input, autocast_dtype, device_type)
-        params = [_autocast_cast(p, autocast_dtype, device_type) for p in params]
+    cast_to = autocast_dtype(device_type)
+    if cast_for_autocast and cast_to is not None:
+        input = autocast_cast(input, cast_to, device_type)
+        params = [autocast_cast(p, cast_to, device_type) for p in params]
     weight = params[0]
     out_dtype = weight.dtype if output_in_param_dtype and weight is not None else input.dtype
-    off = torch.autocast(device_type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
+    off = torch.autocast(device_type, enabled=False) if cast_to is not None else contextlib.nullcontext()
     with off:
         return _normalize(op, input, params, out_dtype, _shape(normalized_shape), eps)
 

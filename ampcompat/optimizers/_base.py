@@ -6,7 +6,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ._tensor_lists import LOW_PRECISION
+from .. import _torch_compat
+from .._multi_tensor.tensor_lists import LOW_PRECISION
 
 
 class FusedOptimizerBase(torch.optim.Optimizer):
@@ -138,10 +139,10 @@ def scaler_tensors(optimizer: torch.optim.Optimizer,
     ``grad_scale`` is None when the scaler already unscaled this optimizer's gradients (``unscale_``);
     ``found_inf`` sums the scaler's inf/NaN findings over devices (checking the gradients if it has not).
     """
-    found_per_device = grad_scaler._check_inf_per_device(optimizer)
+    found_per_device = _torch_compat.grad_scaler_found_inf_per_device(grad_scaler, optimizer)
     device = next(iter(found_per_device.values())).device if found_per_device else None
     found_inf = sum(v.to(device) for v in found_per_device.values()) if found_per_device else None
-    stage = grad_scaler._per_optimizer_states[id(optimizer)].get("stage")
-    already_unscaled = getattr(stage, "name", None) == "UNSCALED"
-    grad_scale = None if already_unscaled else grad_scaler._get_scale_async()
+    if _torch_compat.grad_scaler_unscaled(grad_scaler, optimizer):
+        return None, found_inf
+    grad_scale = _torch_compat.grad_scaler_scale(grad_scaler)
     return grad_scale, found_inf

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from .. import _torch_compat
+
 __all__ = ["FusedFP16OptimizerBase"]
 
 _LEGACY_STEP_ARGS = ("grads", "output_params", "scale", "grad_norms")
@@ -133,7 +135,7 @@ class FusedFP16OptimizerBase:
         for grads in fp16_grads:
             present = [g for g in grads if g is not None]
             if present:
-                norms = torch._foreach_norm(present, 2, dtype=torch.float32)
+                norms = _torch_compat.foreach_norm(present, 2, dtype=torch.float32)
                 device = present[0].device
                 per_group.append(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2))
             else:
@@ -155,7 +157,7 @@ class FusedFP16OptimizerBase:
             pairs = [(out, m) for out, m in zip(group_outputs, masters) if out is not None]
             if pairs:
                 with torch.no_grad():
-                    torch._foreach_copy_([o for o, _ in pairs], [m for _, m in pairs])
+                    _torch_compat.foreach_copy_([o for o, _ in pairs], [m for _, m in pairs])
             for master in masters:
                 master.grad = None
 
@@ -236,7 +238,7 @@ class FusedFP16OptimizerBase:
             self.scale_window = state_dict["scale_window"]
         if current:
             with torch.no_grad():
-                torch._foreach_copy_(current, [t.detach() for t in saved])
+                _torch_compat.foreach_copy_(current, [t.detach() for t in saved])
 
     def _flat_saved_masters(self, saved: Any) -> List[torch.Tensor]:
         return [t for group in saved for t in group]

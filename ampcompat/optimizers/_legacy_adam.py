@@ -25,8 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import _torch_compat
+
 from ._base import step_tensor
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
+from .._multi_tensor.tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
 
 __all__ = ["legacy_adam_step", "per_group"]
 
@@ -150,22 +152,22 @@ def _update(group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch
     weights = Fp32Work(params)
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    g = torch._foreach_div([x.to(exp_avgs[0].dtype) for x in grads], combined_scale)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, g, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
+    g = _torch_compat.foreach_div([x.to(exp_avgs[0].dtype) for x in grads], combined_scale)
+    _torch_compat.foreach_mul_(exp_avgs, beta1)
+    _torch_compat.foreach_add_(exp_avgs, g, alpha=1 - beta1)
+    _torch_compat.foreach_mul_(exp_avg_sqs, beta2)
+    _torch_compat.foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
     if eps_inside_sqrt:
-        denom = torch._foreach_add(exp_avg_sqs, eps)
-        torch._foreach_sqrt_(denom)
+        denom = _torch_compat.foreach_add(exp_avg_sqs, eps)
+        _torch_compat.foreach_sqrt_(denom)
     else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, denom)
+        denom = _torch_compat.foreach_sqrt(exp_avg_sqs)
+        _torch_compat.foreach_add_(denom, eps)
+    update = _torch_compat.foreach_div(exp_avgs, denom)
     if weight_decay != 0:
-        torch._foreach_add_(update, weights.values, alpha=weight_decay)
-    torch._foreach_add_(weights.values, update, alpha=-step_size)
+        _torch_compat.foreach_add_(update, weights.values, alpha=weight_decay)
+    _torch_compat.foreach_add_(weights.values, update, alpha=-step_size)
     weights.write_back()
     with_output = [i for i, out in enumerate(outputs) if out is not None]
     if with_output:
-        torch._foreach_copy_(pick(outputs, with_output), pick(weights.values, with_output))
+        _torch_compat.foreach_copy_(pick(outputs, with_output), pick(weights.values, with_output))

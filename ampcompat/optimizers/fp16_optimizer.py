@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .. import _torch_compat
 
 from ._fused_fp16_optimizer import FusedFP16OptimizerBase
 
@@ -67,7 +68,7 @@ class FP16_Optimizer(FusedFP16OptimizerBase):
                 self.fp32_groups_flat.append(torch.empty(0, requires_grad=True))
                 group["params"] = []
                 continue
-            flat = _flatten_dense_tensors([p.detach().clone() for p in params])
+            flat = _torch_compat.flatten_dense_tensors([p.detach().clone() for p in params])
             self.fp16_groups_flat.append(flat)
             master = flat.detach().clone().float().requires_grad_(True)
             self.fp32_groups_flat.append(master)
@@ -77,7 +78,7 @@ class FP16_Optimizer(FusedFP16OptimizerBase):
     def _point_params_at_flat_buffers(self) -> None:
         for params, flat in zip(self.fp16_groups, self.fp16_groups_flat):
             if params:
-                for p, view in zip(params, _unflatten_dense_tensors(flat, params)):
+                for p, view in zip(params, _torch_compat.unflatten_dense_tensors(flat, params)):
                     p.data = view
 
     def _masters(self) -> List[List[torch.Tensor]]:
@@ -91,7 +92,7 @@ class FP16_Optimizer(FusedFP16OptimizerBase):
                 outputs.append([])
                 continue
             filled = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, group_grads)]
-            grads.append([_flatten_dense_tensors(filled)])
+            grads.append([_torch_compat.flatten_dense_tensors(filled)])
             outputs.append([flat])
         return grads, outputs
 

@@ -5,9 +5,12 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from . import _functional, _native
+from .. import _torch_compat
+
+from . import _native
+from .._multi_tensor import update_rules
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, step_tensor
-from ._tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick
+from .._multi_tensor.tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick
 
 
 class FusedAdagrad(FusedOptimizerBase):
@@ -64,12 +67,12 @@ class FusedAdagrad(FusedOptimizerBase):
     def _own_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         states = [self._init_state(p) for p in params]
         steps = place_steps(states, [torch.device("cpu")] * len(params))
-        torch._foreach_add_(steps, 1)
+        _torch_compat.foreach_add_(steps, 1)
         for indices in group_indices(params).values():
             members = pick(params, indices)
             weights = Fp32Work(members)
             sums = Fp32Work([s["sum"] for s in pick(states, indices)])
-            _functional.adagrad_(weights.values, Fp32Work([p.grad for p in members]).values, sums.values,
+            update_rules.adagrad_(weights.values, Fp32Work([p.grad for p in members]).values, sums.values,
                                  lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
                                  adagrad_w_mode=True)
             weights.write_back()

@@ -5,10 +5,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import _functional, _native
+from .. import _torch_compat
+
+from . import _native
+from .._multi_tensor import update_rules
 from ._legacy_adam import legacy_adam_step
 from ._base import FusedOptimizerBase, copy_state_dict, place_steps, scaler_tensors, step_tensor
-from ._tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
+from .._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, capturable_supported, fused_kernels_supported,
                             group_indices, pick)
 
 
@@ -82,7 +85,7 @@ class FusedAdam(FusedOptimizerBase):
         self.capturable = capturable
         self.master_weights = master_weights
         if capturable:
-            self._step_supports_amp_scaling = True
+            setattr(self, _torch_compat.STEP_SUPPORTS_AMP_SCALING, True)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, grads: Any = None, output_params: Any = None,
@@ -169,7 +172,7 @@ class FusedAdam(FusedOptimizerBase):
         if found_inf is not None and bool(found_inf):
             return  # GradScaler found inf/NaN: skip, as Apex's capturable kernel did
         steps = place_steps(states, [torch.device("cpu")] * len(params))
-        torch._foreach_add_(steps, 1)
+        _torch_compat.foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
         buckets = group_indices(params, key=lambda p: (p.device, p.dtype))
         for indices in buckets.values():
@@ -183,19 +186,19 @@ class FusedAdam(FusedOptimizerBase):
         weights = Fp32Work([m if m is not None else p for m, p in zip(masters, params)])
         grads = Fp32Work([p.grad for p in params]).values
         if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale.to(params[0].device).reshape(()))
+            grads = _torch_compat.foreach_div(grads, grad_scale.to(params[0].device).reshape(()))
         if group["bias_correction"]:
             bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
         else:
             bc1 = bc2 = 1.0
-        _functional.adam_(weights.values, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        update_rules.adam_(weights.values, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"], adam_w_mode=bool(self.adam_w_mode),
                           bias_correction1=bc1, bias_correction2=bc2)
         weights.write_back()
         with_master = [i for i, m in enumerate(masters) if m is not None]
         if with_master:
-            torch._foreach_copy_(pick(params, with_master), pick(masters, with_master))
+            _torch_compat.foreach_copy_(pick(params, with_master), pick(masters, with_master))
 
     def _init_state(self, p: torch.Tensor, on_device: bool) -> Dict[str, Any]:
         state = self._fp32_state(p)

@@ -5,9 +5,9 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
-from . import lamb_math
+from .._multi_tensor import lamb_math
 from ._base import FusedOptimizerBase
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
+from .._multi_tensor.tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick
 
 
 class FusedLAMB(FusedOptimizerBase):

@@ -6,9 +6,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import lamb_math
+from .. import _torch_compat
+from .._multi_tensor import lamb_math
 from ._base import scaler_tensors
-from ._tensor_lists import group_indices, pick
+from .._multi_tensor.tensor_lists import group_indices, pick
 
 _TENSOR_DEFAULTS = ("lr", "step")
 
@@ -80,7 +81,7 @@ class FusedMixedPrecisionLamb(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device
         self._dummy_overflow_buf = torch.zeros(1, dtype=torch.int32, device=device)
         self.reduced_precision_dtype = reduced_precision_dtype
-        self._step_supports_amp_scaling = True
+        setattr(self, _torch_compat.STEP_SUPPORTS_AMP_SCALING, True)
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.use_nvlamb = use_nvlamb
 

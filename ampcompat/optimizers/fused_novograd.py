@@ -6,9 +6,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from . import _functional
+from .. import _torch_compat
+
+from .._multi_tensor import update_rules
 from ._base import FusedOptimizerBase, copy_state_dict
-from ._tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
+from .._multi_tensor.tensor_lists import LOW_PRECISION, Fp32Work, group_indices, pick, stack_scalars
 
 _NORM_MESSAGE = "FusedNovoGrad only support l2/inf norm now."
 
@@ -19,7 +21,7 @@ class FusedNovoGrad(FusedOptimizerBase):
     The second moment is one number per tensor: the gradient norm (L2 for ``norm_type=2``, max-abs for
     ``norm_type=0``) blended over steps, ``v = sqrt(b2*v^2 + (1-b2)*||g||^2)`` (L2) or
     ``v = b2*v + (1-b2)*||g||`` (inf). It starts at 0 with ``init_zero``, else at the first norm. See
-    :func:`._functional.novograd_` for the update. No host synchronisation per step.
+    :func:`ampcompat._multi_tensor.update_rules.novograd_` for the update. No host synchronisation per step.
 
     State: ``step`` per param group (as Apex); per parameter ``exp_avg`` (FP32 for FP16/BF16
     parameters) and ``exp_avg_sq``, a 0-dim FP32 tensor. Apex kept the per-tensor norms as two tensors
@@ -94,13 +96,13 @@ class FusedNovoGrad(FusedOptimizerBase):
             members = pick(params, indices)
             device = members[0].device
             grads = Fp32Work([p.grad for p in members]).values
-            norms = stack_scalars(torch._foreach_norm(grads, order), device)
+            norms = stack_scalars(_torch_compat.foreach_norm(grads, order), device)
             states = [self._init_state(p, norm, group["init_zero"]) for p, norm in zip(members, norms.unbind())]
             averages = [s["exp_avg_sq"] for s in states]
-            blended = _functional.blend_grad_norms(stack_scalars(averages, device), norms, beta2, group["norm_type"])
-            torch._foreach_copy_(averages, list(blended.unbind()))
+            blended = update_rules.blend_grad_norms(stack_scalars(averages, device), norms, beta2, group["norm_type"])
+            _torch_compat.foreach_copy_(averages, list(blended.unbind()))
             weights = Fp32Work(members)
-            _functional.novograd_(
+            update_rules.novograd_(
                 weights.values, grads, [s["exp_avg"] for s in states], blended,
                 lr=group["lr"], beta1=beta1, beta3=1 - beta1 if group["grad_averaging"] else 1.0,
                 eps=group["eps"], weight_decay=group["weight_decay"], reg_inside_moment=self.moment_mode == 0,

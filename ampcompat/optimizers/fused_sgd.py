@@ -6,9 +6,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch.optim.optimizer import required
 
-from . import _functional, _native
+from . import _native
+from .._multi_tensor import update_rules
 from ._base import FusedOptimizerBase
-from ._tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick, split
+from .._multi_tensor.tensor_lists import Fp32Work, fused_kernels_supported, group_indices, pick, split
 
 
 class FusedSGD(FusedOptimizerBase):
@@ -100,7 +101,7 @@ class FusedSGD(FusedOptimizerBase):
             members = pick(params, indices)
             weights = Fp32Work(members)
             buffers = Fp32Work([self.state[p]["momentum_buffer"] for p in members] if momentum != 0 else [])
-            _functional.sgd_(weights.values, Fp32Work([p.grad for p in members]).values, buffers.values,
+            update_rules.sgd_(weights.values, Fp32Work([p.grad for p in members]).values, buffers.values,
                              lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
                              dampening=group["dampening"], nesterov=group["nesterov"],
                              wd_after_momentum=True, first_run=first_run)

@@ -2,11 +2,12 @@
 
 ``apex.parallel.LARC`` is this module and ``apex.parallel.LARC.LARC`` the class, as in Apex.
 """
-from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+
+from .. import _torch_compat
+from .._multi_tensor.tensor_lists import group_indices, pick
 
 __all__ = ["LARC"]
 
@@ -119,22 +120,18 @@ class LARC:
     @torch.no_grad()
     def _rescale_grads(self, group: Dict[str, Any], weight_decay: float) -> None:
         """Fold weight decay into and apply LARC's factor to the gradients of one param group, in place."""
-        by_device_and_dtype: Dict[Tuple[torch.device, torch.dtype], Tuple[List[Tensor], List[Tensor]]] = \
-            defaultdict(lambda: ([], []))
-        for param in group["params"]:
-            if param.grad is not None:
-                params, grads = by_device_and_dtype[(param.device, param.dtype)]
-                params.append(param)
-                grads.append(param.grad)
-        for params, grads in by_device_and_dtype.values():
-            param_norms = torch.stack(torch._foreach_norm(params)).float()
-            grad_norms = torch.stack(torch._foreach_norm(grads)).float()
+        with_grads = [p for p in group["params"] if p.grad is not None]
+        for indices in group_indices(with_grads).values():  # one launch per (device, dtype)
+            params = pick(with_grads, indices)
+            grads = [p.grad for p in params]
+            param_norms = torch.stack(_torch_compat.foreach_norm(params)).float()
+            grad_norms = torch.stack(_torch_compat.foreach_norm(grads)).float()
             local_rate = self.trust_coefficient * param_norms / (grad_norms + param_norms * weight_decay + self.eps)
             if self.clip:
                 local_rate = torch.clamp(local_rate / group["lr"], max=1.0)
             adapted = (param_norms != 0) & (grad_norms != 0)
             if weight_decay != 0:
                 decay = torch.where(adapted, weight_decay, 0.0)
-                torch._foreach_add_(grads, torch._foreach_mul(params, list(decay.unbind(0))))
+                _torch_compat.foreach_add_(grads, _torch_compat.foreach_mul(params, list(decay.unbind(0))))
             factors = torch.where(adapted, local_rate, 1.0)
-            torch._foreach_mul_(grads, list(factors.unbind(0)))
+            _torch_compat.foreach_mul_(grads, list(factors.unbind(0)))

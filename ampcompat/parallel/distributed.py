@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as _TorchDDP
 
+from .. import _torch_compat
+
 __all__ = [
     "DistributedDataParallel",
     "Reducer",
@@ -95,7 +97,7 @@ def apply_flat_dist_call(bucket: Sequence[Tensor], call: Callable[..., Any],
     if call is dist.all_reduce:
         coalesced /= dist.get_world_size()
     with torch.no_grad():
-        torch._foreach_copy_(list(bucket), unflatten(coalesced, bucket))
+        _torch_compat.foreach_copy_(list(bucket), unflatten(coalesced, bucket))
 
 
 def flat_dist_call(tensors: Iterable[Tensor], call: Callable[..., Any],

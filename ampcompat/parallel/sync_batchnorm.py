@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _torch_compat
 
 __all__ = ["SyncBatchNorm", "convert_syncbn_model", "create_syncbn_process_group"]
 
@@ -75,13 +76,11 @@ def _torch_sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Option
                            running_mean: Optional[Tensor], running_var: Optional[Tensor],
                            momentum: float, eps: float, group) -> Tensor:
     """torch.nn.SyncBatchNorm's fused kernels (GPU-class devices only)."""
-    from torch.nn.modules._functions import SyncBatchNorm as _SyncBatchNormFunction
-
-    return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, momentum, group,
-                                        dist.get_world_size(group))
+    return _torch_compat.SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, momentum,
+                                                     group, dist.get_world_size(group))
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(_torch_compat.BatchNormBase):
     """Apex's ``SyncBatchNorm``: batch norm whose training statistics are reduced across processes.
 
     Like Apex's, a direct subclass of ``_BatchNorm`` (so amp O2 keeps it in FP32), not of
@@ -178,7 +177,7 @@ def convert_syncbn_model(module: torch.nn.Module, process_group=None, channel_la
         The converted module.
     """
     converted = module
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, _torch_compat.BatchNormBase):
         converted = _sync_batchnorm_like(module, process_group, channel_last)
     for name, child in module.named_children():
         converted.add_module(name, convert_syncbn_model(child, process_group=process_group,
@@ -186,7 +185,7 @@ def convert_syncbn_model(module: torch.nn.Module, process_group=None, channel_la
     return converted
 
 
-def _sync_batchnorm_like(bn: _BatchNorm, process_group, channel_last: bool) -> SyncBatchNorm:
+def _sync_batchnorm_like(bn: _torch_compat.BatchNormBase, process_group, channel_last: bool) -> SyncBatchNorm:
     sync_bn = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                             process_group, channel_last=channel_last)
     if bn.track_running_stats:

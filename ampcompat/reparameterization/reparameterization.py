@@ -23,6 +23,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.nn.parameter import Parameter
 
+from .. import _torch_compat
+
 __all__ = ["Reparameterization"]
 
 _SPARSE_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
@@ -205,6 +207,6 @@ class Reparameterization:
 def _state_key(params: Sequence[torch.Tensor]) -> Optional[Tuple[Any, ...]]:
     """What identifies the values of ``params``: storage, version counter, dtype, device (None: unknown)."""
     try:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params)
+        return tuple((p.data_ptr(), _torch_compat.tensor_version(p), p.dtype, p.device, p.requires_grad) for p in params)
     except RuntimeError:  # inference tensors have no version counter: never reuse
         return None

@@ -159,10 +159,12 @@ def _fused_amp_kernels(device: torch.device) -> Check:
     """Whether the fused unscale/inf-check kernel GradScaler and ampcompat use runs on ``device``."""
     import torch
 
+    from .. import _torch_compat
+
     try:
         found_inf = torch.zeros(1, device=device)
         grads = [torch.tensor([1.0, float("inf")], device=device)]
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones(1, device=device))
+        _torch_compat.amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones(1, device=device))
         if found_inf.item() != 1.0:
             return _check("missing", "the kernel ran but did not flag an inf")
     except Exception as exc:  # missing kernel: NotImplementedError, RuntimeError or AttributeError

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ... import _torch_compat
 from .plan import FusedPlan
 
 _kernels: Any = None
@@ -103,7 +104,7 @@ def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], 
     k = kernels()
     host_steps = plan.done  # a placeholder argument when the steps live on the device
     if not plan.device_steps and plan.steps:
-        torch._foreach_add_(plan.steps, 1)
+        _torch_compat.foreach_add_(plan.steps, 1)
         host_steps = torch.stack(plan.steps).to(plan.device, torch.float32, non_blocking=True)
     grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
     for segment, scalars, maximize in launches:

@@ -13,7 +13,7 @@ from torch.nn import init
 
 import torch.nn.functional as F
 
-from ampcompat._autocast_utils import _cast_if_autocast_enabled
+from ampcompat._autocast_utils import cast_if_autocast_enabled
 
 __all__ = ["FastLayerNorm", "FastLayerNormFN"]
 
@@ -29,7 +29,7 @@ class FastLayerNormFN:
                                f"got {tuple(gamma.shape)} and {tuple(beta.shape)}")
         if gamma.dtype != beta.dtype:
             raise RuntimeError(f"FastLayerNorm: weight and bias dtypes differ ({gamma.dtype}, {beta.dtype})")
-        (x, gamma, beta), autocast_off = _cast_if_autocast_enabled(x, gamma, beta)
+        (x, gamma, beta), autocast_off = cast_if_autocast_enabled(x, gamma, beta)
         work = torch.float64 if torch.float64 in (x.dtype, gamma.dtype) else torch.float32
         with autocast_off:
             return F.layer_norm(x.to(work), (gamma.numel(),), gamma.to(work), beta.to(work), epsilon).to(gamma.dtype)

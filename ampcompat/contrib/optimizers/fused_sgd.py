@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch.optim.optimizer import required
 
+from ... import _torch_compat
+
 from ampcompat.optimizers._legacy_adam import per_group
 from ampcompat.optimizers.fused_sgd import FusedSGD as _FusedSGD
 
@@ -76,5 +78,5 @@ class FusedSGD(_FusedSGD):
         for group, outputs in zip(groups, outputs_per_group):
             pairs = [(out, p) for out, p in zip(outputs or [], group["params"]) if out is not None]
             if pairs:
-                torch._foreach_copy_([o for o, _ in pairs], [p for _, p in pairs])
+                _torch_compat.foreach_copy_([o for o, _ in pairs], [p for _, p in pairs])
         return loss

@@ -10,7 +10,7 @@ Apex computed LAMB in two stages, and so does this (``torch._foreach_*``, a few 
    norm is 0) where the trust ratio applies: tensors with nonzero weight decay, or all with NVLAMB.
 
 The lists passed in are of one device and are computed on as they are: callers give FP32 (or FP64)
-working copies of half-precision tensors (``_tensor_lists.Fp32Work``) and store the results back.
+working copies of half-precision tensors (``tensor_lists.Fp32Work``) and store the results back.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._functional import adam_direction
-from ._tensor_lists import Fp32Work, as_fp32, group_indices, pick, stack_scalars
+from .. import _torch_compat
+from .update_rules import adam_direction
+from .tensor_lists import Fp32Work, as_fp32, group_indices, pick, stack_scalars
 
 Tensors = Sequence[torch.Tensor]
 Scalar = Union[float, torch.Tensor]
@@ -47,8 +48,8 @@ def lamb_update_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
         The per-tensor updates ``u`` (new tensors).
     """
     device = params[0].device
-    scaled = list(grads) if inv_scale is None else torch._foreach_mul(grads, inv_scale.to(device).reshape(()))
-    scaled = torch._foreach_div(scaled, grad_clip_divisor.to(device).reshape(()))
+    scaled = list(grads) if inv_scale is None else _torch_compat.foreach_mul(grads, inv_scale.to(device).reshape(()))
+    scaled = _torch_compat.foreach_div(scaled, grad_clip_divisor.to(device).reshape(()))
     per_tensor = not isinstance(weight_decay, (int, float))
     if per_tensor and not adam_w_mode:
         raise ValueError("per-tensor weight decay is decoupled (adam_w_mode=True) only")
@@ -58,8 +59,8 @@ def lamb_update_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
     if per_tensor:
         decayed = [i for i, decay in enumerate(weight_decay) if decay != 0]
         if decayed:
-            torch._foreach_add_(pick(update, decayed),
-                                torch._foreach_mul(pick(params, decayed), [float(weight_decay[i]) for i in decayed]))
+            _torch_compat.foreach_add_(pick(update, decayed),
+                                _torch_compat.foreach_mul(pick(params, decayed), [float(weight_decay[i]) for i in decayed]))
     return update
 
 
@@ -79,9 +80,9 @@ def apply_trust_ratio_(params: Tensors, updates: Tensors, *, lr: Scalar, trusted
     applies = [trusted] * len(params) if isinstance(trusted, bool) else list(trusted)
     if not any(applies):
         if isinstance(lr, torch.Tensor):
-            torch._foreach_sub_(params, torch._foreach_mul(updates, lr.to(device).reshape(())))
+            _torch_compat.foreach_sub_(params, _torch_compat.foreach_mul(updates, lr.to(device).reshape(())))
         else:
-            torch._foreach_add_(params, updates, alpha=-lr)
+            _torch_compat.foreach_add_(params, updates, alpha=-lr)
         return
     p_norm = tensor_norms(params, device) if param_norms is None else param_norms.to(device)
     u_norm = tensor_norms(updates, device) if update_norms is None else update_norms.to(device)
@@ -90,7 +91,7 @@ def apply_trust_ratio_(params: Tensors, updates: Tensors, *, lr: Scalar, trusted
         use = use & torch.tensor(applies, device=device)
     lr_value = lr.to(device).reshape(()) if isinstance(lr, torch.Tensor) else lr
     ratio = torch.where(use, p_norm / torch.where(use, u_norm, 1.0), 1.0) * lr_value
-    torch._foreach_sub_(params, torch._foreach_mul(updates, list(ratio.unbind())))
+    _torch_compat.foreach_sub_(params, _torch_compat.foreach_mul(updates, list(ratio.unbind())))
 
 
 def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *, lr: Scalar, beta1: float,
@@ -138,21 +139,21 @@ def lamb_mixed_precision_(grads: Tensors, params: Tensors, exp_avgs: Tensors, ex
     apply_trust_ratio_(weights.values, update, lr=lr, trusted=trusted, param_norms=param_norms)
     weights.write_back()
     if model_params is not None:
-        torch._foreach_copy_(list(model_params), weights.values)
+        _torch_compat.foreach_copy_(list(model_params), weights.values)
 
 
 def store_update_(grads: Tensors, update: Tensors) -> None:
     """Write ``update`` into ``grads``, as Apex's mixed-precision kernels did, and round ``update`` in place to
     what was stored (the gradients' dtype): the stored update is the one applied."""
-    torch._foreach_copy_(list(grads), list(update))
+    _torch_compat.foreach_copy_(list(grads), list(update))
     rounded = [i for i, (g, u) in enumerate(zip(grads, update)) if g.dtype != u.dtype]
     if rounded:
-        torch._foreach_copy_(pick(update, rounded), pick(grads, rounded))
+        _torch_compat.foreach_copy_(pick(update, rounded), pick(grads, rounded))
 
 
 def tensor_norms(tensors: Tensors, device: torch.device) -> torch.Tensor:
     """Per-tensor L2 norms of one device's ``tensors`` as one 1-D FP32 tensor on ``device``."""
-    return stack_scalars(torch._foreach_norm(list(tensors)), device)
+    return stack_scalars(_torch_compat.foreach_norm(list(tensors)), device)
 
 
 def global_grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,7 +161,7 @@ def global_grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     device = params[0].device
     squares = []
     for indices in group_indices(params).values():
-        norms = torch._foreach_norm([p.grad for p in pick(params, indices)], 2, dtype=torch.float32)
+        norms = _torch_compat.foreach_norm([p.grad for p in pick(params, indices)], 2, dtype=torch.float32)
         squares.append(stack_scalars(norms, device).square().sum())
     return torch.stack(squares).sum().sqrt()
 

@@ -1,7 +1,7 @@
 """Apex's fused-optimizer update rules, written with ``torch._foreach_*`` (a few launches per list).
 
 Each function updates one list of parameters (one device, FP32 or FP64: callers upcast half tensors
-with :class:`~ampcompat.optimizers._tensor_lists.Fp32Work`) and its state in place, following the
+with :class:`~ampcompat._multi_tensor.tensor_lists.Fp32Work`) and its state in place, following the
 arithmetic of Apex's ``csrc/multi_tensor_{adam,sgd,adagrad,novograd}*.cu`` kernels (LAMB's is in
 :mod:`.lamb_math`). Gradients are never modified (where a rule needs a modified gradient it works on a
 new list).
@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import List, Sequence, Union
 
 import torch
+
+from .. import _torch_compat
+
 
 Tensors = Sequence[torch.Tensor]
 
@@ -25,7 +28,7 @@ def adam_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     update = adam_direction(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, new_grad_weight=1 - beta1,
                             beta2=beta2, eps=eps, weight_decay=weight_decay, adam_w_mode=adam_w_mode,
                             bias_correction1=bias_correction1, bias_correction2=bias_correction2)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)
 
 
 def adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
@@ -38,18 +41,18 @@ def adam_direction(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_s
     Shared by Adam and LAMB's first stage (:mod:`.lamb_math`).
     """
     if not adam_w_mode and weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=new_grad_weight)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(update, denom)
+        grads = _torch_compat.foreach_add(grads, params, alpha=weight_decay)
+    _torch_compat.foreach_mul_(exp_avgs, beta1)
+    _torch_compat.foreach_add_(exp_avgs, grads, alpha=new_grad_weight)
+    _torch_compat.foreach_mul_(exp_avg_sqs, beta2)
+    _torch_compat.foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = _torch_compat.foreach_div(exp_avg_sqs, bias_correction2)
+    _torch_compat.foreach_sqrt_(denom)
+    _torch_compat.foreach_add_(denom, eps)
+    update = _torch_compat.foreach_div(exp_avgs, bias_correction1)
+    _torch_compat.foreach_div_(update, denom)
     if adam_w_mode and weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
     return update
 
 
@@ -62,34 +65,35 @@ def sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: floa
     """
     d_p: List[torch.Tensor] = list(grads)
     if weight_decay != 0 and not wd_after_momentum:
-        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+        d_p = _torch_compat.foreach_add(d_p, params, alpha=weight_decay)
     if momentum != 0:
         if first_run:
-            torch._foreach_copy_(momentum_buffers, d_p)
+            _torch_compat.foreach_copy_(momentum_buffers, d_p)
         else:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
+            _torch_compat.foreach_mul_(momentum_buffers, momentum)
+            _torch_compat.foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
         if nesterov:
-            d_p = torch._foreach_add(d_p, momentum_buffers, alpha=momentum)
+            d_p = _torch_compat.foreach_add(d_p, momentum_buffers, alpha=momentum)
         else:
             d_p = list(momentum_buffers)
     if weight_decay != 0 and wd_after_momentum:
-        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
-    torch._foreach_add_(params, d_p, alpha=-lr)
+        d_p = _torch_compat.foreach_add(d_p, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, d_p, alpha=-lr)
 
 
 def adagrad_(params: Tensors, grads: Tensors, sums: Tensors, *, lr: float, eps: float, weight_decay: float,
              adagrad_w_mode: bool) -> None:
     """Adagrad: ``h += g*g; p -= lr * (g / (sqrt(h) + eps) [+ wd * p])`` (decay inside ``g`` unless w-mode)."""
     if not adagrad_w_mode and weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_addcmul_(sums, grads, grads, value=1)
-    std = torch._foreach_sqrt(sums)
-    torch._foreach_add_(std, eps)
-    update = torch._foreach_div(grads, std)
+        grads = _torch_compat.foreach_add(grads, params, alpha=weight_decay)
+    _torch_compat.foreach_addcmul_(sums, grads, grads, value=1)
+    std = _torch_compat.foreach_sqrt(sums)
+    _torch_compat.foreach_add_(std, eps)
+    update = _torch_compat.foreach_div(grads, std)
     if adagrad_w_mode and weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)
+
 
 
 def blend_grad_norms(previous: torch.Tensor, current: torch.Tensor, beta2: float, norm_type: int) -> torch.Tensor:
@@ -110,17 +114,17 @@ def novograd_(params: Tensors, grads: Tensors, exp_avgs: Tensors, grad_norms: to
     """
     denom = list((grad_norms / bias_correction2 + eps).unbind())
     if reg_inside_moment:
-        normalized = torch._foreach_div(grads, denom)
+        normalized = _torch_compat.foreach_div(grads, denom)
         if weight_decay != 0:
-            torch._foreach_add_(normalized, params, alpha=weight_decay)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, normalized, alpha=beta3)
-        torch._foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
+            _torch_compat.foreach_add_(normalized, params, alpha=weight_decay)
+        _torch_compat.foreach_mul_(exp_avgs, beta1)
+        _torch_compat.foreach_add_(exp_avgs, normalized, alpha=beta3)
+        _torch_compat.foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
         return
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=beta3)
-    update = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(update, denom)
+    _torch_compat.foreach_mul_(exp_avgs, beta1)
+    _torch_compat.foreach_add_(exp_avgs, grads, alpha=beta3)
+    update = _torch_compat.foreach_div(exp_avgs, bias_correction1)
+    _torch_compat.foreach_div_(update, denom)
     if weight_decay != 0:
-        torch._foreach_add_(update, params, alpha=weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+        _torch_compat.foreach_add_(update, params, alpha=weight_decay)
+    _torch_compat.foreach_add_(params, update, alpha=-lr)

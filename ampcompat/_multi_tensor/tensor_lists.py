@@ -7,20 +7,24 @@ grouping is pure bookkeeping, and up/down casts are one ``torch._foreach_copy_``
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .. import _torch_compat
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def group_indices(items: Sequence[Any],
-                  key: Callable[[Any], Hashable] = lambda t: (t.device, t.dtype),
-                  ) -> Dict[Hashable, List[int]]:
+def group_indices(items: Sequence[Any], key: Optional[Callable[[Any], Hashable]] = None) -> Dict[Hashable, List[int]]:
     """Indices of ``items`` bucketed by ``key`` (by default a tensor's ``(device, dtype)``), first-seen order."""
     groups: Dict[Hashable, List[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        groups[key(item)].append(index)
+    if key is None:  # the default inline: no Python call per tensor (this runs on amp's unscale path)
+        for index, item in enumerate(items):
+            groups[(item.device, item.dtype)].append(index)
+    else:
+        for index, item in enumerate(items):
+            groups[key(item)].append(index)
     return dict(groups)
 
 
@@ -48,14 +52,14 @@ class Fp32Work:
         if self._upcast:
             sources = pick(self.originals, self._upcast)
             copies = [torch.empty_like(t, dtype=torch.float32) for t in sources]
-            torch._foreach_copy_(copies, sources)
+            _torch_compat.foreach_copy_(copies, sources)
             for i, copy in zip(self._upcast, copies):
                 self.values[i] = copy
 
     def write_back(self) -> None:
         """Store the computed values into the original tensors (rounding half types)."""
         if self._upcast:
-            torch._foreach_copy_(pick(self.originals, self._upcast), pick(self.values, self._upcast))
+            _torch_compat.foreach_copy_(pick(self.originals, self._upcast), pick(self.values, self._upcast))
 
 
 def as_fp32(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -71,33 +75,23 @@ def fused_kernels_supported(tensors: Sequence[torch.Tensor], op: str = "") -> bo
         op: the fused ATen op (e.g. ``"_fused_adagrad_"``); when given, the op must also have a kernel
             registered for each device (not every fused optimizer exists on every backend).
     """
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # older torch: fused kernels were CUDA only
-        devices = {"cuda"}
+    devices = set(_torch_compat.fused_optimizer_devices())
     if not all(t.device.type in devices and t.is_floating_point() for t in tensors):
         return False
     return not op or all(_has_kernel(op, device_type) for device_type in {t.device.type for t in tensors})
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
-    key = "PrivateUse1" if device_type == torch._C._get_privateuse1_backend_name() else device_type.upper()
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::" + op, key))
-    except AttributeError:  # no way to ask: let torch decide
-        return True
+        key = _torch_compat.dispatch_key_name(device_type)
+        return bool(_torch_compat.has_kernel_for_dispatch_key("aten::" + op, key))
     except RuntimeError:  # the op does not exist in this torch
         return False
 
 
 def capturable_supported(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether torch's ``capturable=True`` optimizer paths accept every tensor's device."""
-    try:
-        from torch.optim.optimizer import _get_capturable_supported_devices
-        devices = set(_get_capturable_supported_devices())
-    except ImportError:
-        devices = {"cuda"}
+    devices = set(_torch_compat.capturable_optimizer_devices())
     return all(t.device.type in devices for t in tensors)
 
 
