@@ -125,6 +125,8 @@ BAD_STATES = [
      r"loss_scale must be a finite number above 0, found nan"),
     ("inf_scale", {"loss_scaler0": {"loss_scale": math.inf, "unskipped": 0}}, ValueError,
      r"loss_scale must be a finite number above 0, found inf"),
+    ("scale_beyond_float32", {"loss_scaler0": {"loss_scale": 1e39, "unskipped": 0}}, ValueError,
+     r"entry 'loss_scaler0': loss_scale must be at most 3\.40282e\+38 \(float32's largest value"),
     ("missing_unskipped", {"loss_scaler0": {"loss_scale": 8.0}}, ValueError,
      r"entry 'loss_scaler0' has no 'unskipped'"),
     ("missing_loss_scale", {"loss_scaler0": {"unskipped": 3}}, ValueError,
@@ -170,6 +172,9 @@ BAD_OPTIONS = [
      r"^loss_scale must be 'dynamic' or a number \(a float such as 128\.0, or a string such as '128\.0'\), "
      r"found loss_scale='banana'$"),
     ("loss_scale_bool", dict(loss_scale=True), TypeError, r"found loss_scale=True"),
+    ("loss_scale_beyond_float32", dict(loss_scale=1e39), ValueError,
+     r"^loss_scale must be at most 3\.40282e\+38 \(float32's largest value.*found loss_scale=1e\+39"),
+    ("max_beyond_float32", dict(max_loss_scale=1e39), ValueError, r"^max_loss_scale must be at most 3\.40282e\+38"),
     ("min_above_max", dict(min_loss_scale=2.0 ** 20, max_loss_scale=2.0 ** 10), ValueError,
      r"^min_loss_scale \(1048576\.0\) is above max_loss_scale \(1024\.0\)"),
     ("min_negative", dict(min_loss_scale=-1.0), ValueError,

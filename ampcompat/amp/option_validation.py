@@ -18,6 +18,15 @@ import torch
 
 #: The two strings argparse-based scripts pass for booleans (Apex converted them for keep_batchnorm_fp32).
 _BOOL_STRINGS = {"True": True, "False": False}
+#: The loss scale is kept as a float32 on the gradients' device: a larger value would become inf.
+LARGEST_LOSS_SCALE = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def check_fits_float32(name: str, number: float, shown: str) -> None:
+    """Refuse a loss scale (or bound) float32 cannot hold: stored on the device it would be inf."""
+    if number > LARGEST_LOSS_SCALE:
+        raise ValueError("{} must be at most {:g} (float32's largest value: the loss scale is kept as a float32), "
+                         "found {}.".format(name, LARGEST_LOSS_SCALE, shown))
 
 
 def _is_number(value: Any) -> bool:
@@ -31,6 +40,7 @@ def _positive_finite(name: str, value: Any, hint: str = "") -> float:
     number = float(value)
     if not (math.isfinite(number) and number > 0):
         raise ValueError("{} must be a finite number above 0, found {}={!r}.{}".format(name, name, value, hint))
+    check_fits_float32(name, number, "{}={!r}".format(name, value))
     return number
 
 
@@ -57,6 +67,7 @@ def check_loss_scale(value: Any) -> Union[str, float]:
         raise ValueError(
             "loss_scale must be 'dynamic' or a finite number above 0, found loss_scale={!r}: a static scale "
             "multiplies the loss, so 0 loses every gradient and inf/NaN make every step overflow.".format(value))
+    check_fits_float32("loss_scale", number, "loss_scale={!r}".format(value))
     return number
 
 

@@ -18,6 +18,8 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple
 
+from .option_validation import check_fits_float32
+
 #: The keys of ``torch.amp.GradScaler.state_dict()``.
 _GRAD_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 _ENTRY_FORM = "{'loss_scale': <a finite number above 0>, 'unskipped': <an int of at least 0>}"
@@ -77,6 +79,7 @@ def _check_entry(key: str, entry: Any) -> Tuple[float, int]:
         raise ValueError(
             "amp state_dict entry {!r}: loss_scale must be a finite number above 0, found {}; training on it "
             "would skip every step or lose every gradient.".format(key, _short(loss_scale)))
+    check_fits_float32("amp state_dict entry {!r}: loss_scale".format(key), float(loss_scale), _short(loss_scale))
     if not isinstance(unskipped, numbers.Real) or isinstance(unskipped, bool):
         raise TypeError("amp state_dict entry {!r}: unskipped must be an int, found {} ({}).".format(
             key, _short(unskipped), type(unskipped).__name__))
