@@ -160,33 +160,69 @@ def test_stdlib_and_torch_sources_go_through_untouched(capsys, mode):
     assert summary.startswith(f"{len(list(iter_python_files(roots)))} files")
 
 
-@pytest.mark.parametrize("mode", ["--write", "--to-native"])
-def test_stdlib_files_with_an_apex_import_added_change_only_there(tmp_path, capsys, mode):
-    """Real-world syntax through the rewriters: a fixed sample of the stdlib, each file given Apex imports."""
+def _stdlib_corpus(full):
+    """The standard library's own files: a fixed sample, or (``full``) every file CPython compiles."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[::4] + sorted((stdlib / "email").glob("*.py"))
+    if not full:
+        return sorted(stdlib.glob("*.py"))[::4] + sorted((stdlib / "email").glob("*.py"))
+    skip = {"site-packages", "dist-packages", "lib2to3", "test", "tests", "idle_test"}  # test data: odd on purpose
+    return sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+
+
+_MODES = {"write": ["--write"], "to-native": ["--to-native"], "write+to-native": ["--write", "--to-native"]}
+
+
+@pytest.mark.parametrize("corpus", ["sample", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_stdlib_files_with_an_apex_import_added_change_only_there_and_only_once(tmp_path, capsys, mode, corpus):
+    """Real-world syntax through the rewriters: the stdlib, each file given Apex imports; every mode changes
+    only those lines (and the alias line), and a second run changes nothing."""
     injected = "\nfrom apex.parallel import DistributedDataParallel as DDP\nimport amp_C\n"
     originals = {}
-    for index, path in enumerate(files):
-        target = tmp_path / f"{index:03d}_{path.name}"
+    for index, path in enumerate(_stdlib_corpus(corpus == "full")):
+        target = tmp_path / f"{index:04d}_{path.name}"
         data = path.read_bytes()
         try:
-            compile(data, str(path), "exec")
-        except SyntaxError:
+            compile(data, str(path), "exec", dont_inherit=True)
+        except (SyntaxError, ValueError):
             continue
         target.write_bytes(data + injected.encode())
         originals[target] = data + injected.encode()
-    code, out, _ = run_cli([tmp_path, mode], capsys)
-    assert code == 0 and INTERNAL not in out and ": skipped: " not in out, out[-2000:]
+    for args in _MODES[mode]:
+        code, out, _ = run_cli([tmp_path, args], capsys)
+        assert code == 0 and INTERNAL not in out and ": skipped: " not in out, out[-2000:]
     assert len(originals) > 50
+    first = {}
     for path, data in originals.items():
-        new = path.read_bytes()
+        new = first[path] = path.read_bytes()
         assert new != data, path.name
-        compile(new, path.name, "exec")
+        compile(new, path.name, "exec", dont_inherit=True)
         old_lines = data.splitlines()
         new_lines = without_alias_line(new.splitlines(), encoded=True)
-        kept = len(old_lines) - (2 if mode == "--write" else 3)
+        kept = len(old_lines) - (2 if mode == "write" else 3)
         assert new_lines[:kept] == old_lines[:kept], path.name
+    code, out, _ = run_cli([tmp_path, _MODES[mode][-1]], capsys)
+    assert code == 0, out[-2000:]
+    assert [p.name for p, data in first.items() if p.read_bytes() != data] == []
+
+
+def test_every_mode_twice_over_the_fixture_tree_changes_nothing_the_second_time(tmp_path, capsys):
+    """Every fixture of the suite (Apex-era scripts, the alias's fake Apex packages, odd files) in every mode."""
+    for mode, steps in _MODES.items():
+        tree = tmp_path / mode
+        shutil.copytree(REPO / "tests" / "fixtures", tree, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        for args in steps:
+            code, out, _ = run_cli([tree, args], capsys)
+            assert INTERNAL not in out and code == 0, out[-3000:]
+        first = {p: p.read_bytes() for p in tree.rglob("*.py")}
+        code, out, _ = run_cli([tree, steps[-1]], capsys)
+        assert code == 0 and INTERNAL not in out, out[-3000:]
+        changed = sorted(str(p.relative_to(tree)) for p, data in first.items() if p.read_bytes() != data)
+        assert changed == [], (mode, changed)
+        for path, data in first.items():
+            original = REPO / "tests" / "fixtures" / path.relative_to(tree)
+            if data != original.read_bytes():
+                compile(data, str(path), "exec", dont_inherit=True)  # whatever was rewritten still compiles
 
 
 def test_an_unparsable_file_without_apex_is_not_read_further(tmp_path, capsys):

@@ -23,14 +23,14 @@ import ast
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Dict, List, Optional, Set
+from typing import AbstractSet, Any, Dict, List, Optional, Set, Tuple
 
 from . import catalogue, provided
 from .callargs import has_starred
 from .edits import Edit
 from .exports import STAR, listed_in_all
 from .plan import RewritePlan
-from .rewrite_imports import import_alias_replacement, import_statement_edits, star_replacement
+from .rewrite_imports import import_alias_replacement, import_statement_edits
 from .scanner import Use
 from .syntax import block_of
 
@@ -60,6 +60,8 @@ class _Decision:
     why: str = ""
     native: str = ""
     on_ampcompat: bool = False
+    names: Tuple[str, ...] = ()
+    """For ``from apex import *`` kept on ampcompat: the names still needed (imported by name instead)."""
 
 
 def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcome:
@@ -79,7 +81,10 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
     removals: List[ast.stmt] = []
     on_ampcompat = imports_apex = False
     for node in result.nodes:
-        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) not in import_uses:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if id(node) not in import_uses:
+            on_ampcompat |= _imports_ampcompat(node)  # ``import ampcompat``, ``from ampcompat.x import helper``
             continue
         context = _Context(plan, node, gone, exported, public)
         decisions = [context.decide(alias) for alias in node.names]
@@ -88,7 +93,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
         imports_apex |= any(decision.action == _LEAVE for decision in decisions)
         for decision in decisions:
             _note(plan, node, decision)
-        if actions <= {_AMPCOMPAT, _OTHER}:
+        if actions <= {_AMPCOMPAT, _OTHER} and not any(decision.names for decision in decisions):
             import_statement_edits(plan.text, node, plan.edits, [])
         elif actions <= {_REMOVE}:
             removals.append(node)
@@ -98,6 +103,12 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
             _replace_statement(plan, node, _regenerated(plan, node, decisions))
     _remove_statements(plan, removals)
     return ImportOutcome(on_ampcompat, imports_apex)
+
+
+def _imports_ampcompat(node: ast.stmt) -> bool:
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "ampcompat" for alias in node.names)
+    return isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "ampcompat"
 
 
 def _root_name(node: ast.AST) -> ast.AST:
@@ -167,7 +178,10 @@ class _Context:
             return _Decision(_NATIVE, alias, local, api, reasons, native)
         if target is None:
             return _Decision(_LEAVE, alias, local, api, f"{reasons}; {problem}")
-        return _Decision(_AMPCOMPAT, alias, local, api, reasons, on_ampcompat=True)
+        names: Tuple[str, ...] = ()
+        if alias.name == "*" and module_path == "apex":  # a star import of ampcompat binds ampcompat's __all__
+            names = tuple(sorted({read.id for read in reads}))
+        return _Decision(_AMPCOMPAT, alias, local, api, reasons, on_ampcompat=True, names=names)
 
     def _api(self, alias: ast.alias, local: str, module: str) -> str:
         uses = [use for use in self.plan.result.uses if use.kind == "import" and use.node is self.node
@@ -273,8 +287,9 @@ def _regenerated(plan: RewritePlan, node: ast.stmt, decisions: List[_Decision]) 
         moved = [ast.unparse(d.alias) for d in decisions if d.action == _AMPCOMPAT]
         if left:
             statements.append(f"from {node.module} import {', '.join(left)}")
-        if moved == ["*"] and node.module == "apex":
-            statements.append(star_replacement())
+        star = next((d for d in decisions if d.names), None)
+        if star is not None:
+            statements.append(f"from ampcompat import {', '.join(star.names)}")
         elif moved:
             statements.append(f"from {catalogue.ampcompat_module(node.module or '')} import {', '.join(moved)}")
     for decision in decisions:

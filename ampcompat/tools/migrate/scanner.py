@@ -17,6 +17,7 @@ A use that ampcompat cannot run is "not supported" -- unless it cannot fail: an 
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -146,11 +147,10 @@ def scan(source: SourceFile) -> ScanResult:
     text = SourceText(source.text)
     ours = alias_line_statements(tree)  # the line `migrate --write` added: not the program's own Apex use
     skipped = {id(node) for statement in ours for node in ast.walk(statement)}
-    nodes = [node for node in ast.walk(tree) if id(node) not in skipped]
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    nodes, parents = _walk(tree, skipped)
     imports = _ApexImports(nodes, parents)
     names = imports.local_names() | _handle_candidates(nodes, imports.local_names())
-    scopes = ScopeMap(tree, names, star_names=catalogue.star_exports)
+    scopes = ScopeMap(tree, names, star_names=catalogue.star_exports, text=text)
     definitions = imports.definitions(scopes, skipped)
     definitions.update(_handle_definitions(nodes, scopes, definitions))
     finder = _UseFinder(source.path, text, scopes, definitions, parents, guards.import_origins(nodes))
@@ -158,6 +158,21 @@ def scan(source: SourceFile) -> ScanResult:
     uses = [use for use in uses if not _is_local_module(source.path, use)]
     top = {d.name: binding for d, binding in definitions.items() if d.scope is scopes.module}
     return ScanResult(source, text, uses, top, parents, nodes, scopes, definitions, ours)
+
+
+def _walk(tree: ast.Module, skipped: Set[int]) -> Tuple[List[ast.AST], Dict[ast.AST, ast.AST]]:
+    """Every node (``ast.walk`` order, less ``skipped``) and every node's parent, in one pass."""
+    nodes: List[ast.AST] = []
+    parents: Dict[ast.AST, ast.AST] = {}
+    queue = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        if id(node) not in skipped:
+            nodes.append(node)
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+            queue.append(child)
+    return nodes, parents
 
 
 def might_use_apex(text: str) -> bool:

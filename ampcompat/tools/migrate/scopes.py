@@ -26,6 +26,8 @@ import ast
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
+from .edits import SourceText
+
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _SCOPE_NODES = (ast.Module, ast.ClassDef) + _FUNCTIONS + _COMPREHENSIONS
@@ -75,6 +77,8 @@ class Scope:
     locals: Set[str] = field(default_factory=set)
     declared_global: Set[str] = field(default_factory=set)
     declared_nonlocal: Set[str] = field(default_factory=set)
+    mentions: Set[str] = field(default_factory=set)
+    """Names read, bound or deleted in this scope's own code (not in nested scopes)."""
 
     @property
     def is_function(self) -> bool:
@@ -105,12 +109,16 @@ class ScopeMap:
             following only the names of interest keeps large files cheap.
         star_names: for ``from MODULE import *``, the names ``MODULE`` exports, or ``None`` when
             unknown (then the star import is taken to bind nothing).
+        text: the module's source; with ``names``, a function or class whose source spells none of
+            them is not analysed at all (large files with a few uses of a few names stay cheap).
     """
 
     def __init__(self, tree: ast.Module, names: Optional[Collection[str]] = None,
-                 star_names: Callable[[str], Optional[Collection[str]]] = lambda module: None) -> None:
+                 star_names: Callable[[str], Optional[Collection[str]]] = lambda module: None,
+                 text: Optional[SourceText] = None) -> None:
         self.tree = tree
         self._names = None if names is None else frozenset(names)
+        self._text = text if text is not None and text.text.isascii() else None  # NFKC-spelled names: no shortcut
         self._star_names = star_names
         self._parents: Dict[ast.AST, ast.AST] = {}
         self._scopes: Dict[ast.AST, Scope] = {}
@@ -126,7 +134,8 @@ class ScopeMap:
         self._reached_by: Optional[Dict[Definition, List[ast.Name]]] = None
         self.module = self._collect(tree, None, None)
         for scope in list(self._scopes.values()):
-            _Flow(self, scope).run()
+            if self._names is None or scope.mentions & self._names:  # nothing followed here: nothing to carry
+                _Flow(self, scope).run()
 
     # -- queries -------------------------------------------------------------------------------
     def reaching(self, name: ast.Name) -> FrozenSet[Definition]:
@@ -182,6 +191,7 @@ class ScopeMap:
         if isinstance(node, _FUNCTIONS):
             for arg in _arguments(node.args):
                 scope.locals.add(arg.arg)
+                scope.mentions.add(arg.arg)
         if isinstance(node, _COMPREHENSIONS):
             for generator in node.generators:  # the targets are local; only the first iterable is outside
                 for target in _stored_names(generator.target):
@@ -205,6 +215,7 @@ class ScopeMap:
                 scope.declared_nonlocal.update(current.names)
             elif isinstance(current, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 scope.locals.add(current.name)
+                scope.mentions.add(current.name)
                 outer = list(current.decorator_list)
                 if isinstance(current, ast.ClassDef):
                     outer += current.bases + [k.value for k in current.keywords]
@@ -213,7 +224,10 @@ class ScopeMap:
                 for child in outer:
                     self._parents[child] = current
                     stack.append((child, owner))
-                self._enter(current, scope, owner)
+                if self._spells_a_followed_name(current):
+                    self._enter(current, scope, owner)
+                else:
+                    self._scope_of[current] = scope
                 continue
             elif isinstance(current, ast.Lambda):
                 for child in current.args.defaults + [d for d in current.args.kw_defaults if d is not None]:
@@ -227,19 +241,27 @@ class ScopeMap:
                 stack.append((first, owner))
                 self._enter(current, scope, owner)
                 continue
-            elif isinstance(current, ast.Name) and isinstance(current.ctx, (ast.Store, ast.Del)):
-                scope.locals.add(current.id)
+            elif isinstance(current, ast.Name):
+                scope.mentions.add(current.id)
+                if isinstance(current.ctx, (ast.Store, ast.Del)):
+                    scope.locals.add(current.id)
             elif isinstance(current, ast.NamedExpr):
                 self._walrus_scope(scope).locals.add(current.target.id)  # type: ignore[union-attr]
+                self._walrus_scope(scope).mentions.add(current.target.id)  # type: ignore[union-attr]
             elif isinstance(current, (ast.Import, ast.ImportFrom)):
                 for alias in current.names:
-                    scope.locals.update(self._imported_names(current, alias))
+                    names = self._imported_names(current, alias)
+                    scope.locals.update(names)
+                    scope.mentions.update(names)
             elif isinstance(current, ast.ExceptHandler) and current.name:
                 scope.locals.add(current.name)
+                scope.mentions.add(current.name)
             elif isinstance(current, (ast.MatchAs, ast.MatchStar)) and current.name:
                 scope.locals.add(current.name)
+                scope.mentions.add(current.name)
             elif isinstance(current, ast.MatchMapping) and current.rest:
                 scope.locals.add(current.rest)
+                scope.mentions.add(current.rest)
             for child in ast.iter_child_nodes(current):
                 self._parents[child] = current
                 stack.append((child, owner))
@@ -256,6 +278,14 @@ class ScopeMap:
                     if not (index == 0 and child is generator.iter):
                         self._parents[child] = generator
         del inner
+
+    def _spells_a_followed_name(self, node: ast.AST) -> bool:
+        if self._text is None or self._names is None:
+            return True
+        start = self._text.line_start(node.lineno)  # type: ignore[attr-defined]
+        end = self._text.line_end(node.end_lineno)  # type: ignore[attr-defined]
+        segment = self._text.text[start:end]
+        return any(name in segment for name in self._names)
 
     def _walrus_scope(self, scope: Scope) -> Scope:
         """``:=`` inside a comprehension binds in the nearest enclosing non-comprehension scope."""
