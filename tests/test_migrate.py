@@ -296,6 +296,40 @@ def test_scanner_sees_aliases_strings_and_private_attributes(tmp_path):
     ]
 
 
+def test_the_report_follows_scopes_and_branches(tmp_path, capsys):
+    """Issue 21, shape 1: a name is Apex's only where its Apex binding reaches."""
+    path = tmp_path / "scopes.py"
+    path.write_text(textwrap.dedent("""\
+        from apex import amp
+        def wrap(model, fp16, local_rank):
+            if fp16:
+                from apex.parallel import DistributedDataParallel
+                return DistributedDataParallel(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+                return DistributedDataParallel(model, device_ids=[local_rank])
+        def scaler():
+            from torch.cuda import amp
+            return amp.GradScaler()
+        def convert(model, apex):
+            apex.parallel.convert_syncbn_model(model)
+        try:
+            from apex.parallel import DistributedDataParallel as DDP
+        except ImportError:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+        DDP(net)
+    """))
+    uses = [(u.line, u.api, u.kind, u.exclusive) for u in scan(load_source(str(path))).uses]
+    assert uses == [
+        (1, "apex.amp", "import", True),
+        (4, "apex.parallel.DistributedDataParallel", "import", True),
+        (5, "apex.parallel.DistributedDataParallel", "call", True),
+        (15, "apex.parallel.DistributedDataParallel", "import", True),
+        (18, "apex.parallel.DistributedDataParallel", "call", False),  # the fallback may reach it too
+    ]
+    assert run_main([path, "--check"], capsys)[0] == 0
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 def test_bad_files_are_reported_and_skipped(capsys, tmp_path, monkeypatch):
     folder = copy_fixtures(tmp_path, {"simple_o1.py", *BAD_FILES})

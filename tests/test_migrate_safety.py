@@ -440,3 +440,28 @@ def test_to_native_keeps_exported_and_fallback_names_and_never_drops_unmappable_
     result = _python(["-c", "import pkg.train, pkg.compat; print(pkg.compat.LayerNorm is __import__('torch').nn.LayerNorm)"],
                      tmp_path)
     assert result.returncode == 0 and result.stdout == "True\n", result.stderr
+
+
+IDEMPOTENCE_SNIPPETS = {
+    "dotted_module_import": "import apex.mlp\nclass Mlp(apex.mlp.MLP):\n    pass\n",
+    "state_module_import": "import apex.amp._amp_state\nscale = apex.amp._amp_state.loss_scalers[0]\n",
+    "star_import": "from apex import *\nmodel, opt = amp.initialize(model, opt, opt_level='O2')\n",
+    "optional_amp": "try:\n    from apex import amp\nexcept ImportError:\n    amp = None\nif amp:\n    amp.init()\n",
+    "blocked_o1_with_todos": "from apex import amp\nmodel, opt = amp.initialize(m, o, opt_level='O1', loss_scale=128.0)\n"
+                             "with amp.scale_loss(loss, opt) as s:\n    s.backward()\n",
+    "check_only": "import sys\nHAS_APEX = 'apex' in sys.modules\n",
+    "value_use": "from apex.parallel import DistributedDataParallel as DDP\ndef wrap(m, w=DDP):\n    return w(m)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(IDEMPOTENCE_SNIPPETS))
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_a_second_run_changes_nothing(tmp_path, capsys, name, mode):
+    path = tmp_path / f"{name}.py"
+    path.write_text(IDEMPOTENCE_SNIPPETS[name])
+    for args in _MODES[mode]:
+        assert run_cli([path, args], capsys)[0] == 0
+    first = path.read_text()
+    compile(first, name, "exec")
+    assert run_cli([path, _MODES[mode][-1]], capsys)[0] == 0
+    assert path.read_text() == first

@@ -98,9 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress.restart(len(results))
         context = _tree_context(results, report, mode)
         folders = [path for path in args.paths if os.path.isdir(path)]
+        named = set(args.paths)
         for result in results:
             progress.advance("rewriting")
-            change = _kept_as_is(result, folders) or _migrate_file(result, mode, args.diff, report, context)
+            change = _kept_as_is(result, folders, named) or _migrate_file(result, mode, args.diff, report, context)
             if change is None:
                 report.failed.append(result.source.path)
             else:
@@ -153,14 +154,15 @@ def _in_cells(uses: List[Use], source: SourceFile) -> List[Use]:
     return placed
 
 
-def _kept_as_is(result: ScanResult, folders: Sequence[str]) -> Optional[FileChange]:
-    """A file the rewriting modes scan but never rewrite (a notebook; a symlink out of the folders given)."""
+def _kept_as_is(result: ScanResult, folders: Sequence[str], named: Set[str]) -> Optional[FileChange]:
+    """A file the rewriting modes scan but never rewrite: a notebook; a symlink found in a folder given whose
+    target lies outside them (a file named as a PATH is rewritten, through its link)."""
     source = result.source
     if source.is_notebook:
         why = ("not rewritten: notebooks are scanned, not rewritten; run `python -m ampcompat migrate` on it without "
                "--write/--to-native for its Apex uses, by cell and line")
     else:
-        target = linked_outside(source.path, folders)
+        target = "" if source.path in named else linked_outside(source.path, folders)
         if not target:
             return None
         why = (f"not rewritten: a symlink to {target}, outside the folders given; name that file (or its folder) "

@@ -154,7 +154,7 @@ class _Context:
         reads = [read for d in definitions for read in self.scopes.reads_of(d) if id(read) not in self.gone]
         converted = any(id(read) in self.gone for d in definitions for read in self.scopes.reads_of(d))
         api = self._api(alias, local, mapped[0])
-        reasons = self._needed(local, alias, reads)
+        reasons = self._needed(local, alias, reads) or self._loads_a_submodule_for(alias)
         if mapped[1] == "ampcompat":
             return _Decision(_OTHER if reasons else _REMOVE, alias, local, api, "nothing uses it any more",
                              on_ampcompat=bool(reasons))
@@ -182,6 +182,21 @@ class _Context:
         if alias.name == "*" and module_path == "apex":  # a star import of ampcompat binds ampcompat's __all__
             names = tuple(sorted({read.id for read in reads}))
         return _Decision(_AMPCOMPAT, alias, local, api, reasons, on_ampcompat=True, names=names)
+
+    def _loads_a_submodule_for(self, alias: ast.alias) -> str:
+        """``import ampcompat.mlp, ampcompat as apex`` (what ``--write`` makes of ``import apex.mlp``): the
+        dotted part loads the submodule that reads of ``apex.mlp`` go through, so it stays with its partner."""
+        node = self.node
+        if not (isinstance(node, ast.Import) and "." in alias.name and alias.asname is None):
+            return ""
+        root = alias.name.split(".")[0]
+        for partner in node.names:
+            if partner.name == root and partner.asname:
+                reads = [read for d in self.scopes.definitions_at(partner) for read in self.scopes.reads_of(d)
+                         if id(read) not in self.gone]
+                if reads:
+                    return f"it loads `{alias.name}` for `{partner.asname}`, still used in this file"
+        return ""
 
     def _api(self, alias: ast.alias, local: str, module: str) -> str:
         uses = [use for use in self.plan.result.uses if use.kind == "import" and use.node is self.node

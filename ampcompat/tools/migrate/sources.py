@@ -116,13 +116,14 @@ def iter_python_files(paths: Iterable[str], exclude: Sequence[str] = (), noteboo
 
 def _walk_folder(folder: str, exclude: Tuple[str, ...], notebooks: bool) -> Iterator[Union[str, NotScanned]]:
     suffixes = (".py", ".ipynb") if notebooks else (".py",)
+    named_installed = _within_installed_packages(folder)  # the user pointed at installed packages: walk them
     for root, dirnames, filenames in os.walk(folder):
         kept = []
         for name in sorted(dirnames):
             path = os.path.join(root, name)
             if name.startswith(".") or name == "__pycache__" or _excluded(path, folder, exclude):
                 continue
-            why = _installed_packages(path, name)
+            why = "" if named_installed else _installed_packages(path, name)
             if why:
                 yield NotScanned(path, why)
                 continue
@@ -151,6 +152,17 @@ def _installed_packages(path: str, name: str) -> str:
     if name in ("site-packages", "dist-packages"):
         return f"not scanned: installed packages ({name}); name it as a PATH to scan it"
     return ""
+
+
+def _within_installed_packages(folder: str) -> bool:
+    current = os.path.abspath(folder)
+    while True:
+        if _installed_packages(current, os.path.basename(current)):
+            return True
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        current = parent
 
 
 def linked_outside(path: str, folders: Iterable[str]) -> str:
@@ -186,7 +198,9 @@ def load_source(path: str, worth_parsing: Optional[Callable[[str], bool]] = None
         return SkippedFile(path, f"cannot read the file: {exc.strerror or exc}")
     if path.endswith(".ipynb"):
         return _load_notebook(path, raw, worth_parsing)
-    may_hold_apex = worth_parsing is None or worth_parsing(raw.decode("latin-1"))
+    def may_hold_apex() -> bool:  # for files that cannot be decoded: does any byte sequence spell Apex?
+        return worth_parsing is None or worth_parsing(raw.decode("latin-1"))
+
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
     except SyntaxError as exc:
@@ -203,10 +217,10 @@ def load_source(path: str, worth_parsing: Optional[Callable[[str], bool]] = None
             path,
             f"not valid {_encoding_name(encoding)}: byte 0x{raw[exc.start]:02x} on line {line}; "
             "convert the file to UTF-8 or declare its encoding (PEP 263)",
-            may_hold_apex,
+            may_hold_apex(),
         )
     if problem:
-        return SkippedFile(path, problem, may_hold_apex)
+        return SkippedFile(path, problem, may_hold_apex())
     if worth_parsing is not None and not worth_parsing(text):
         return PlainFile(path)
     tree = _parse(path, text)
