@@ -175,8 +175,8 @@ def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> D
     if mode != "to-native":
         return {}
     candidates = {result.source.path: set(result.bindings) for result in results}
-    trees = {result.source.path: result.source.tree for result in results}
-    return exported_names(candidates, trees, report.plain)
+    sources = {result.source.path: result.source for result in results}
+    return exported_names(candidates, sources, report.plain)
 
 
 def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report,
@@ -201,7 +201,7 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
     diff = _unified_diff(source, new_text) if changed else ""
     written = False
     if changed and not show_diff:
-        reason = _write(source, new_text)
+        reason = _write(source, new_text, checked=mode == "to-native")
         if reason is not None:
             report.skipped.append(SkippedFile(source.path, reason))
             return None
@@ -210,11 +210,14 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
     return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted, *native_state)
 
 
-def _write(source: SourceFile, new_text: str) -> Optional[str]:
-    """Write ``new_text`` over the file; the reason it was not written, or ``None``."""
+def _write(source: SourceFile, new_text: str, checked: bool = False) -> Optional[str]:
+    """Write ``new_text`` over the file; the reason it was not written, or ``None``.
+
+    ``checked``: the rewriter has already parsed ``new_text`` (``--to-native`` does).
+    """
     if not source.round_trips:
         return f"not rewritten: re-encoding the file as {source.encoding} would change bytes the rewrite did not touch"
-    if not parses(new_text):
+    if not checked and not parses(new_text):
         return "not rewritten: the rewritten text does not parse (please report this as an ampcompat bug)"
     try:
         write_source(source, new_text)

@@ -100,13 +100,13 @@ def imports_by_module(tree: ast.Module) -> Dict[str, Set[str]]:
 
 
 
-def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module],
+def exported_names(apex_files: Dict[str, Set[str]], sources: Dict[str, SourceFile],
                    other_paths: Iterable[str]) -> Dict[str, Set[str]]:
     """For each file in ``apex_files``, the names among those given that other files import from it.
 
     Args:
         apex_files: path -> the names it binds that may need keeping (bound by Apex imports).
-        trees: the parsed files already at hand (path -> tree).
+        sources: the parsed files already at hand (path -> source).
         other_paths: the rest of the scanned tree; read and parsed only if they mention one of the names.
 
     Returns:
@@ -121,9 +121,13 @@ def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module]
         by_module.setdefault(module_name_of(path), []).append(path)
     module_words = _words(by_module)
     name_words = re.compile(r"import\s*\*|" + _words({name for names in wanted.values() for name in names}).pattern)
-    for path, tree in list(trees.items()) + [(p, None) for p in other_paths]:
+
+    def may_import(text: str) -> bool:
+        return bool(module_words.search(text) and name_words.search(text))
+
+    for path, tree in [(p, s.tree) for p, s in sources.items() if may_import(s.text)] + [(p, None) for p in other_paths]:
         if tree is None:
-            tree = _parse_if_mentions(path, lambda text: bool(module_words.search(text) and name_words.search(text)))
+            tree = _parse_if_mentions(path, may_import)
             if tree is None:
                 continue
         imports = imports_by_module(tree)
