@@ -386,3 +386,13 @@ def test_every_binding_python_uses_is_among_those_found(name):
             [read] = node.args
             found[node.lineno] = {definition.node.lineno for definition in scopes.reaching(read)}
     assert observed and all(line in found[site] for site, line in observed), (observed, found)
+
+
+def test_a_function_spelling_a_followed_name_in_nfkc_form_is_still_analysed():
+    from ampcompat.tools.migrate.edits import SourceText
+
+    source = "from apex import amp\ndef f():\n    return \uff41\uff4d\uff50\ndef g():\n    return other\n"
+    tree = ast.parse(source)
+    scopes = ScopeMap(tree, names={"amp"}, text=SourceText(source))
+    [read] = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "amp" and isinstance(n.ctx, ast.Load)]
+    assert [d.node.lineno for d in scopes.reaching(read)] == [1]  # Python reads ａｍｐ as amp

@@ -23,6 +23,7 @@ denied one that can. Star imports bind only the names ``star_names`` says the mo
 from __future__ import annotations
 
 import ast
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
@@ -118,7 +119,7 @@ class ScopeMap:
                  text: Optional[SourceText] = None) -> None:
         self.tree = tree
         self._names = None if names is None else frozenset(names)
-        self._text = text if text is not None and text.text.isascii() else None  # NFKC-spelled names: no shortcut
+        self._text = text
         self._star_names = star_names
         self._parents: Dict[ast.AST, ast.AST] = {}
         self._scopes: Dict[ast.AST, Scope] = {}
@@ -267,7 +268,7 @@ class ScopeMap:
                 stack.append((child, owner))
 
     def _enter(self, node: ast.AST, scope: Scope, statement: Optional[ast.AST]) -> None:
-        inner = self._collect(node, scope, statement)
+        self._collect(node, scope, statement)
         self._scope_of[node] = scope  # the def/lambda/comprehension node itself belongs to the outer scope
         for child in _scope_body(node):
             self._parents[child] = node
@@ -277,7 +278,6 @@ class ScopeMap:
                 for child in ast.iter_child_nodes(generator):
                     if not (index == 0 and child is generator.iter):
                         self._parents[child] = generator
-        del inner
 
     def _spells_a_followed_name(self, node: ast.AST) -> bool:
         if self._text is None or self._names is None:
@@ -285,6 +285,8 @@ class ScopeMap:
         start = self._text.line_start(node.lineno)  # type: ignore[attr-defined]
         end = self._text.line_end(node.end_lineno)  # type: ignore[attr-defined]
         segment = self._text.text[start:end]
+        if not segment.isascii():  # Python reads identifiers NFKC-normalised (``ａｍｐ`` is ``amp``)
+            segment = unicodedata.normalize("NFKC", segment)
         return any(name in segment for name in self._names)
 
     def _walrus_scope(self, scope: Scope) -> Scope:
