@@ -49,6 +49,8 @@ class ImportOutcome:
 
     on_ampcompat: bool
     imports_apex: bool
+    rebound: int = 0
+    """Uses left as written that now reach a torch object, bound natively at their import."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class _Decision:
     on_ampcompat: bool = False
     names: Tuple[str, ...] = ()
     """For ``from apex import *`` kept on ampcompat: the names still needed (imported by name instead)."""
+    reads: int = 0
+    """For a native binding: how many reads of the name it now serves."""
 
 
 def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcome:
@@ -80,6 +84,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
     gone = {id(_root_name(use.node)) for use in result.uses if plan.is_converted(use)}
     removals: List[ast.stmt] = []
     on_ampcompat = imports_apex = False
+    rebound = 0
     for node in result.nodes:
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
@@ -90,6 +95,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
         decisions = [context.decide(alias) for alias in node.names]
         actions = {decision.action for decision in decisions}
         on_ampcompat |= any(decision.on_ampcompat for decision in decisions)
+        rebound += sum(decision.reads for decision in decisions if decision.action == _NATIVE)
         imports_apex |= any(decision.action == _LEAVE for decision in decisions)
         for decision in decisions:
             _note(plan, node, decision)
@@ -102,7 +108,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
         else:
             _replace_statement(plan, node, _regenerated(plan, node, decisions))
     _remove_statements(plan, removals)
-    return ImportOutcome(on_ampcompat, imports_apex)
+    return ImportOutcome(on_ampcompat, imports_apex, rebound)
 
 
 def _imports_ampcompat(node: ast.stmt) -> bool:
@@ -175,7 +181,7 @@ class _Context:
             return _Decision(_REMOVE, alias, local, api, "nothing in this file or the scanned tree uses it")
         native = self._stand_in(alias, local, api, reads) if alias.name != "*" else ""
         if native:
-            return _Decision(_NATIVE, alias, local, api, reasons, native)
+            return _Decision(_NATIVE, alias, local, api, reasons, native, reads=len(reads))
         if target is None:
             return _Decision(_LEAVE, alias, local, api, f"{reasons}; {problem}")
         names: Tuple[str, ...] = ()

@@ -43,7 +43,8 @@ class NativeRewrite:
         text: the new text (the old one when nothing could be converted).
         notes: the ``TODO(ampcompat)`` comments left and the outcome of each import, positioned in the
             original file.
-        converted: how many Apex uses are now plain PyTorch.
+        converted: how many Apex uses are now plain PyTorch (rewritten, or reaching a torch object now bound
+            at their import).
         failed: why the file could not be rewritten (``""`` when it could).
         on_ampcompat: the new text still needs ampcompat.
         imports_apex: the new text still imports ``apex`` (or one of its compiled modules).
@@ -84,8 +85,8 @@ def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> N
                              on_ampcompat=True, imports_apex=any(u.kind == "import" and u.via == "apex"
                                                                  for u in result.uses))
     notes = sorted(plan.todo_notes() + plan.notes, key=lambda note: (note.line, note.col))
-    return NativeRewrite(text, tuple(notes), len(plan.converted), "", outcome.on_ampcompat or bool(alias),
-                         outcome.imports_apex)
+    return NativeRewrite(text, tuple(notes), len(plan.converted) + outcome.rebound, "",
+                         outcome.on_ampcompat or bool(alias), outcome.imports_apex)
 
 
 # --- checks for Apex by name and the alias line --------------------------------------------------------
