@@ -465,3 +465,24 @@ def test_a_second_run_changes_nothing(tmp_path, capsys, name, mode):
     compile(first, name, "exec")
     assert run_cli([path, _MODES[mode][-1]], capsys)[0] == 0
     assert path.read_text() == first
+
+
+@pytest.mark.parametrize("before, after", [
+    # Megatron-LM core_v0.4.0 megatron/optimizer/__init__.py: a header, a blank line, the Apex imports removed.
+    ("# Copyright\n\nfrom apex.optimizers import FusedAdam as Adam\nfrom apex.optimizers import FusedSGD as SGD\n\n"
+     "from megatron import get_args\nopt = Adam(params, lr=1.0)\nsgd = SGD(params, lr=1.0)\n",
+     "# Copyright\n\nimport torch\n\nfrom megatron import get_args\n"
+     "opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0, fused=True)\n"
+     "sgd = torch.optim.SGD(params, lr=1.0, fused=True)\n"),
+    ('"""Doc."""\nfrom __future__ import annotations\n# leading comment\n@decorator\ndef f():\n    pass\n'
+     "from apex.fp16_utils import to_python_float\nfrom apex.optimizers import FusedSGD\n"
+     "x = to_python_float(t)\no = FusedSGD(p, lr=1)\n",
+     '"""Doc."""\nfrom __future__ import annotations\n# leading comment\nimport torch\n@decorator\ndef f():\n'
+     "    pass\nx = t.item()\no = torch.optim.SGD(p, lr=1, fused=True)\n"),
+])
+def test_import_torch_lands_before_the_first_statement_whatever_is_removed_around_it(tmp_path, capsys, before, after):
+    path = tmp_path / "layout.py"
+    path.write_text(before)
+    code, out, _ = run_cli([path, "--to-native"], capsys)
+    assert code == 0, out
+    assert path.read_text() == after

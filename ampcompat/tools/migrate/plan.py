@@ -150,8 +150,11 @@ class RewritePlan:
         if top is not None:
             offset, insertion = top
             covering = [edit.start for edit in self.edits if edit.start < offset < edit.end]
-            edits.insert(0, Edit(min(covering) if covering else offset, min(covering) if covering else offset,
-                                 insertion))
+            if covering:  # the first statement is being removed: go where its removal starts
+                gap = self.text.text[min(covering):offset]
+                insertion = (gap if not gap.strip() else "") + insertion  # keep the blank line it took along
+                offset = min(covering)
+            edits.insert(0, Edit(offset, offset, insertion))
         # Comments first: at a shared offset they then land above whatever else is inserted there.
         return apply_edits(self.text.text, edits)
 
