@@ -502,3 +502,20 @@ def test_fp16_optimizer_checkpoint_loads_with_torch_load(apex_era_files):
         assert torch.equal(checkpoint["fp32_from_fp16"][0][0], torch.arange(6.0).reshape(2, 3))
         assert checkpoint["dynamic_loss_scale"] is True
     """)
+
+
+def test_star_import_of_apex_binds_apexs_all_less_what_ampcompat_refuses():
+    out = check("""
+        import ampcompat
+        ampcompat.install_apex_alias()
+        namespace = {}
+        exec("from apex import *", namespace)
+        import apex
+        from ampcompat.tools.alias import APEX_STAR_EXPORTS
+        bound = sorted(name for name in namespace if not name.startswith("__"))
+        assert bound == sorted(apex.__all__), bound
+        assert set(APEX_STAR_EXPORTS) - set(bound) == {"transformer"}  # refused: left out, the rest still binds
+        assert namespace["amp"] is ampcompat.amp and namespace["parallel"] is ampcompat.parallel
+        print(" ".join(bound))
+    """)
+    assert out.split() == sorted(["amp", "fp16_utils", "optimizers", "normalization", "parallel"])

@@ -48,6 +48,9 @@ APEX_SUBPACKAGES = ("amp", "fp16_utils", "parallel", "optimizers", "normalizatio
 Some of them (``transformer``, ``RNN``, ...) only stand in to refuse: importing them raises
 ``ampcompat._not_provided.ApexModuleNotProvided``, a ``ModuleNotFoundError`` naming the replacement."""
 
+APEX_STAR_EXPORTS = ("amp", "fp16_utils", "optimizers", "normalization", "transformer", "parallel")
+"""Apex's ``apex.__all__``: what ``from apex import *`` bound in Apex."""
+
 _TOP_LEVEL_ALIASES = {"amp_C": "ampcompat.amp_C", "apex_C": "ampcompat.apex_C"}
 """Apex's top-level compiled extensions that ampcompat provides in Python."""
 
@@ -130,6 +133,15 @@ class _ApexPackageLoader:
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.DeprecatedFeatureWarning = DeprecatedFeatureWarning
+        module.__all__ = provided_star_exports()
+
+
+def provided_star_exports() -> List[str]:
+    """Apex's ``__all__`` less the modules ampcompat refuses (``transformer``): what ``from apex import *``
+    binds under the alias. A refused name in ``__all__`` would make the whole star import fail."""
+    from .._not_provided import NOT_PROVIDED
+
+    return [name for name in APEX_STAR_EXPORTS if f"apex.{name}" not in NOT_PROVIDED]
 
 
 class _AliasLoader:

@@ -3,18 +3,23 @@
 Three modes, all static (user code is parsed, never run):
 
 * default -- report every Apex use with its verdict under ampcompat (``--format json`` for tools;
-  ``--check`` exits 1 when something is not supported or a file could not be read, for CI);
+  ``--check`` exits 1 when a use will not run on ampcompat or a file that mentions Apex could not be
+  read, for CI);
 * ``--write`` -- point Apex imports at ampcompat, changing no other byte of the file;
 * ``--to-native`` -- rewrite the common patterns to ``torch.autocast`` / ``torch.amp.GradScaler`` /
   ``torch.optim`` / ``torch.nn``, leaving ``# TODO(ampcompat): ...`` where a rewrite is not mechanical.
 
 ``--diff`` shows what ``--write`` / ``--to-native`` would change instead of writing it. Files that
 cannot be read, decoded or parsed are reported and skipped; a file is only ever replaced as a whole
-by a rewrite that parses.
+by a rewrite that parses; every mode run twice changes nothing the second time. ``--exclude GLOB``
+leaves files and folders out; virtual environments and installed packages are skipped unless named.
+Notebooks are scanned, not rewritten; a symlink found in a folder whose target lies outside the
+folders given is scanned, not rewritten.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
@@ -22,13 +27,13 @@ from typing import Dict, List, Optional, Sequence, Set, Union
 
 from .edits import split_lines
 from .exports import exported_names
+from .notebooks import cell_position
 from .report import FileChange, FileNote, Report, render_json, render_text
-from .rewrite_imports import rewrite_imports
-from .scanner import ScanResult, scan
 from .progress import Progress
-from .scanner import might_use_apex
-from .sources import (PlainFile, SkippedFile, SourceFile, iter_python_files, load_source, missing_paths, parses,
-                      write_source)
+from .rewrite_imports import rewrite_imports
+from .scanner import ScanResult, Use, might_use_apex, scan
+from .sources import (NotScanned, PlainFile, SkippedFile, SourceFile, iter_python_files, linked_outside, load_source,
+                      missing_paths, parses, write_source)
 from .to_native import to_native
 
 __all__ = ["main", "scan", "rewrite_imports", "to_native"]
@@ -49,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--diff", action="store_true",
                         help="with --write/--to-native: print a unified diff instead of writing")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 if any use is not supported or any file could not be scanned")
+                        help="exit 1 if a use will not run on ampcompat, or a file that mentions Apex could not be read")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="skip files and folders whose name or path (relative to the folder given) matches GLOB "
+                             "(repeatable; e.g. --exclude tests --exclude '*_pb2.py')")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     return parser
 
@@ -61,8 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments after ``migrate`` (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success; 1 with ``--check`` when something is not supported or could not be scanned, or
-        when a rewrite could not be written; 2 for a usage error (including a path that does not exist).
+        0 on success; 1 with ``--check`` when a use will not run or a file that mentions Apex could not
+        be scanned, or when a file could not be rewritten; 2 for a usage error (including a path that
+        does not exist).
     """
     parser = _parser()
     try:
@@ -80,25 +89,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     mode = "write" if args.write else "to-native" if args.to_native else "report"
     report = Report(mode, dry_run=args.diff)
-    files = list(iter_python_files(args.paths))
+    found = list(iter_python_files(args.paths, args.exclude))
+    report.not_scanned.extend(item for item in found if isinstance(item, NotScanned))
+    files = [item for item in found if not isinstance(item, NotScanned)]
     progress = Progress(len(files), sys.stderr)
     results = _scan_all(files, report, progress)
-    write_failed = False
     if mode != "report":
         progress.restart(len(results))
         context = _tree_context(results, report, mode)
+        folders = [path for path in args.paths if os.path.isdir(path)]
+        named = set(args.paths)
         for result in results:
             progress.advance("rewriting")
-            change = _migrate_file(result, mode, args.diff, report, context)
-            write_failed |= change is None
-            if change is not None:
+            change = _kept_as_is(result, folders, named) or _migrate_file(result, mode, args.diff, report, context)
+            if change is None:
+                report.failed.append(result.source.path)
+            else:
                 report.changes.append(change)
     progress.finish()
     output = render_json(report) if args.format == "json" else render_text(report, args.diff)
     sys.stdout.write(output)
-    if write_failed:
+    if report.failed:
         return 1
-    if args.check and (report.has_unsupported or report.skipped):
+    if args.check and (report.has_unsupported or report.has_unreadable_apex):
         return 1
     return 0
 
@@ -125,9 +138,36 @@ def _scan_all(files: Sequence[Union[str, SkippedFile]], report: Report, progress
             report.scanned.pop()
             report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while scanning: {exc!r}"))
             continue
-        report.uses.extend(result.uses)
+        report.uses.extend(_in_cells(result.uses, source))
         results.append(result)
     return results
+
+
+def _in_cells(uses: List[Use], source: SourceFile) -> List[Use]:
+    """A notebook's uses positioned by cell and line within the cell."""
+    if not source.cells:
+        return uses
+    placed = []
+    for use in uses:
+        cell, line = cell_position(source.cells, use.line)
+        placed.append(dataclasses.replace(use, line=line, cell=cell))
+    return placed
+
+
+def _kept_as_is(result: ScanResult, folders: Sequence[str], named: Set[str]) -> Optional[FileChange]:
+    """A file the rewriting modes scan but never rewrite: a notebook; a symlink found in a folder given whose
+    target lies outside them (a file named as a PATH is rewritten, through its link)."""
+    source = result.source
+    if source.is_notebook:
+        why = ("not rewritten: notebooks are scanned, not rewritten; run `python -m ampcompat migrate` on it without "
+               "--write/--to-native for its Apex uses, by cell and line")
+    else:
+        target = "" if source.path in named else linked_outside(source.path, folders)
+        if not target:
+            return None
+        why = (f"not rewritten: a symlink to {target}, outside the folders given; name that file (or its folder) "
+               "as a PATH to rewrite it")
+    return FileChange(source.path, False, False, "", [FileNote(source.path, 1, 1, why)])
 
 
 def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> Dict[str, Set[str]]:
@@ -135,8 +175,8 @@ def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> D
     if mode != "to-native":
         return {}
     candidates = {result.source.path: set(result.bindings) for result in results}
-    trees = {result.source.path: result.source.tree for result in results}
-    return exported_names(candidates, trees, report.plain)
+    sources = {result.source.path: result.source for result in results}
+    return exported_names(candidates, sources, report.plain)
 
 
 def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report,
@@ -150,6 +190,9 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
         else:
             native = to_native(result, exported.get(source.path, set()))
             new_text, notes, converted = native.text, native.notes, native.converted
+            if native.failed:
+                report.skipped.append(SkippedFile(source.path, native.failed))
+                return None
     except Exception as exc:  # a rewriter bug leaves this file alone and the run going
         report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while rewriting: {exc!r}"))
         return None
@@ -158,19 +201,23 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
     diff = _unified_diff(source, new_text) if changed else ""
     written = False
     if changed and not show_diff:
-        reason = _write(source, new_text)
+        reason = _write(source, new_text, checked=mode == "to-native")
         if reason is not None:
             report.skipped.append(SkippedFile(source.path, reason))
             return None
         written = True
-    return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted)
+    native_state = (native.on_ampcompat, native.imports_apex) if mode == "to-native" else (False, False)
+    return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted, *native_state)
 
 
-def _write(source: SourceFile, new_text: str) -> Optional[str]:
-    """Write ``new_text`` over the file; the reason it was not written, or ``None``."""
+def _write(source: SourceFile, new_text: str, checked: bool = False) -> Optional[str]:
+    """Write ``new_text`` over the file; the reason it was not written, or ``None``.
+
+    ``checked``: the rewriter has already parsed ``new_text`` (``--to-native`` does).
+    """
     if not source.round_trips:
         return f"not rewritten: re-encoding the file as {source.encoding} would change bytes the rewrite did not touch"
-    if not parses(new_text):
+    if not checked and not parses(new_text):
         return "not rewritten: the rewritten text does not parse (please report this as an ampcompat bug)"
     try:
         write_source(source, new_text)

@@ -376,6 +376,75 @@ NATIVE_BINDINGS: Dict[str, str] = {
 the arguments Apex code passes, same results): ``--to-native`` binds a name it must keep to these.
 Names without a faithful stand-in (``FusedAdam``: AdamW's weight_decay default differs) stay on ampcompat."""
 
+NATIVE_PARTIALS: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...], int]] = {
+    "apex.parallel.DistributedDataParallel": ("torch.nn.parallel.DistributedDataParallel",
+                                              (("broadcast_buffers", "False"),), 1),
+    "apex.normalization.FusedRMSNorm": ("torch.nn.RMSNorm", (("eps", "1e-5"),), 1),
+}
+"""Apex names a torch callable stands in for once Apex's defaults are fixed where torch's differ:
+name -> (torch callable, (keyword, Apex's default) pairs, how many leading positional arguments mean
+the same to both). ``--to-native`` binds a name used as a value to ``functools.partial(callable, **defaults)``
+when every call it reaches passes no more positional arguments than that."""
+
+EXTENSION_MODULES: Dict[str, str] = {
+    "fused_layer_norm_cuda": "apex.normalization.FusedLayerNorm",
+    "fused_adam_cuda": "apex.optimizers.FusedAdam",
+    "fused_lamb_cuda": "apex.optimizers.FusedLAMB",
+    "syncbn": "apex.parallel.SyncBatchNorm",
+    "mlp_cuda": "apex.mlp.MLP",
+    "fused_dense_cuda": "apex.fused_dense.FusedDense",
+    "xentropy_cuda": "apex.contrib.xentropy.SoftmaxCrossEntropyLoss",
+    "fast_layer_norm": "apex.contrib.layer_norm.FastLayerNorm",
+    "group_norm_cuda": "apex.contrib.group_norm.GroupNorm",
+    "group_norm_v2_cuda": "apex.contrib.group_norm.GroupNorm",
+    "focal_loss_cuda": "apex.contrib.focal_loss",
+    "distributed_adam_cuda": "apex.contrib.optimizers.distributed_fused_adam",
+    "distributed_lamb_cuda": "apex.contrib.optimizers.distributed_fused_lamb",
+    "fmhalib": "apex.contrib.fmha",
+    "fast_multihead_attn": "apex.contrib.multihead_attn",
+    "bnp": "apex.contrib.groupbn",
+    "cudnn_gbn_lib": "apex.contrib.cudnn_gbn",
+    "fast_bottleneck": "apex.contrib.bottleneck",
+    "nccl_p2p_cuda": "apex.contrib.bottleneck",
+    "peer_memory_cuda": "apex.contrib.peer_memory",
+    "fused_conv_bias_relu": "apex.contrib.conv_bias_relu",
+    "transducer_joint_cuda": "apex.contrib.transducer",
+    "transducer_loss_cuda": "apex.contrib.transducer",
+    "fused_weight_gradient_mlp_cuda": "apex.transformer",
+}
+"""Apex's compiled CUDA extensions that code imports directly (``import fused_layer_norm_cuda``), each with
+the Apex Python name built on it. ampcompat has no compiled extensions; what to use instead is derived
+from what ampcompat provides for that Python name (:func:`extension_advice`). ``amp_C`` and ``apex_C``
+are provided (as Python modules) and are not listed. Kernels that other projects also build under the
+same names (Megatron's ``scaled_masked_softmax_cuda``) are left out."""
+
+
+def extension_advice(module: str) -> Tuple[str, str]:
+    """What to tell a user who imports Apex's compiled extension ``module``: (reason, native equivalent)."""
+    wrapper = EXTENSION_MODULES[module]
+    found = provided.lookup(wrapper)
+    entry = ENTRIES.get(wrapper)
+    native = entry.native if entry is not None else "—"
+    what = f"`{module}` is Apex's compiled CUDA extension behind `{wrapper}`; ampcompat builds no extensions"
+    if found.usable:
+        return f"{what}: use `{wrapper}`, which ampcompat provides (native: {native})", native
+    return f"{what}, and does not provide `{wrapper}` either: {found.problem}", native
+
+
+def star_exports(module: str) -> Optional[List[str]]:
+    """The names ``from MODULE import *`` binds in Apex, for an Apex module path or its ampcompat stand-in;
+    ``None`` for a module that is neither."""
+    mapped = apex_module(module)
+    if mapped is None:
+        return None
+    apex_path, via = mapped
+    if apex_path == "apex":
+        return ["amp"] if via == "ampcompat" else list(provided.APEX_STAR_EXPORTS)
+    prefix = apex_path + "."
+    return sorted({name[len(prefix):] for name in ENTRIES
+                   if name.startswith(prefix) and "." not in name[len(prefix):] and not name[len(prefix):].startswith("_")})
+
+
 MAPPED_PACKAGES = provided.mapped_subpackages()
 """``apex.<name>`` subpackages that ampcompat provides as ``ampcompat.<name>`` (those the import alias maps)."""
 

@@ -5,12 +5,16 @@ from this one (``from .compat import LayerNorm``, ``import pkg.compat as c; c.La
 ``from compat import *``). Modules are matched by their last dotted component against the file's
 name (``compat.py``; a package's ``__init__.py`` by its folder's name): a coincidence of names can
 only keep a name that could have gone, never drop one that is needed.
+
+Only files whose text spells one of those module names as a word, and one of the names wanted or a
+star import, are parsed: on a large tree almost every file is ruled out by a text search.
 """
 from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from .sources import SourceFile, load_source
 from .syntax import dotted_name
@@ -96,13 +100,13 @@ def imports_by_module(tree: ast.Module) -> Dict[str, Set[str]]:
 
 
 
-def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module],
+def exported_names(apex_files: Dict[str, Set[str]], sources: Dict[str, SourceFile],
                    other_paths: Iterable[str]) -> Dict[str, Set[str]]:
     """For each file in ``apex_files``, the names among those given that other files import from it.
 
     Args:
         apex_files: path -> the names it binds that may need keeping (bound by Apex imports).
-        trees: the parsed files already at hand (path -> tree).
+        sources: the parsed files already at hand (path -> source).
         other_paths: the rest of the scanned tree; read and parsed only if they mention one of the names.
 
     Returns:
@@ -115,9 +119,15 @@ def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module]
     by_module: Dict[str, List[str]] = {}
     for path in wanted:
         by_module.setdefault(module_name_of(path), []).append(path)
-    for path, tree in list(trees.items()) + [(p, None) for p in other_paths]:
+    module_words = _words(by_module)
+    name_words = re.compile(r"import\s*\*|" + _words({name for names in wanted.values() for name in names}).pattern)
+
+    def may_import(text: str) -> bool:
+        return bool(module_words.search(text) and name_words.search(text))
+
+    for path, tree in [(p, s.tree) for p, s in sources.items() if may_import(s.text)] + [(p, None) for p in other_paths]:
         if tree is None:
-            tree = _parse_if_mentions(path, set(by_module))
+            tree = _parse_if_mentions(path, may_import)
             if tree is None:
                 continue
         imports = imports_by_module(tree)
@@ -129,6 +139,11 @@ def exported_names(apex_files: Dict[str, Set[str]], trees: Dict[str, ast.Module]
     return exported
 
 
-def _parse_if_mentions(path: str, words: Set[str]) -> Optional[ast.Module]:
-    source = load_source(path, lambda text: any(word in text for word in words))
+def _words(words: Iterable[str]) -> "re.Pattern[str]":
+    """A pattern matching any of ``words`` as a whole identifier."""
+    return re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, words))) + r")\b")
+
+
+def _parse_if_mentions(path: str, worth_parsing: Callable[[str], bool]) -> Optional[ast.Module]:
+    source = load_source(path, worth_parsing)
     return source.tree if isinstance(source, SourceFile) else None

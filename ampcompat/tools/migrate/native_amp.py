@@ -99,7 +99,7 @@ _UNCONVERTED = (
 
 def is_amp_use(use: Use) -> bool:
     """Whether a use belongs to the amp recipe (converted as one unit)."""
-    return use.kind != "import" and (
+    return use.kind not in ("import", "string", "check") and (
         use.api == "apex.amp" or use.api.startswith(("apex.amp.", "optimizer.")) or use.api == "apex.amp.init()"
     )
 
@@ -166,6 +166,12 @@ class _AmpConversion:
             "apex.amp.load_state_dict": self._state_dict,
             "apex.amp.disable_casts": self._disable_casts,
         }
+        shared = [use for use in self.uses if not use.exclusive]
+        if shared:
+            self.block(shared[0].node, f"`{shared[0].local_name}` is not only amp here: another binding of the name "
+                                       "(an `except ImportError` fallback, an assignment, another import) reaches "
+                                       f"{_plural_uses(len(shared))} of it, so the amp calls stay on ampcompat; "
+                                       "rewrite by hand")
         for use in self.uses:
             handler = handlers.get(use.api)
             if handler is not None:
@@ -460,6 +466,10 @@ class _AmpConversion:
             return
         if self._reachable(use):
             self.actions.append(lambda: self.plan.replace(call, f"torch.autocast({self.device}, enabled=False)"))
+
+
+def _plural_uses(count: int) -> str:
+    return "the use" if count == 1 else f"{count} uses"
 
 
 _FACTORIES = {"randn", "rand", "randint", "randperm", "zeros", "ones", "full", "empty", "tensor", "arange",

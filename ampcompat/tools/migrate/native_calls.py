@@ -17,11 +17,6 @@ from .native_amp import is_amp_use
 from .plan import RewritePlan
 from .scanner import Use
 
-_STRING_TODO = (
-    "this looks Apex up by name; once the file no longer uses Apex or ampcompat, this check (and the branch it "
-    "guards) can go"
-)
-
 _NORM_UNDER_AUTOCAST = (
     "under autocast, {apex} returned the autocast dtype (FP16); {torch} may run in FP32 there, so results can "
     "differ slightly: cast its output if later code relies on FP16"
@@ -29,15 +24,17 @@ _NORM_UNDER_AUTOCAST = (
 
 
 def convert_calls(plan: RewritePlan) -> None:
-    """Convert every non-amp Apex use that has a mechanical torch counterpart; TODOs for the rest."""
+    """Convert every non-amp Apex use that has a mechanical torch counterpart; TODOs for the rest.
+
+    Only a use that sees nothing but its Apex binding is rewritten where it stands. Where another
+    binding of the name can reach it too (``try: from apex... except ImportError: from torch...``), the
+    use is left as written and the import decides what the name means (see :mod:`native_imports`).
+    """
     for use in plan.result.uses:
-        if is_amp_use(use) or plan.is_converted(use):
+        if is_amp_use(use) or plan.is_converted(use) or not use.exclusive:
             continue
-        if use.kind == "import":
-            continue  # imports follow their names (to_native._align_imports); TODOs sit at the uses
-        if use.kind == "string":
-            plan.todo(use.node, _STRING_TODO)
-            continue
+        if use.kind in ("import", "string", "check"):
+            continue  # imports follow their names (native_imports); checks by name are the guards' (to_native)
         converter = _CONVERTERS.get(use.api)
         problem = converter(plan, use) if converter is not None else _no_rewrite(use)
         if problem is None:
@@ -156,10 +153,47 @@ def _fused_adagrad(plan: RewritePlan, use: Use) -> Optional[str]:
     return None
 
 
+def _value_context(node: ast.AST, parents) -> str:
+    """How a class used as a value is used: ``type`` (``isinstance``/``issubclass``/``type(x) is C``/
+    ``except C``), ``base`` (a class statement's base), else ``value`` (passed on, stored, called later)."""
+    parent = parents.get(node)
+    while isinstance(parent, ast.Tuple):
+        node, parent = parent, parents.get(parent)
+    if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) \
+            and parent.func.id in ("isinstance", "issubclass") and node in parent.args[1:]:
+        return "type"
+    if isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot, ast.Eq, ast.NotEq)) for op in parent.ops):
+        return "type"
+    if isinstance(parent, ast.ExceptHandler):
+        return "type"
+    if isinstance(parent, ast.ClassDef) and node in parent.bases:
+        return "base"
+    return "value"
+
+
+def _class_reference(plan: RewritePlan, use: Use, target: str, defaults: Dict[str, str], todo: str) -> Optional[str]:
+    """A mapped class used as a value: torch's class where only its type matters, else a
+    ``functools.partial`` that keeps Apex's defaults (``defaults``), with ``todo`` left where it is."""
+    context = _value_context(use.node, plan.parents)
+    if context == "base":
+        return (f"a subclass of Apex's `{use.api.rsplit('.', 1)[1]}`: it keeps Apex's behaviour on ampcompat; to "
+                f"move to `{target}`, subclass it and pass {', '.join(f'{k}={v}' for k, v in defaults.items())} "
+                "in __init__ by hand")
+    if context == "type" or not defaults:
+        plan.replace(use.node, target)
+    else:
+        keywords = ", ".join(f"{name}={value}" for name, value in defaults.items())
+        plan.replace(use.node, f"functools.partial({target}, {keywords})")
+        plan.modules.add("functools")
+    if todo and context != "type":
+        plan.todo(use.node, todo)
+    return None
+
+
 def _fused_layer_norm(plan: RewritePlan, use: Use) -> Optional[str]:
     if use.kind == "reference":
-        plan.replace(use.node, "torch.nn.LayerNorm")
-        return None
+        return _class_reference(plan, use, "torch.nn.LayerNorm", {},
+                                _NORM_UNDER_AUTOCAST.format(apex="FusedLayerNorm", torch="torch.nn.LayerNorm"))
     call = _Call(plan, use, ("normalized_shape", "eps", "elementwise_affine", "memory_efficient"))
     problem = call.problem(shared_positional=3)
     if problem:
@@ -170,6 +204,9 @@ def _fused_layer_norm(plan: RewritePlan, use: Use) -> Optional[str]:
 
 
 def _fused_rms_norm(plan: RewritePlan, use: Use) -> Optional[str]:
+    if use.kind == "reference":
+        return _class_reference(plan, use, "torch.nn.RMSNorm", {"eps": "1e-5"},
+                                "Apex's FusedRMSNorm(normalized_shape, eps=1e-5): keep passing eps by keyword here")
     call = _Call(plan, use, ("normalized_shape", "eps", "elementwise_affine", "memory_efficient"))
     problem = call.problem(shared_positional=3)
     if problem:
@@ -187,10 +224,17 @@ _DDP_PERFORMANCE_KNOBS = ("allreduce_trigger_params", "retain_allreduce_buffers"
                           "allreduce_communicators", "gradient_average_split_factor", "prof")
 
 
+_DDP_VALUE_TODO = (
+    "Apex's DistributedDataParallel as a value: this keeps Apex's default broadcast_buffers=False; torch's second "
+    "positional parameter is device_ids (Apex's was message_size), so where this is called, pass everything "
+    "after the module by keyword, and message_size/delay_allreduce as torch's bucket_cap_mb or not at all"
+)
+
+
 def _distributed_data_parallel(plan: RewritePlan, use: Use) -> Optional[str]:
     if use.kind == "reference":
-        plan.replace(use.node, "torch.nn.parallel.DistributedDataParallel")
-        return None
+        return _class_reference(plan, use, "torch.nn.parallel.DistributedDataParallel",
+                                {"broadcast_buffers": "False"}, _DDP_VALUE_TODO)
     call = _Call(plan, use, _DDP_SIGNATURE)
     problem = call.problem(shared_positional=1)
     if problem:
@@ -231,8 +275,7 @@ def _convert_syncbn_model(plan: RewritePlan, use: Use) -> Optional[str]:
 
 def _sync_batch_norm(plan: RewritePlan, use: Use) -> Optional[str]:
     if use.kind == "reference":
-        plan.replace(use.node, "torch.nn.SyncBatchNorm")
-        return None
+        return _class_reference(plan, use, "torch.nn.SyncBatchNorm", {}, "")
     call = _Call(plan, use, ("num_features", "eps", "momentum", "affine", "track_running_stats", "process_group",
                              "channel_last", "fuse_relu"))
     problem = call.problem(shared_positional=6)

@@ -2,14 +2,15 @@
 
 The converters in :mod:`native_amp` and :mod:`native_calls` describe their changes through this
 object; nothing touches the text until :meth:`RewritePlan.render`, which places every TODO comment
-on its own line above the statement it concerns.
+on its own line above the statement it concerns (unless that very comment is already there: a second
+run adds nothing) and the imports the new code needs at the top of the module.
 """
 from __future__ import annotations
 
 import ast
 import bisect
 import textwrap
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from .edits import Edit, apply_edits
 from .rewrite_imports import Note
@@ -37,6 +38,8 @@ class RewritePlan:
         self.edits: List[Edit] = []
         self.converted: Set[int] = set()
         self.uses_torch = False
+        self.modules: Set[str] = set()
+        """Modules the new code refers to by name (``functools``); ``torch`` is :attr:`uses_torch`."""
         self.notes: List[Note] = []
         self._todos: List[Tuple[ast.stmt, str]] = []
         self._wrapped: List[Tuple[int, int]] = []
@@ -128,18 +131,41 @@ class RewritePlan:
             notes.append(Note(anchor.lineno, col, "TODO(ampcompat): " + message))
         return sorted(notes, key=lambda note: (note.line, note.col))
 
-    def render(self) -> str:
-        """The new text: every edit applied and every TODO comment inserted."""
+    def render(self, top: Optional[Tuple[int, str]] = None) -> str:
+        """The new text: every edit applied and every TODO comment inserted.
+
+        Args:
+            top: ``(offset, text)`` to insert at the top of the module (imports the new code needs). If
+                the offset falls inside text another edit replaces, it moves to that edit's start.
+        """
         comments = []
         for anchor, message in self._todos:
             position, indent = self._comment_position(anchor)
             newline = self.text.newline(anchor.lineno)
-            lines = textwrap.wrap(message, _TODO_WIDTH - len(indent), initial_indent=TODO_PREFIX,
-                                  subsequent_indent="#   ", break_on_hyphens=False)
-            comment = "".join(indent + line + newline for line in lines)
-            comments.append(Edit(position, position, comment))
+            lines = [indent + line for line in todo_lines(message, indent)]
+            if self._comment_above(position, lines):
+                continue
+            comments.append(Edit(position, position, "".join(line + newline for line in lines)))
+        edits = comments + self.edits
+        if top is not None:
+            offset, insertion = top
+            covering = [edit.start for edit in self.edits if edit.start < offset < edit.end]
+            if covering:  # the first statement is being removed: go where its removal starts
+                gap = self.text.text[min(covering):offset]
+                insertion = (gap if not gap.strip() else "") + insertion  # keep the blank line it took along
+                offset = min(covering)
+            edits.insert(0, Edit(offset, offset, insertion))
         # Comments first: at a shared offset they then land above whatever else is inserted there.
-        return apply_edits(self.text.text, comments + self.edits)
+        return apply_edits(self.text.text, edits)
+
+    def _comment_above(self, position: int, lines: List[str]) -> bool:
+        """Whether ``lines`` already stand, in order, in the comment lines just above ``position``."""
+        above: List[str] = []
+        lineno = bisect.bisect_right(self.text.line_starts, position) - 1
+        while lineno >= 1 and self.text.line(lineno).lstrip(" \t\f").startswith("#"):
+            above.insert(0, self.text.line(lineno))
+            lineno -= 1
+        return any(above[i : i + len(lines)] == lines for i in range(len(above) - len(lines) + 1))
 
     # -- helpers -------------------------------------------------------------------------------
     def _line_owning_statement(self, statement: ast.stmt) -> ast.stmt:
@@ -172,6 +198,12 @@ class RewritePlan:
             if not covering:
                 return position, self.text.indentation(lineno)
             lineno = bisect.bisect_right(self.text.line_starts, min(covering))
+
+
+def todo_lines(message: str, indent: str = "") -> List[str]:
+    """``# TODO(ampcompat): message`` wrapped to the line width left after ``indent``."""
+    return textwrap.wrap(message, _TODO_WIDTH - len(indent), initial_indent=TODO_PREFIX,
+                         subsequent_indent="#   ", break_on_hyphens=False)
 
 
 def _identifiers(nodes: List[ast.AST]) -> Set[str]:

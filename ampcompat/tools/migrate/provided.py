@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ampcompat._not_provided import ApexModuleNotProvided
-from ampcompat.tools.alias import APEX_SUBPACKAGES
+from ampcompat.tools.alias import APEX_STAR_EXPORTS, APEX_SUBPACKAGES  # noqa: F401 (APEX_STAR_EXPORTS: re-exported)
 
 _TOP_LEVEL = {"amp_C": "ampcompat.amp_C", "apex_C": "ampcompat.apex_C"}
 

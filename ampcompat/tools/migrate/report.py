@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 
 from .catalogue import Verdict
 from .scanner import Use
-from .sources import SkippedFile
+from .sources import NotScanned, SkippedFile
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class FileChange:
     diff: str
     notes: Sequence[FileNote] = ()
     converted: int = 0
+    on_ampcompat: bool = False
+    """``--to-native``: the new text still needs ampcompat."""
+    imports_apex: bool = False
+    """``--to-native``: the new text still imports ``apex`` (or one of its compiled modules)."""
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Report:
         scanned: the files that were read and scanned.
         plain: those of ``scanned`` whose text cannot hold an Apex use (never parsed or changed).
         dry_run: ``--diff``: changes are shown, not written.
+        not_scanned: folders not entered by default (virtual environments, installed packages).
+        failed: files a rewrite was planned for but could not be written (they are in ``skipped`` too).
     """
 
     mode: str
@@ -57,6 +63,8 @@ class Report:
     scanned: List[str] = field(default_factory=list)
     plain: List[str] = field(default_factory=list)
     dry_run: bool = False
+    not_scanned: List[NotScanned] = field(default_factory=list)
+    failed: List[str] = field(default_factory=list)
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for use in self.uses if use.verdict is verdict)
@@ -64,6 +72,12 @@ class Report:
     @property
     def has_unsupported(self) -> bool:
         return self.count(Verdict.UNSUPPORTED) > 0
+
+    @property
+    def has_unreadable_apex(self) -> bool:
+        """A file that may hold Apex code could not be read or parsed (an undecodable file whose bytes
+        never mention Apex is counted as skipped, but is not a failure)."""
+        return any(item.may_hold_apex for item in self.skipped)
 
     def summary(self) -> Dict[str, int]:
         """Counts of files and uses, by verdict."""
@@ -76,11 +90,19 @@ class Report:
         counts.update({verdict.key: self.count(verdict) for verdict in Verdict})
         if self.mode != "report":
             counts["changed"] = sum(1 for change in self.changes if change.changed)
+            counts["failed"] = len(self.failed)
+        if self.mode == "to-native":
+            counts["on_ampcompat"] = sum(1 for change in self.changes if change.on_ampcompat)
+            counts["imports_apex"] = sum(1 for change in self.changes if change.imports_apex)
         return counts
 
 
 def _plural(count: int, singular: str, plural: str = "") -> str:
     return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def _verb(count: int, verb: str) -> str:
+    return verb + "s" if count == 1 else verb
 
 
 def summary_line(report: Report) -> str:
@@ -105,7 +127,21 @@ def summary_line(report: Report) -> str:
     elif report.mode == "to-native":
         line += f" Would rewrite {files} to plain PyTorch (nothing written)." if report.dry_run \
             else f" Rewritten to plain PyTorch: {files}."
+        if counts["imports_apex"]:
+            line += f" {_plural(counts['imports_apex'], 'file')} still {_verb(counts['imports_apex'], 'import')} " \
+                    "apex (see the notes)."
+        if counts["on_ampcompat"]:
+            line += f" {_plural(counts['on_ampcompat'], 'file')} still {_verb(counts['on_ampcompat'], 'use')} " \
+                    "ampcompat."
+    if counts.get("failed"):
+        line += f" {_plural(counts['failed'], 'file')} could not be rewritten (see above)."
     return line
+
+
+def where(use: Use) -> str:
+    """``path:line:col``, or ``notebook:cell N:line:col`` in a notebook."""
+    cell = f"cell {use.cell}:" if use.cell is not None else ""
+    return f"{use.path}:{cell}{use.line}:{use.col}"
 
 
 def render_text(report: Report, with_diff: bool) -> str:
@@ -114,7 +150,7 @@ def render_text(report: Report, with_diff: bool) -> str:
     if report.mode == "report":
         for use in report.uses:
             reason = f": {use.reason}" if use.reason else ""
-            lines.append(f"{use.path}:{use.line}:{use.col}: {use.api} — {use.verdict.value}{reason}")
+            lines.append(f"{where(use)}: {use.api} — {use.verdict.value}{reason}")
     for change in report.changes:
         if with_diff:
             if change.diff:
@@ -128,12 +164,14 @@ def render_text(report: Report, with_diff: bool) -> str:
             lines.append(f"{note.path}:{note.line}:{note.col}: {note.message}")
     for skipped in report.skipped:
         lines.append(f"{skipped.path}: skipped: {skipped.reason}")
+    for folder in report.not_scanned:
+        lines.append(f"{folder.path}: {folder.reason}")
     lines.append(summary_line(report))
     return "\n".join(lines) + "\n"
 
 
 def render_json(report: Report) -> str:
-    """The report as one JSON object (keys: mode, uses, skipped, files, summary)."""
+    """The report as one JSON object (keys: mode, uses, skipped, not_scanned, files, summary)."""
     payload = {
         "mode": report.mode,
         "uses": [
@@ -148,16 +186,20 @@ def render_json(report: Report) -> str:
                 "native": use.native,
                 "via": use.via,
                 "kind": use.kind,
+                **({"cell": use.cell} if use.cell is not None else {}),
             }
             for use in report.uses
         ],
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
+        "not_scanned": [{"path": s.path, "reason": s.reason} for s in report.not_scanned],
         "files": [
             {
                 "path": change.path,
                 "changed": change.changed,
                 "written": change.written,
                 "converted": change.converted,
+                **({"on_ampcompat": change.on_ampcompat, "imports_apex": change.imports_apex}
+                   if report.mode == "to-native" else {}),
                 "diff": change.diff,
                 "notes": [{"line": n.line, "col": n.col, "message": n.message} for n in change.notes],
             }

@@ -10,12 +10,15 @@ comments, parentheses, line breaks and every other line stay as they were:
 ``import apex.parallel``           ``import ampcompat.parallel, ampcompat as apex``
 ``import apex.amp as amp``         ``import ampcompat.amp as amp``
 ``import amp_C``                   ``import ampcompat.amp_C as amp_C``
+``from apex import *``             ``from ampcompat import amp, fp16_utils, ...``
 =================================  ===============================================
 
 Every later ``apex.x.y`` / ``amp.z`` reference then finds the same names in ampcompat. The result
 imports nothing from ``apex``, so running the codemod again changes nothing. Imports of Apex parts
-ampcompat does not provide (``apex.transformer``, ``apex.contrib.sparsity``: they refuse at import) are
-left alone and reported.
+ampcompat does not provide (``apex.transformer``, ``apex.contrib.sparsity``: they refuse at import;
+Apex's compiled extensions such as ``fused_layer_norm_cuda``) are left alone and reported. The alias
+line (:mod:`alias_line`) keeps checks for Apex by name answering as before; it is guarded by ``try``
+when the file's Apex imports were all optional, so the file still runs where ampcompat is absent.
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ import tokenize
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from ampcompat.tools.alias import provided_star_exports
+
 from . import catalogue
 from .edits import Edit, SourceText, apply_edits
-from .alias_line import ALIAS_STATEMENTS, alias_line_edit, alias_line_nodes
-from .scanner import ScanResult, Use
+from .alias_line import ALIAS_STATEMENTS, alias_line_edit
+from .scanner import ScanResult, Use, runs_unconditionally
 
 
 @dataclass(frozen=True)
@@ -67,16 +72,24 @@ def rewrite_imports(result: ScanResult) -> ImportRewrite:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             import_statement_edits(result.text, node, edits, notes)
     if edits or checks:
-        _keep_apex_findable(result, checks, edits, notes)
+        keep_apex_findable(result, checks, edits, notes)
     notes.sort(key=lambda note: (note.line, note.col))
     return ImportRewrite(apply_edits(result.text.text, edits), tuple(edits), tuple(notes))
 
 
-def _keep_apex_findable(result: ScanResult, checks: List[Use], edits: List[Edit], notes: List[Note]) -> None:
+def apex_imports_are_optional(result: ScanResult) -> bool:
+    """Whether the file ran without Apex: none of its Apex imports runs unconditionally at module level
+    (each sits in a ``try`` with an ``except ImportError`` fallback, an ``if``, a function, ...)."""
+    tree = result.source.tree
+    return not any(use.kind == "import" and use.via == "apex" and runs_unconditionally(use.node, tree, result.parents)
+                   for use in result.uses)
+
+
+def keep_apex_findable(result: ScanResult, checks: List[Use], edits: List[Edit], notes: List[Note]) -> None:
     """Add the alias line (see :mod:`alias_line`) unless the file has it, and note every check by name."""
     tree, text = result.source.tree, result.text
-    present = bool(alias_line_nodes(tree))
-    placed = None if present else alias_line_edit(text, tree)
+    present = bool(result.alias_statements)
+    placed = None if present else alias_line_edit(text, tree, guarded=apex_imports_are_optional(result))
     if placed is not None:
         edits.append(placed[0])
         notes.append(Note(placed[1], 1, f"added `{ALIAS_STATEMENTS}` above this line: `apex` stays importable and "
@@ -103,11 +116,20 @@ def import_statement_edits(text: SourceText, node: ast.stmt, edits: List[Edit], 
         notes: receives a note for each Apex import left alone.
     """
     if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name in catalogue.EXTENSION_MODULES:
+                notes.append(note_at(text, node, f"left `import {alias.name}` unchanged: "
+                                                 f"{catalogue.extension_advice(alias.name)[0]}"))
         if not any(_is_apex_import(alias.name) for alias in node.names):
             return
         for alias, name_tokens in zip(node.names, _alias_name_tokens(text, node)):
             _rewrite_import_alias(text, node, alias, name_tokens, edits, notes)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        extension = node.module.split(".")[0]
+        if extension in catalogue.EXTENSION_MODULES:
+            notes.append(note_at(text, node, f"left `from {node.module} import ...` unchanged: "
+                                             f"{catalogue.extension_advice(extension)[0]}"))
+            return
         _rewrite_import_from(text, node, edits, notes)
 
 
@@ -184,10 +206,25 @@ def _rewrite_import_from(text: SourceText, node: ast.ImportFrom, edits: List[Edi
             notes.append(note_at(text, node, f"left `from apex import ...` unchanged: `{'`, `'.join(missing)}` "
                                            f"{'are' if len(missing) > 1 else 'is'} not in ampcompat; {detail}"))
             return
+        if provided == ["*"]:
+            edits.append(_star_edit(text, node))
+            return
     start, end = text.span(node)
     after_from = _end_of_keyword(text, start, end, "from")
     module_tokens = _tokens_before_keyword(text, after_from, end, "import")
     edits.append(Edit(text.token_offset(module_tokens[0].start), text.token_offset(module_tokens[-1].end), target))
+
+
+def star_replacement() -> str:
+    """What ``from apex import *`` becomes: Apex's ``__all__`` from ampcompat, less what it refuses."""
+    return f"from ampcompat import {', '.join(provided_star_exports())}"
+
+
+def _star_edit(text: SourceText, node: ast.ImportFrom) -> Edit:
+    """``from apex import *`` -> ``from ampcompat import amp, fp16_utils, ...`` (a star import of ampcompat
+    would bind ampcompat's own ``__all__``, not Apex's)."""
+    start, end = text.span(node)
+    return Edit(start, end, star_replacement())
 
 
 def _end_of_keyword(text: SourceText, start: int, end: int, keyword: str) -> int:

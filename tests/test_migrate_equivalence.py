@@ -1,0 +1,356 @@
+"""``migrate`` never changes what a program does: each shape of issue 21 as a runnable program, run before
+and after every mode, with the outputs compared.
+
+The programs under ``tests/fixtures/migrate_equivalence`` print what they do (which branch, which class,
+dtypes, a few losses). Before: each runs as ``python -m ampcompat run`` runs it (the import alias on).
+After ``--write``, ``--to-native`` and ``--write`` then ``--to-native``: each runs with plain ``python``
+and must print the same lines (losses within float rounding, since O1 under ``torch.autocast`` is not
+bit-for-bit ampcompat's O1). Programs that ran without Apex (optional Apex, no Apex at all) also run
+with ``apex`` and ``ampcompat`` impossible to import, before and after, and must agree there too; and a
+``--to-native`` output that imports neither must run that way with the same output as before.
+Every mode run a second time changes nothing.
+
+Each program runs in a fork of one warm interpreter (torch imported once), so the default matrix
+stays within seconds; the slow marker adds last round's trees (``migrate_tree``, ``legacy_scripts``).
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+from ampcompat.tools import migrate
+from ampcompat.tools.migrate.alias_line import ALIAS_STATEMENTS, GUARDED_ALIAS_LINES
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+PROGRAMS = FIXTURES / "migrate_equivalence"
+MODES = {"write": ["--write"], "to-native": ["--to-native"], "write+to-native": ["--write", "--to-native"]}
+
+
+@dataclass(frozen=True)
+class Program:
+    """One program of a fixture tree.
+
+    Attributes:
+        script: its path relative to the tree.
+        args: command-line arguments.
+        runs_without_apex: the original runs (and prints what it does) where Apex cannot be imported.
+    """
+
+    script: str
+    args: Tuple[str, ...] = ()
+    runs_without_apex: bool = False
+
+
+@dataclass
+class Tree:
+    """A fixture tree and the programs in it."""
+
+    folder: Path
+    programs: List[Program] = field(default_factory=list)
+
+
+ISSUE_SHAPES = Tree(PROGRAMS, [
+    Program("s01_scopes.py"),
+    Program("s01_either_import.py", ("--apex",)),
+    Program("s01_either_import.py", runs_without_apex=True),
+    Program("s02_guard_kept.py"),
+    Program("s02_guard_txl.py", runs_without_apex=True),
+    Program("s02_guard_txl.py", ("O2",), runs_without_apex=True),
+    Program("s02_guard_native.py"),
+    Program("s03_optional.py", runs_without_apex=True),
+    Program("s04_setup_argv.py", ("apex", "--version"), runs_without_apex=True),
+    Program("s05_star.py"),
+    Program("s06_header_comment.py"),
+    Program("s06_decorated_first.py"),
+    Program("s09_value_uses.py"),
+    Program("s11_extensions.py"),
+])
+LAST_ROUND = [
+    Tree(FIXTURES / "migrate_tree" / "write", [Program("train.py")]),
+    Tree(FIXTURES / "migrate_tree" / "native", [Program("train_o1.py")]),
+    Tree(FIXTURES / "legacy_scripts", [Program(name, ("--steps", "2")) for name in (
+        "bert_style.py", "dcgan_style.py", "fp16_optimizer_style.py", "hf_trainer_style.py", "imagenet_style.py",
+        "simple_o1.py", "timm_style.py", "transformer_o1.py")]),
+]
+
+_DRIVER = r"""
+import json, os, runpy, sys, tempfile, traceback
+import torch, torch.distributed as dist
+import ampcompat, ampcompat.amp, ampcompat.parallel, ampcompat.optimizers, ampcompat.normalization, ampcompat.fp16_utils
+
+# Pay once for what every program would pay again: the first optimizer step, the first gloo group.
+_warm = torch.nn.Parameter(torch.zeros(1))
+_warm.grad = torch.zeros(1)
+torch.optim.SGD([_warm], lr=0.1).step()
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "store"), rank=0, world_size=1)
+torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
+dist.destroy_process_group()
+
+BLOCKED = ("apex", "amp_C", "apex_C", "ampcompat")
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: this run has no Apex and no ampcompat)",
+                                      name=name)
+        return None
+
+for line in sys.stdin:
+    request = json.loads(line)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        code = 0
+        try:
+            if request["env"] == "absent":
+                for name in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
+                    del sys.modules[name]
+                sys.meta_path.insert(0, Blocker())
+            elif request["env"] == "alias":
+                ampcompat.install_apex_alias()
+            script = request["script"]
+            sys.path.insert(0, os.path.dirname(script))
+            os.chdir(os.path.dirname(script))
+            sys.argv = [script] + request["args"]
+            import warnings
+            warnings.simplefilter("ignore")
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, errors="replace") as pipe:
+        output = pipe.read()
+    status = os.waitpid(pid, 0)[1]
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "output": output}), flush=True)
+"""
+
+
+def run_all(requests: List[dict]) -> List[dict]:
+    """Run every request (script, args, env) in its own fork of one warm interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AMPCOMPAT_APEX_ALIAS", "WORLD_SIZE", "RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    stdin = "".join(json.dumps(request) + "\n" for request in requests)
+    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=stdin, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == len(requests), proc.stderr[-3000:]
+    return replies
+
+
+def run_migrate(args: List[str]) -> Tuple[int, str]:
+    """``python -m ampcompat migrate ARGS`` in this process: (exit status, what it printed)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(io.StringIO()):
+        code = migrate.main([str(arg) for arg in args])
+    return code, buffer.getvalue()
+
+
+def migrate_copy(tree: Tree, mode: str, work: Path) -> Tuple[Path, str]:
+    """Copy ``tree`` under ``work``, run ``mode`` on the copy, then once more: the second run changes nothing."""
+    target = work / mode / tree.folder.name
+    shutil.copytree(tree.folder, target, ignore=shutil.ignore_patterns("__pycache__"))
+    reports = []
+    for args in MODES[mode]:
+        code, out = run_migrate([target, args])
+        reports.append(out)
+        assert code == 0, out
+    first = {p: p.read_bytes() for p in target.rglob("*.py")}
+    code, out = run_migrate([target, MODES[mode][-1]])
+    assert code == 0, out
+    changed = [str(p.relative_to(target)) for p in target.rglob("*.py") if p.read_bytes() != first[p]]
+    assert not changed, f"a second {mode} run changed {changed}"
+    return target, "".join(reports)
+
+
+def imports_apex_or_ampcompat(path: Path) -> bool:
+    text = path.read_text()
+    return any(f"import {name}" in text or f"from {name}" in text for name in ("apex", "ampcompat", "amp_C"))
+
+
+_AMP_BANNER = re.compile(r"^(Selected optimization level |Defaults for this optimization level are:|Processing user "
+                         r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$)")
+"""The option block ``amp.initialize`` prints (``verbosity=1``): amp's log, gone with amp under ``--to-native``."""
+
+
+def program_lines(output: str) -> List[str]:
+    return [line for line in output.splitlines() if not _AMP_BANNER.match(line)]
+
+
+def lines_match(before: str, after: str) -> bool:
+    """Same lines (amp's option block aside); numbers on LOSS/NORM lines equal within float rounding (O1
+    natively vs on ampcompat)."""
+    old, new = program_lines(before), program_lines(after)
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new):
+        if a == b:
+            continue
+        words_a, words_b = a.split(), b.split()
+        if not (words_a and words_a[0] in ("LOSS", "NORM") and len(words_a) == len(words_b)):
+            return False
+        for x, y in zip(words_a, words_b):
+            if x != y and not math.isclose(float(x), float(y), rel_tol=2e-3, abs_tol=1e-5):
+                return False
+    return True
+
+
+def _matrix(trees: List[Tree], tmp_path_factory):
+    """Migrate every tree in every mode and run everything: {(tree, program, mode, env): output}."""
+    work = tmp_path_factory.mktemp("equivalence")
+    requests, keys = [], []
+    natives = set()
+
+    def add(key, script: Path, program: Program, env: str) -> None:
+        keys.append(key)
+        requests.append({"script": str(script), "args": list(program.args), "env": env})
+
+    reports = {}
+    for tree in trees:
+        for program in tree.programs:
+            add((tree.folder.name, program, "original", "alias"), tree.folder / program.script, program, "alias")
+            if program.runs_without_apex:
+                add((tree.folder.name, program, "original", "absent"), tree.folder / program.script, program, "absent")
+        for mode in MODES:
+            target, report = migrate_copy(tree, mode, work)
+            reports[(tree.folder.name, mode)] = (target, report)
+            for program in tree.programs:
+                script = target / program.script
+                add((tree.folder.name, program, mode, "plain"), script, program, "plain")
+                native = mode != "write" and not imports_apex_or_ampcompat(script)
+                if program.runs_without_apex or native:
+                    add((tree.folder.name, program, mode, "absent"), script, program, "absent")
+                if native:
+                    natives.add((tree.folder.name, program, mode, "native"))
+    outputs = dict(zip(keys, run_all(requests)))
+    outputs.update((key, {}) for key in natives)
+    return outputs, reports
+
+
+@pytest.fixture(scope="module")
+def issue_matrix(tmp_path_factory):
+    return _matrix([ISSUE_SHAPES], tmp_path_factory)
+
+
+def _compare(outputs, tree: Tree, program: Program, mode: str) -> None:
+    name = tree.folder.name
+    before = outputs[(name, program, "original", "alias")]
+    assert before["code"] == 0, before["output"]
+    after = outputs[(name, program, mode, "plain")]
+    assert after["code"] == 0, after["output"]
+    assert lines_match(before["output"], after["output"]), (before["output"], after["output"])
+    absent = outputs.get((name, program, mode, "absent"))
+    if absent is None:
+        return
+    # Where Apex and ampcompat cannot be imported: a program that still uses them where present behaves as
+    # the original did without Apex (optional stays optional); one --to-native left with neither takes the
+    # path the original took under ampcompat, now in plain PyTorch.
+    native = (name, program, mode, "native") in outputs
+    reference = before if native else outputs[(name, program, "original", "absent")]
+    assert absent["code"] == reference["code"], absent["output"]
+    assert lines_match(reference["output"], absent["output"]), (reference["output"], absent["output"])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("program", ISSUE_SHAPES.programs, ids=lambda p: " ".join((p.script,) + p.args))
+def test_issue_shapes_behave_the_same_after_every_mode(issue_matrix, program, mode):
+    outputs, _ = issue_matrix
+    _compare(outputs, ISSUE_SHAPES, program, mode)
+
+
+@pytest.fixture(scope="module")
+def last_round_matrix(tmp_path_factory):
+    return _matrix(LAST_ROUND, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("tree, program", [(tree, program) for tree in LAST_ROUND for program in tree.programs],
+                         ids=lambda value: getattr(value, "script", "") or value.folder.name)
+def test_last_rounds_shapes_behave_the_same_after_every_mode(last_round_matrix, tree, program, mode):
+    outputs, _ = last_round_matrix
+    _compare(outputs, tree, program, mode)
+
+
+# --- what the rewritten text looks like where behaviour alone cannot tell -------------------------------------
+def migrated_text(issue_matrix, mode, script):
+    _, reports = issue_matrix
+    target, report = reports[(PROGRAMS.name, mode)]
+    return (target / script).read_text(), report
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_flag_named_apex_is_no_check_and_the_file_is_never_touched(issue_matrix, mode):
+    text, report = migrated_text(issue_matrix, mode, "s04_setup_argv.py")
+    assert text == (PROGRAMS / "s04_setup_argv.py").read_text()
+    assert "s04_setup_argv.py" not in report
+
+
+def test_import_torch_goes_after_leading_comments_and_never_inside_a_decorator(issue_matrix):
+    text, _ = migrated_text(issue_matrix, "to-native", "s06_header_comment.py")
+    original = (PROGRAMS / "s06_header_comment.py").read_text().splitlines()
+    assert text.splitlines()[:5] == original[:3] + ["import torch", "import torch.nn.functional as F"]
+    text, _ = migrated_text(issue_matrix, "to-native", "s06_decorated_first.py")
+    assert text.splitlines()[:2] == ["import torch", "@staticmethod"]
+
+
+def test_inline_comments_of_a_removed_multi_line_import_stay(issue_matrix):
+    text, report = migrated_text(issue_matrix, "to-native", "s11_extensions.py")
+    assert text.splitlines()[2:5] == ["# the float of a one-element tensor", "# clipping as in 2018", "import torch"]
+    target, _ = issue_matrix[1][(PROGRAMS.name, "to-native")]
+    assert f"{target / 's11_extensions.py'}:8:5: left `import fused_layer_norm_cuda` as it was: `fused_layer_norm_cuda` " \
+           "is Apex's compiled CUDA extension behind `apex.normalization.FusedLayerNorm`" in report
+
+
+def test_write_then_to_native_drops_the_alias_line_where_nothing_needs_it(issue_matrix):
+    _, reports = issue_matrix
+    target, report = reports[(PROGRAMS.name, "write+to-native")]
+    written, _ = reports[(PROGRAMS.name, "write")]
+    for script in sorted(PROGRAMS.glob("s*.py")):
+        text = (target / script.name).read_text()
+        if ALIAS_STATEMENTS in (written / script.name).read_text() and not imports_apex_or_ampcompat(
+                target / script.name):
+            assert ALIAS_STATEMENTS not in text, script.name
+            assert f"`{ALIAS_STATEMENTS}`: nothing in this file uses Apex or ampcompat any more" in \
+                   next(line for line in report.splitlines() if line.startswith(f"{target / script.name}:") and
+                        "removed `import ampcompat" in line), script.name
+    assert not imports_apex_or_ampcompat(target / "s06_header_comment.py")
+
+
+def test_check_passes_the_shapes_that_run(tmp_path):
+    code, out = run_migrate([PROGRAMS, "--check"])
+    assert code == 0, out
+    assert "not supported" not in out.replace("0 not supported", "")
+
+
+def test_the_guard_answers_kept_or_replaced(issue_matrix):
+    text, report = migrated_text(issue_matrix, "to-native", "s02_guard_native.py")
+    assert 'if False:\n    raise RuntimeError("APEX AMP unavailable")' in text
+    assert "USE_AMP = True" in text and ALIAS_STATEMENTS not in text
+    assert "this was `\"apex\" not in sys.modules`, which found Apex under ampcompat" in " ".join(
+        line.lstrip("# ") for line in text.splitlines())
+    text, report = migrated_text(issue_matrix, "to-native", "s02_guard_kept.py")
+    assert text.splitlines()[1].startswith(ALIAS_STATEMENTS) and 'HAS_APEX = "apex" in sys.modules' in text
+    assert "checks for Apex by name (`\"apex\" in sys.modules`): it still finds Apex through the alias line" in report
+    text, _ = migrated_text(issue_matrix, "write", "s03_optional.py")
+    assert "\n".join(text.splitlines()[1:5]) == "\n".join(GUARDED_ALIAS_LINES)  # optional Apex: a guarded line
