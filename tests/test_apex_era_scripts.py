@@ -137,7 +137,7 @@ def _bert_2019_twin(steps):
 
 
 def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_path):
-    """Acceptance 3 of issue 18: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
+    """A 2019 BERT fp16 loop through the alias: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
     FP16_Optimizer(dynamic_loss_scale=True), optimizer.backward(loss), optimizer.step()."""
     out = tmp_path / "bert.pt"
     _run("bert_2019_fp16.py", 6, out)
@@ -154,7 +154,7 @@ def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_p
 
 
 def test_try_block_probing_apex_finds_it_through_the_alias_and_trains_fp16(tmp_path):
-    """Acceptance 1 of issue 18: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
+    """A try-block probe for Apex: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
     out = tmp_path / "trainer.pt"
     _run("protein_trainer_try_block.py", 12, out)
     fp16 = torch.load(out, weights_only=True)

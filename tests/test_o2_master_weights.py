@@ -1,4 +1,4 @@
-"""O2/O3/O5 master weights and loss scaling (spec §5, §6.2-6.3; DESIGN decisions 6-7).
+"""O2/O3/O5 master weights and loss scaling.
 
 The O2 runs are checked against a hand-written reference of Apex's algorithm: a half model, FP32 master
 copies, loss x scale, ``master.grad = model.grad.float() / scale``, an inf/NaN check that skips the step
@@ -333,7 +333,7 @@ def test_param_groups_hold_fp32_masters_after_the_first_scale_loss(device):
     optimizer = _two_group_optimizer(model)
     amp.initialize(model, optimizer, opt_level="O2", verbosity=0)
     linear0, bn, linear3 = model[0], model[1], model[3]
-    # Before lazy init amp.master_params() yields the model's own params (spec §5.3).
+    # Before lazy init amp.master_params() yields the model's own params, as Apex's did.
     assert [id(p) for p in amp.master_params(optimizer)] == [
         id(p) for p in (linear0.weight, linear0.bias, bn.weight, bn.bias, linear3.weight, linear3.bias)]
 
