@@ -66,6 +66,10 @@ def test_version(capsys):
     (["run"], "the following arguments are required: SCRIPT or -m MODULE"),
     (["run", "-m"], "argument -m: expected one argument"),
     (["run", "--bogus", "x.py"], "unrecognized option: --bogus"),
+    (["run", "-c", "print(1)"], "argument -c: running code from the command line is not supported; "
+                                "put the code in a script and run `python -m ampcompat run script.py`"),
+    (["run", "-cprint(1)"], "argument -c: running code from the command line is not supported; "
+                            "put the code in a script and run `python -m ampcompat run script.py`"),
 ])
 def test_usage_errors_exit_2_with_usage(capsys, args, message):
     meta_path, environ = list(sys.meta_path), dict(os.environ)
