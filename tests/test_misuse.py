@@ -13,7 +13,6 @@ gradients that are simply too small by the loss scale.
 """
 from __future__ import annotations
 
-import socket
 from typing import Any, Dict, List
 
 import pytest
@@ -462,18 +461,13 @@ def test_second_initialize_of_an_o2_model_apex_error():
 
 # --- initialize after wrapping in DDP ----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def single_process_group():
+def single_process_group(tmp_path):
     dist = torch.distributed
     if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{}".format(_free_port()), rank=0, world_size=1)
+        pytest.skip("needs a PyTorch built with torch.distributed (the Linux and macOS wheels are)")
+    # A file store, not a TCP one: a free port can be taken by another process before the store binds it.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
