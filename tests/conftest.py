@@ -1,17 +1,42 @@
-"""Shared fixtures: a clean amp state around every test, and the `cuda` marker's skip."""
+"""Shared fixtures: a clean amp state around every test, the `cuda` marker's skip, and `--full`.
+
+The default run (``python -m pytest -q``) leaves out the tests marked ``slow``: long runs and the
+cases of the large matrices outside their pairwise sample (``tests/_sampling.py``). ``--full`` runs
+them too; an explicit ``-m`` expression chooses by itself (``-m slow`` runs only what the default
+leaves out).
+"""
 import pytest
 import torch
 
+from _skips import NEEDS_CUDA
+
 torch.set_num_threads(1)  # the tests use tiny tensors: threading only adds overhead
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the whole suite: also the tests marked slow (long runs, full matrices), "
+                          "which the default run leaves out")
+
+
+def pytest_configure(config):
+    if not config.getoption("--full") and not config.option.markexpr:
+        config.option.markexpr = "not slow"
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason=NEEDS_CUDA)
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def full(request) -> bool:
+    """True under ``--full``: a test that walks a corpus takes a fixed sample of it by default, all of it then."""
+    return bool(request.config.getoption("--full"))
 
 
 @pytest.fixture(autouse=True)
