@@ -132,7 +132,10 @@ def shown(stdout: str) -> dict:
     return json.loads(stdout.splitlines()[0])
 
 
-@pytest.mark.parametrize("cwd, script", [(FIXTURES, "show_main.py"), (REPO, "tests/fixtures/alias/show_main.py")])
+@pytest.mark.parametrize("cwd, script", [
+    (FIXTURES, "show_main.py"),
+    pytest.param(REPO, "tests/fixtures/alias/show_main.py", marks=pytest.mark.slow),  # a subprocess: --full
+])
 def test_script_sees_what_python_gives_it(cwd, script):
     seen = shown(succeeded(ampcompat_cli("run", script, "a", "--flag", "-m", cwd=cwd)))
     assert seen == {
@@ -159,10 +162,10 @@ def test_module_sees_what_python_dash_m_gives_it():
     }
 
 
-@pytest.mark.parametrize("exit_arg, status, stderr", [
+@pytest.mark.parametrize("exit_arg, status, stderr", [  # a subprocess each: one by default, all under --full
     ("3", 3, ""),
-    ("none", 0, ""),
-    ("bad input file", 1, "bad input file\n"),
+    pytest.param("none", 0, "", marks=pytest.mark.slow),
+    pytest.param("bad input file", 1, "bad input file\n", marks=pytest.mark.slow),
 ])
 def test_exit_status_is_the_scripts(exit_arg, status, stderr):
     result = ampcompat_cli("run", "show_main.py", "--exit", exit_arg)
@@ -254,6 +257,7 @@ def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():
     assert seen["idle"] == {"ampcompat_imported": False, "torch_imported": False}
 
 
+@pytest.mark.slow  # torchrun and two workers; test_torchrun_legacy_apex_ddp_script runs the same path by default
 def test_torchrun_workers_import_apex():
     port = str(free_port())
     out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -169,7 +169,10 @@ def test_the_alias_does_not_count_as_apex(capsys):
         alias.uninstall_apex_alias()
 
 
-@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.tools.doctor", "--format", "json"]])
+@pytest.mark.parametrize("command", [
+    ["-m", "ampcompat", "doctor"],
+    pytest.param(["-m", "ampcompat.tools.doctor", "--format", "json"], marks=pytest.mark.slow),  # a subprocess: --full
+])
 def test_command_line(command):
     proc = subprocess.run([sys.executable, *command], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)

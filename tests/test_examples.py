@@ -108,7 +108,7 @@ def test_the_readme_main_command_says_what_it_does_and_prints_no_warning():
     [
         # Apex's imagenet recipe: string overrides straight from argparse.
         (["--opt-level", "O2", "--keep-batchnorm-fp32", "True", "--loss-scale", "128.0"], 128.0),
-        (["--opt-level", "O5"], 1.0),  # bf16 O2: no loss scaling
+        pytest.param(["--opt-level", "O5"], 1.0, marks=pytest.mark.slow),  # bf16 O2, no loss scaling: --full
     ],
     ids=["O2-static-128", "O5-bf16"],
 )

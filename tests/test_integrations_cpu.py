@@ -3,7 +3,8 @@
 
 ``transformers`` (and ``accelerate`` for the Trainer) and ``pytorch_lightning`` 1.x are optional test
 dependencies (``pip install -e ".[test,integrations]"``); without them these tests skip. The GPU runs of the
-same libraries are ``examples/integrations/run_all.sh``.
+same libraries are ``examples/integrations/run_all.sh``. The README's full-suite command
+(``python -m pytest -q --full``) runs every test here.
 """
 import os
 import subprocess
@@ -21,6 +22,9 @@ transformers = pytest.importorskip("transformers", reason=NEEDS_INTEGRATIONS_EXT
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "integrations"
+# Tests that run a library's own training loop in a fresh interpreter (several seconds each) are left
+# to --full; the in-process tests below run whenever the extra is installed.
+RUNS_THE_LIBRARY = pytest.mark.slow
 
 
 def tiny_bert():
@@ -87,6 +91,7 @@ def _clean_env(**extra):
     return env
 
 
+@RUNS_THE_LIBRARY
 def test_transformers_sees_apex_only_under_the_alias():
     code = ("import sys\n"
             "if sys.argv[1] == 'alias':\n"
@@ -106,6 +111,7 @@ def run_example(script, *args):
     return result.stdout
 
 
+@RUNS_THE_LIBRARY
 @pytest.mark.parametrize("opt_level, optim", [("O1", "adamw_apex_fused"), ("O2", "adamw_torch")])
 def test_trainer_apex_backend_runs_unchanged(opt_level, optim, tmp_path):
     pytest.importorskip("accelerate", reason=NEEDS_INTEGRATIONS_EXTRA)
@@ -122,6 +128,7 @@ def test_trainer_apex_backend_runs_unchanged(opt_level, optim, tmp_path):
     assert out.rstrip().endswith("RESULT PASS")
 
 
+@RUNS_THE_LIBRARY
 @pytest.mark.parametrize("opt_level, flag", [("O1", "--opt-level"), ("O2", "--amp-level")])  # --amp-level: old name
 def test_lightning_1x_apex_plugin_runs_unchanged(opt_level, flag):
     pl = pytest.importorskip("pytorch_lightning", reason=NEEDS_INTEGRATIONS_EXTRA)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ampcompat import amp
 
 from _models import batches, make_mlp
+from _sampling import each_value
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
 LONG_STEPS = 5000
@@ -184,8 +185,9 @@ def _collapse(level: str, overflows: int, window: int, recover_steps: int, fused
     return scales, [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adamw"])
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level, fused", each_value(  # 324 steps each: every level and both paths by default
+    [pytest.param(level, fused, id=f"{level}-{'fused_adamw' if fused else 'sgd'}")
+     for level in LEVELS for fused in (False, True)], axes=lambda level, fused: (level, fused)))
 def test_scale_below_one_warns_once_then_recovers(level, fused):
     scales, below, caught = _collapse(level, overflows=24, window=10, recover_steps=300, fused=fused)
     assert scales == expected_scales(324, set(range(24)), 2.0 ** 16, 2.0 ** 16, 10)

@@ -343,9 +343,9 @@ def test_usage_errors_exit_2(capsys):
     assert run_main([], capsys)[0] == 2
 
 
-@pytest.mark.parametrize("command, script, code", [
-    (["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0),
+@pytest.mark.parametrize("command, script, code", [  # a subprocess each: the second under --full
     (["-m", "ampcompat", "migrate"], "bert_style.py", 1),  # --check: apex.contrib.sparsity is refused
+    pytest.param(["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0, marks=pytest.mark.slow),
 ])
 def test_module_entry_points(command, script, code):
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -16,6 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ampcompat import amp
 
+from _sampling import each_value
+
 INIT_SCALE = 2.0 ** 16
 OVERFLOW_MESSAGE = "Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}"
 CLOSURE_MESSAGE = "Currently, Amp does not support closure use with optimizers."
@@ -196,8 +198,9 @@ def make_wide_net(device, seed=0):
                                torch.nn.Tanh(), torch.nn.Linear(1024, 3)).to(device)
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan")])
-@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_fused"])
+@pytest.mark.parametrize("optimizer_name, value", each_value(  # a 2**20-element weight: each value once by default
+    [pytest.param(name, value, id=f"{name}-{value}") for name in ("sgd_momentum", "adamw_fused")
+     for value in (float("inf"), float("nan"))], axes=lambda name, value: (name, str(value))))
 def test_o2_with_a_large_weight_equals_the_reference_and_skips_its_overflow(optimizer_name, value, device):
     """Same bits as the reference with a large weight, and an inf/NaN that only one element of the large
     weight's gradient holds still skips the step."""
