@@ -1,9 +1,9 @@
 """Shared fixtures: a clean amp state around every test, the `cuda` marker's skip, and `--full`.
 
-The default run (``python -m pytest -q``) leaves out the tests marked ``slow``: long runs and the
-cases of the large matrices outside their pairwise sample (``tests/_sampling.py``). ``--full`` runs
-them too; an explicit ``-m`` expression chooses by itself (``-m slow`` runs only what the default
-leaves out).
+The default run (``python -m pytest -q``) leaves out the tests marked ``slow``: long runs, runs of
+whole scripts or libraries beyond one variant each, and the cases of the large matrices outside their
+sample (``tests/_sampling.py``). ``--full`` runs them too; an explicit ``-m`` expression chooses by
+itself (``-m slow`` runs only what the default leaves out).
 """
 import pytest
 import torch
@@ -19,9 +19,19 @@ def pytest_addoption(parser):
                           "which the default run leaves out")
 
 
+_DEFAULT_SELECTION = "not slow"
+
+
 def pytest_configure(config):
     if not config.getoption("--full") and not config.option.markexpr:
-        config.option.markexpr = "not slow"
+        config.option.markexpr = _DEFAULT_SELECTION
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left_out = len(terminalreporter.stats.get("deselected", []))
+    if config.option.markexpr == _DEFAULT_SELECTION and not config.option.keyword and left_out:
+        terminalreporter.write_line(f"{left_out} tests marked slow were left out (long runs, the rest of the "
+                                    "sampled matrices): --full runs them")
 
 
 def pytest_collection_modifyitems(config, items):
