@@ -219,7 +219,7 @@ def test_uninstall_removes_every_trace_and_reinstall_works():
 
 # --- a real NVIDIA Apex installed next to ampcompat ------------------------------------------------
 
-@pytest.mark.parametrize("imported_before_install", [False, True])
+@pytest.mark.parametrize("imported_before_install", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_install):
     check(f"""
         import sys

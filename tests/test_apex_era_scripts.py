@@ -139,6 +139,7 @@ def _bert_2019_twin(steps):
     return [m for group in masters for m in group], scale
 
 
+@pytest.mark.slow  # a training subprocess; the 2019 FusedAdam/FP16_Optimizer API is tested in-process by default
 def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_path):
     """A 2019 BERT fp16 loop through the alias: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
     FP16_Optimizer(dynamic_loss_scale=True), optimizer.backward(loss), optimizer.step()."""

@@ -173,7 +173,7 @@ def test_exit_status_is_the_scripts(exit_arg, status, stderr):
     assert shown(result.stdout)["name"] == "__main__"  # the script did run
 
 
-@pytest.mark.parametrize("target", [["raise_error.py"], ["-m", "raise_error"]])
+@pytest.mark.parametrize("target", [["raise_error.py"], pytest.param(["-m", "raise_error"], marks=pytest.mark.slow)])
 def test_uncaught_exception_prints_the_scripts_traceback_and_exits_1(target):
     result = ampcompat_cli("run", *target)
     assert result.returncode == 1
@@ -257,7 +257,7 @@ def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():
     assert seen["idle"] == {"ampcompat_imported": False, "torch_imported": False}
 
 
-@pytest.mark.slow  # torchrun and two workers; test_torchrun_legacy_apex_ddp_script runs the same path by default
+@pytest.mark.slow  # torchrun and two workers: the alias reaching child interpreters is tested by default above
 def test_torchrun_workers_import_apex():
     port = str(free_port())
     out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -282,6 +282,7 @@ def test_legacy_training_script_matches_the_same_script_on_ampcompat(tmp_path):
     assert through_alias["model_dtype"] == "torch.float16"  # O2 really cast the model
 
 
+@pytest.mark.slow  # torchrun and two workers: the alias reaching child interpreters is tested by default above
 def test_torchrun_legacy_apex_ddp_script():
     port = str(free_port())
     out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -169,10 +169,8 @@ def test_the_alias_does_not_count_as_apex(capsys):
         alias.uninstall_apex_alias()
 
 
-@pytest.mark.parametrize("command", [
-    ["-m", "ampcompat", "doctor"],
-    pytest.param(["-m", "ampcompat.tools.doctor", "--format", "json"], marks=pytest.mark.slow),  # a subprocess: --full
-])
+@pytest.mark.slow  # a subprocess each: the report itself and the command's dispatch are tested in-process
+@pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.tools.doctor", "--format", "json"]])
 def test_command_line(command):
     proc = subprocess.run([sys.executable, *command], env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)

@@ -103,12 +103,13 @@ def test_the_readme_main_command_says_what_it_does_and_prints_no_warning():
     assert result["loss_scale"] <= 2.0 ** 16 and math.log2(result["loss_scale"]).is_integer()
 
 
+@pytest.mark.slow  # a training subprocess each; the README's main command runs the same script by default
 @pytest.mark.parametrize(
     "flags, expected_scale",
     [
         # Apex's imagenet recipe: string overrides straight from argparse.
         (["--opt-level", "O2", "--keep-batchnorm-fp32", "True", "--loss-scale", "128.0"], 128.0),
-        pytest.param(["--opt-level", "O5"], 1.0, marks=pytest.mark.slow),  # bf16 O2, no loss scaling: --full
+        (["--opt-level", "O5"], 1.0),  # bf16 O2: no loss scaling
     ],
     ids=["O2-static-128", "O5-bf16"],
 )
