@@ -321,6 +321,7 @@ assert not leaked, leaked
 """
 
 
+@pytest.mark.slow  # two training subprocesses; test_migrate.py's O1 twins prove --to-native trains alike by default
 def test_to_native_o1_tree_trains_with_plain_pytorch(tmp_path, capsys):
     original = _python(["-m", "ampcompat", "run", "train_o1.py"], TREE / "native")
     assert original.returncode == 0, original.stderr
