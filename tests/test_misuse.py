@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import ampcompat
 from ampcompat import amp
 
+from _dist_workers import destroy_process_group
 from _models import batches, make_mlp
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
@@ -469,7 +470,7 @@ def single_process_group(tmp_path):
     # A file store, not a TCP one: a free port can be taken by another process before the store binds it.
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 _DDP_MESSAGE = ("Incoming model is an instance of torch.nn.parallel.DistributedDataParallel. Parallel wrappers "

@@ -38,7 +38,7 @@ def world_of_one(tmp_path):
     """
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     yield dist.group.WORLD
-    dist.destroy_process_group()
+    W.destroy_process_group()
 
 
 def _mlp(seed=0, dtype=torch.float32):
