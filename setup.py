@@ -15,8 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     packages=find_packages(include=["ampcompat", "ampcompat.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1", "packaging"],
+    package_data={"ampcompat": ["py.typed"]},  # PEP 561: type checkers read ampcompat's annotations
+    python_requires=">=3.10",  # the migrate tool reads match statements (ast.Match); the alias uses 3.10 metadata APIs
+    install_requires=["torch>=2.4", "packaging"],
     extras_require={
         "test": ["pytest"],
         "bench": ["matplotlib"],

@@ -27,6 +27,8 @@ commands:
 options:
   -h, --help  show this help message and exit
   --version   show ampcompat's version and exit
+
+`pip install` also installs this as the `ampcompat` command: `ampcompat run ...` is `python -m ampcompat run ...`.
 """
 _RUN_USAGE = f"usage: {_PROG} run [-h] (SCRIPT | -m MODULE) [ARGS ...]"
 _RUN_HELP = f"""{_RUN_USAGE}
@@ -87,6 +89,9 @@ def _run(args: List[str]) -> int:
         module, rest = args[1], args[2:]
     elif first.startswith("-m"):  # -mMODULE, as python accepts
         module, rest = first[2:], args[1:]
+    elif first.startswith("-c"):  # -c CODE or -cCODE, as python accepts
+        return _usage_error(_RUN_USAGE, "argument -c: running code from the command line is not supported; "
+                                        f"put the code in a script and run `{_PROG} run script.py`")
     elif first.startswith("-"):
         return _usage_error(_RUN_USAGE, f"unrecognized option: {first}")
     else:

@@ -19,12 +19,6 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         if not torch.is_autocast_enabled(device_type):
             return None
         return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
     except RuntimeError:  # a device type autocast does not know
         return None
 

@@ -194,7 +194,9 @@ def main():
         path = os.path.join(tmp, "checkpoint.pt")
         torch.save(checkpoint, path)
         model, optimizer = build(args, verbosity=0)  # the options were printed for the first build
-        checkpoint = torch.load(path, map_location=args.device)
+        # weights_only=True: every part is plain tensors and numbers (and says so to torch < 2.6, which warns
+        # when the argument is left out).
+        checkpoint = torch.load(path, map_location=args.device, weights_only=True)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         amp.load_state_dict(checkpoint["amp"])

@@ -338,6 +338,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()`` once every collective of the group has let go of its tensors.
+
+    On torch 2.4 the gloo group's destructor joins its worker threads while holding the GIL; a worker
+    still releasing a finished collective's tensors needs the GIL too, and the two deadlock. The barrier
+    is waited on with the GIL released, so the workers finish first.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(rank, world_size, port, backend, out_dir, names):
     torch.set_num_threads(1)
     if os.path.isdir("/sys/class/net/lo"):
@@ -357,7 +368,7 @@ def _worker(rank, world_size, port, backend, out_dir, names):
                 results[name] = {"error": traceback.format_exc()}
     finally:
         torch.save(results, os.path.join(out_dir, "rank{}.pt".format(rank)))
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def run_scenarios(out_dir, backend="gloo", names=None):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from _skips import NEEDS_INTEGRATIONS_EXTRA
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alias"
 
@@ -220,7 +222,7 @@ def test_uninstall_removes_every_trace_and_reinstall_works():
 
 # --- a real NVIDIA Apex installed next to ampcompat ------------------------------------------------
 
-@pytest.mark.parametrize("imported_before_install", [False, True])
+@pytest.mark.parametrize("imported_before_install", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_real_apex_keeps_its_modules_and_gets_the_removed_ones(imported_before_install):
     check(f"""
         import sys
@@ -360,7 +362,7 @@ def test_apex_is_an_installed_distribution_while_the_alias_is_and_only_then():
 
 
 def test_lightning_utilities_requirement_cache_sees_apex():
-    pytest.importorskip("lightning_utilities")
+    pytest.importorskip("lightning_utilities", reason=NEEDS_INTEGRATIONS_EXTRA)
     check("""
         from lightning_utilities.core.imports import RequirementCache
         from ampcompat.tools.alias import install_apex_alias
@@ -389,7 +391,8 @@ def test_a_real_apex_distribution_is_never_shadowed():
 
 def _needs_pkg_resources():
     if python("import pkg_resources").returncode != 0:
-        pytest.skip("pkg_resources is not installed (setuptools >= 81 dropped it)")
+        pytest.skip("needs pkg_resources, which setuptools >= 81 dropped: pip install 'setuptools<81' "
+                    "(the integrations extra pins it)")
 
 
 @pytest.mark.parametrize("imported_before_install", [True, False])

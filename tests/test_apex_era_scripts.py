@@ -42,7 +42,10 @@ def _gan_twin(steps):
     return list(netG.parameters()), list(netD.parameters())
 
 
-@pytest.mark.parametrize("opt_level,tol", [("O0", dict(rtol=0, atol=0)), ("O1", dict(rtol=5e-2, atol=5e-3))])
+@pytest.mark.parametrize("opt_level,tol", [
+    pytest.param("O0", dict(rtol=0, atol=0), marks=pytest.mark.slow),  # a training subprocess each: O1 by default
+    ("O1", dict(rtol=5e-2, atol=5e-3)),
+])
 def test_three_loss_gan_through_the_alias_matches_plain_pytorch(tmp_path, opt_level, tol):
     out = tmp_path / "gan.pt"
     _run("dcgan_apex.py", opt_level, 5, out)
@@ -137,8 +140,9 @@ def _bert_2019_twin(steps):
     return [m for group in masters for m in group], scale
 
 
+@pytest.mark.slow  # a training subprocess; the 2019 FusedAdam/FP16_Optimizer API is tested in-process by default
 def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_path):
-    """Acceptance 3 of issue 18: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
+    """A 2019 BERT fp16 loop through the alias: model.half(), FusedAdam(bias_correction=False, max_grad_norm=1.0),
     FP16_Optimizer(dynamic_loss_scale=True), optimizer.backward(loss), optimizer.step()."""
     out = tmp_path / "bert.pt"
     _run("bert_2019_fp16.py", 6, out)
@@ -155,7 +159,7 @@ def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_p
 
 
 def test_try_block_probing_apex_finds_it_through_the_alias_and_trains_fp16(tmp_path):
-    """Acceptance 1 of issue 18: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
+    """A try-block probe for Apex: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
     out = tmp_path / "trainer.pt"
     _run("protein_trainer_try_block.py", 12, out)
     fp16 = torch.load(out, weights_only=True)
@@ -226,7 +230,7 @@ def _check_sentiment_lm_run(result, initial, twin, opt_level):
 
 @pytest.mark.parametrize("opt_level", ["O1", "O2"])
 def test_sentiment_discovery_weight_norm_script_runs_unchanged(tmp_path, opt_level):
-    """Issue 27, acceptance 1: ``from apex.reparameterization import apply_weight_norm, remove_weight_norm``,
+    """NVIDIA sentiment-discovery's shape: ``from apex.reparameterization import apply_weight_norm, remove_weight_norm``,
     weight norm hooked on the RNN's root, trained under amp, removed before saving."""
     out = tmp_path / "lm.pt"
     _run("sentiment_lm_weight_norm.py", "mlstm", opt_level, 4, "cpu", out)

@@ -21,6 +21,9 @@ BENCH = REPO / "benchmarks"
 CONVERGENCE_MODES = ["fp32", "native_fp16", "native_bf16", "O0", "O1", "O2", "O3", "O4", "O5"]
 SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5"]
 TINY_STEPS = 40  # convergence.py's tiny configuration
+# The tests that run a benchmark script (a subprocess training every mode) are left to --full: a few
+# seconds each. The shared pieces and the hand-written O2 baseline are tested directly, in every run.
+RUNS_A_BENCHMARK = pytest.mark.slow
 
 
 def _load(name: str):
@@ -59,6 +62,7 @@ def convergence(tmp_path_factory):
             "markdown": (out / "conv.md").read_text()}
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_every_mode_learns(convergence):
     modes = convergence["report"]["modes"]
     assert sorted(modes) == sorted(CONVERGENCE_MODES)
@@ -69,6 +73,7 @@ def test_convergence_every_mode_learns(convergence):
         assert all(math.isfinite(x) for x in result["train_loss"]), mode
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_json_schema(convergence):
     report = convergence["report"]
     meta = report["meta"]
@@ -98,6 +103,7 @@ def test_convergence_json_schema(convergence):
         assert row["rel_diff_vs_fp32"] == pytest.approx(expected)
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_loss_scale_traces_follow_each_mode(convergence):
     modes = convergence["report"]["modes"]
     for mode in ("fp32", "native_bf16"):
@@ -111,6 +117,7 @@ def test_convergence_loss_scale_traces_follow_each_mode(convergence):
         assert scales[-1] == 2.0 ** 16 / 2 ** modes[mode]["skipped_steps"], mode
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_uses_the_same_data_and_initial_weights_for_every_mode(convergence):
     modes = convergence["report"]["modes"]
     initial = {mode: result["initial_val_loss"] for mode, result in modes.items()}
@@ -124,6 +131,7 @@ def test_convergence_uses_the_same_data_and_initial_weights_for_every_mode(conve
                                torch.tensor(modes["native_fp16"]["train_loss"]), rtol=1e-3, atol=1e-3)
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_prints_and_writes_the_summary_table(convergence):
     for text in (convergence["stdout"], convergence["markdown"]):
         assert "| mode | final val loss | rel. diff vs FP32 | skipped steps |" in text
@@ -149,6 +157,7 @@ def speed(tmp_path_factory):
             "markdown": (out / "speed.md").read_text()}
 
 
+@RUNS_A_BENCHMARK
 def test_speed_json_has_every_workload_and_mode(speed):
     report = speed["report"]
     assert report["modes"] == SPEED_MODES
@@ -163,6 +172,7 @@ def test_speed_json_has_every_workload_and_mode(speed):
             assert record["error"] is None, (name, mode, record["error"])
 
 
+@RUNS_A_BENCHMARK
 def test_speed_training_records(speed):
     for name in ("gpt", "mlp", "cifar_resnet18"):
         section = speed["report"]["workloads"][name]
@@ -189,6 +199,7 @@ def test_speed_training_records(speed):
         assert isinstance(section["modes"]["O2"]["skipped_steps"], int)
 
 
+@RUNS_A_BENCHMARK
 def test_speed_reports_host_work_per_step_for_every_mode(speed):
     """Calls and aten ops per step (counted) and every phase's host time, in the JSON and the Markdown."""
     for name in ("gpt", "mlp", "cifar_resnet18"):
@@ -207,6 +218,7 @@ def test_speed_reports_host_work_per_step_for_every_mode(speed):
     assert counts["pure_fp16"]["aten_ops_per_step"] < counts["O2"]["aten_ops_per_step"]
 
 
+@RUNS_A_BENCHMARK
 def test_speed_baseline_package_is_timed_in_the_same_run(tmp_path):
     """--baseline-path: a worker importing ampcompat from another folder adds `<mode>@base` rows.
 
@@ -231,6 +243,7 @@ def test_speed_baseline_package_is_timed_in_the_same_run(tmp_path):
     assert "| O2@base |" in (tmp_path / "b.md").read_text()
 
 
+@RUNS_A_BENCHMARK
 def test_speed_overhead_records(speed):
     section = speed["report"]["workloads"]["overhead"]
     for mode, r in section["modes"].items():
@@ -239,6 +252,7 @@ def test_speed_overhead_records(speed):
         assert r["total_us"] == pytest.approx(r["enter_us"] + r["exit_us"] + r["step_us"])
 
 
+@RUNS_A_BENCHMARK
 def test_speed_markdown_is_ready_for_the_docs(speed):
     markdown = speed["markdown"]
     meta = speed["report"]["meta"]
@@ -272,6 +286,7 @@ def _run_with_o2_failing(script: str, args, tmp_path: Path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@RUNS_A_BENCHMARK
 def test_speed_records_a_failing_mode_and_goes_on(tmp_path):
     proc = _run_with_o2_failing("speed", ["--device", "cpu", "--tiny", "--workloads", "mlp", "--modes",
                                           "native_fp16,O2,pure_fp16", "--json", str(tmp_path / "s.json"),
@@ -286,6 +301,7 @@ def test_speed_records_a_failing_mode_and_goes_on(tmp_path):
     assert "| O2 | failed |" in markdown and "- O2: RuntimeError: CUDA out of memory (injected)" in markdown
 
 
+@RUNS_A_BENCHMARK
 def test_speed_mlp_statistics_pool_interleaved_rounds(speed):
     import statistics
 
@@ -302,6 +318,7 @@ def test_speed_mlp_statistics_pool_interleaved_rounds(speed):
     assert "5 rounds (modes interleaved)" in speed["markdown"]
 
 
+@RUNS_A_BENCHMARK
 def test_speed_profile_steps_add_a_kernel_table_to_every_timed_mode(tmp_path):
     _run("speed.py", ["--device", "cpu", "--tiny", "--workloads", "mlp,overhead", "--modes", "pure_fp16,O2",
                       "--profile-steps", "2", "--json", str(tmp_path / "p.json")], tmp_path)
@@ -316,6 +333,7 @@ def test_speed_profile_steps_add_a_kernel_table_to_every_timed_mode(tmp_path):
     assert "top_kernels" not in workloads["overhead"]["modes"]["O2"]
 
 
+@RUNS_A_BENCHMARK
 def test_convergence_records_a_failing_mode_and_exits_nonzero(tmp_path):
     proc = _run_with_o2_failing("convergence", ["--device", "cpu", "--tiny", "--steps", "4", "--modes",
                                                 "fp32,O2,O5", "--json", str(tmp_path / "c.json")], tmp_path)

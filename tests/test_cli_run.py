@@ -66,6 +66,10 @@ def test_version(capsys):
     (["run"], "the following arguments are required: SCRIPT or -m MODULE"),
     (["run", "-m"], "argument -m: expected one argument"),
     (["run", "--bogus", "x.py"], "unrecognized option: --bogus"),
+    (["run", "-c", "print(1)"], "argument -c: running code from the command line is not supported; "
+                                "put the code in a script and run `python -m ampcompat run script.py`"),
+    (["run", "-cprint(1)"], "argument -c: running code from the command line is not supported; "
+                            "put the code in a script and run `python -m ampcompat run script.py`"),
 ])
 def test_usage_errors_exit_2_with_usage(capsys, args, message):
     meta_path, environ = list(sys.meta_path), dict(os.environ)
@@ -128,7 +132,10 @@ def shown(stdout: str) -> dict:
     return json.loads(stdout.splitlines()[0])
 
 
-@pytest.mark.parametrize("cwd, script", [(FIXTURES, "show_main.py"), (REPO, "tests/fixtures/alias/show_main.py")])
+@pytest.mark.parametrize("cwd, script", [
+    (FIXTURES, "show_main.py"),
+    pytest.param(REPO, "tests/fixtures/alias/show_main.py", marks=pytest.mark.slow),  # a subprocess: --full
+])
 def test_script_sees_what_python_gives_it(cwd, script):
     seen = shown(succeeded(ampcompat_cli("run", script, "a", "--flag", "-m", cwd=cwd)))
     assert seen == {
@@ -155,10 +162,10 @@ def test_module_sees_what_python_dash_m_gives_it():
     }
 
 
-@pytest.mark.parametrize("exit_arg, status, stderr", [
+@pytest.mark.parametrize("exit_arg, status, stderr", [  # a subprocess each: one by default, all under --full
     ("3", 3, ""),
-    ("none", 0, ""),
-    ("bad input file", 1, "bad input file\n"),
+    pytest.param("none", 0, "", marks=pytest.mark.slow),
+    pytest.param("bad input file", 1, "bad input file\n", marks=pytest.mark.slow),
 ])
 def test_exit_status_is_the_scripts(exit_arg, status, stderr):
     result = ampcompat_cli("run", "show_main.py", "--exit", exit_arg)
@@ -166,7 +173,7 @@ def test_exit_status_is_the_scripts(exit_arg, status, stderr):
     assert shown(result.stdout)["name"] == "__main__"  # the script did run
 
 
-@pytest.mark.parametrize("target", [["raise_error.py"], ["-m", "raise_error"]])
+@pytest.mark.parametrize("target", [["raise_error.py"], pytest.param(["-m", "raise_error"], marks=pytest.mark.slow)])
 def test_uncaught_exception_prints_the_scripts_traceback_and_exits_1(target):
     result = ampcompat_cli("run", *target)
     assert result.returncode == 1
@@ -250,6 +257,7 @@ def test_plain_child_interpreter_gets_the_alias_and_the_users_sitecustomize():
     assert seen["idle"] == {"ampcompat_imported": False, "torch_imported": False}
 
 
+@pytest.mark.slow  # torchrun and two workers: the alias reaching child interpreters is tested by default above
 def test_torchrun_workers_import_apex():
     port = str(free_port())
     out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -274,6 +282,7 @@ def test_legacy_training_script_matches_the_same_script_on_ampcompat(tmp_path):
     assert through_alias["model_dtype"] == "torch.float16"  # O2 really cast the model
 
 
+@pytest.mark.slow  # torchrun and two workers: the alias reaching child interpreters is tested by default above
 def test_torchrun_legacy_apex_ddp_script():
     port = str(free_port())
     out = succeeded(ampcompat_cli("run", "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -1,4 +1,4 @@
-"""Issue 18: ``apex_C``, ``apex.contrib`` (xentropy, clip_grad, group_norm, layer_norm, focal_loss),
+"""``apex_C``, ``apex.contrib`` (xentropy, clip_grad, group_norm, layer_norm, focal_loss),
 ``apex.mlp``, ``apex.fused_dense`` -- each against a plain-PyTorch twin, values and gradients, on every
 device -- and the Apex modules ampcompat refuses (``ApexModuleNotProvided`` at import)."""
 import os
@@ -328,7 +328,7 @@ def test_every_refused_module_raises_a_module_not_found_error_naming_the_replace
 
 
 def test_refused_modules_under_the_alias_keep_try_except_fallbacks_working():
-    """Acceptance 4 of issue 18, in a fresh interpreter (the alias is process-wide)."""
+    """Checked in a fresh interpreter: the alias is process-wide."""
     code = textwrap.dedent("""
         import ampcompat
         ampcompat.install_apex_alias()

@@ -169,6 +169,7 @@ def test_the_alias_does_not_count_as_apex(capsys):
         alias.uninstall_apex_alias()
 
 
+@pytest.mark.slow  # a subprocess each: the report itself and the command's dispatch are tested in-process
 @pytest.mark.parametrize("command", [["-m", "ampcompat", "doctor"], ["-m", "ampcompat.tools.doctor", "--format", "json"]])
 def test_command_line(command):
     proc = subprocess.run([sys.executable, *command], env=dict(os.environ, PYTHONPATH=str(REPO)),

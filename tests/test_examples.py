@@ -103,6 +103,7 @@ def test_the_readme_main_command_says_what_it_does_and_prints_no_warning():
     assert result["loss_scale"] <= 2.0 ** 16 and math.log2(result["loss_scale"]).is_integer()
 
 
+@pytest.mark.slow  # a training subprocess each; the README's main command runs the same script by default
 @pytest.mark.parametrize(
     "flags, expected_scale",
     [

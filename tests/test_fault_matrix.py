@@ -15,7 +15,8 @@ that had an injection. The ampcompat run must then show, at every step:
 and at the end its parameters (the masters for O2/O5) and optimizer state equal the reference's, bit
 for bit on the CPU.
 
-Axes (full cross product, 384 cases on the CPU): opt level O0-O5 x optimizer {SGD with momentum,
+Axes (full cross product, 384 cases on the CPU; the default run takes a pairwise sample of 24, ``--full``
+runs all): opt level O0-O5 x optimizer {SGD with momentum,
 Adam, AdamW foreach, AdamW fused} x {1, 2 optimizers} x {1, 3 losses} x {plain, accumulation over
 two micro-batches, ``delay_unscale`` on the first micro-batch, clipping through ``amp.master_params``}.
 Levels whose default loss scale is a static 1.0 (O0, O3, O4, O5: no overflow detection, Apex's
@@ -38,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ampcompat import amp
 
 from _models import layer_norm_in_fp32, make_mlp
+from _sampling import in_default_run, pairwise
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
 OPTIMIZERS: Dict[str, Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -380,12 +382,24 @@ def _case_id(c: Case) -> str:
 
 
 ALL_CASES = [Case(*combo) for combo in itertools.product(LEVELS, MATRIX_OPTIMIZERS, (1, 2), (1, 3), MODES)]
+# The default run takes a pairwise sample (24 of the 384 cases): every value of every axis, and every
+# pair of values of two axes (each level with each optimizer, each mode, ...), appears at least once.
+# ``--full`` runs all 384.
+MATRIX_PARAMS = pairwise([pytest.param(c, id=_case_id(c)) for c in ALL_CASES],
+                         axes=lambda c: (c.level, c.optimizer, c.n_optimizers, c.n_losses, c.mode))
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=_case_id(c)) for c in ALL_CASES
-])
+
+@pytest.mark.parametrize("case", MATRIX_PARAMS)
 def test_fault_matrix(case: Case) -> None:
     check_case(case, "cpu")
+
+
+def test_the_default_sample_meets_every_level_with_every_fault_kind() -> None:
+    sampled = [p.values[0] for p in MATRIX_PARAMS if in_default_run(p)]
+    probe = make_mlp("cpu", seed=0, d_hidden=D_HIDDEN)
+    seen = {(case.level, str(fault.value)) for case in sampled for fault in _faults(case, probe)}
+    assert seen == {(level, str(value)) for level in LEVELS for value in FAULTS}
+    assert len(sampled) < len(ALL_CASES)
 
 
 # --- targeted: torch's fused kernels, which ampcompat lets skip a step on the device ------------------

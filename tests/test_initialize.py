@@ -1,4 +1,4 @@
-"""amp.initialize: return shapes and identity, option validation, printed block, bad input (spec §3)."""
+"""amp.initialize: return shapes and identity, option validation, printed block, bad input."""
 import pytest
 import torch
 

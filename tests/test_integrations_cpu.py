@@ -2,8 +2,9 @@
 ``Trainer``'s Apex backend) and PyTorch Lightning 1.x's Apex plugin, each as it drives ``apex.amp``.
 
 ``transformers`` (and ``accelerate`` for the Trainer) and ``pytorch_lightning`` 1.x are optional test
-dependencies (``pip install -e .[integrations]``); without them these tests skip. The GPU runs of the
-same libraries are ``examples/integrations/run_all.sh``.
+dependencies (``pip install -e ".[test,integrations]"``); without them these tests skip. The GPU runs of the
+same libraries are ``examples/integrations/run_all.sh``. The README's full-suite command
+(``python -m pytest -q --full``) runs every test here.
 """
 import os
 import subprocess
@@ -15,10 +16,15 @@ import torch
 
 from ampcompat import amp
 
-transformers = pytest.importorskip("transformers")
+from _skips import NEEDS_INTEGRATIONS_EXTRA
+
+transformers = pytest.importorskip("transformers", reason=NEEDS_INTEGRATIONS_EXTRA)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "integrations"
+# Tests that run a library's own training loop in a fresh interpreter (several seconds each) are left
+# to --full; the in-process tests below run whenever the extra is installed.
+RUNS_THE_LIBRARY = pytest.mark.slow
 
 
 def tiny_bert():
@@ -85,6 +91,7 @@ def _clean_env(**extra):
     return env
 
 
+@RUNS_THE_LIBRARY
 def test_transformers_sees_apex_only_under_the_alias():
     code = ("import sys\n"
             "if sys.argv[1] == 'alias':\n"
@@ -104,11 +111,13 @@ def run_example(script, *args):
     return result.stdout
 
 
+@RUNS_THE_LIBRARY
 @pytest.mark.parametrize("opt_level, optim", [("O1", "adamw_apex_fused"), ("O2", "adamw_torch")])
 def test_trainer_apex_backend_runs_unchanged(opt_level, optim, tmp_path):
-    pytest.importorskip("accelerate")
+    pytest.importorskip("accelerate", reason=NEEDS_INTEGRATIONS_EXTRA)
     if not hasattr(transformers.TrainingArguments, "use_cpu"):
-        pytest.skip("this transformers refuses fp16 on the CPU")
+        pytest.skip("this transformers refuses fp16 on the CPU: needs transformers >= 4.34 "
+                    "(the integrations extra pins 4.45.2)")
     out = run_example("hf_trainer.py", "--opt-level", opt_level, "--optim", optim, "--output-dir", str(tmp_path))
     assert "transformers.utils.is_apex_available(): True; importlib.metadata.version('apex'): 0.1" in out
     assert "Trainer.use_apex: True" in out
@@ -119,11 +128,13 @@ def test_trainer_apex_backend_runs_unchanged(opt_level, optim, tmp_path):
     assert out.rstrip().endswith("RESULT PASS")
 
 
-@pytest.mark.parametrize("amp_level", ["O1", "O2"])
-def test_lightning_1x_apex_plugin_runs_unchanged(amp_level):
-    pl = pytest.importorskip("pytorch_lightning")
+@RUNS_THE_LIBRARY
+@pytest.mark.parametrize("opt_level, flag", [("O1", "--opt-level"), ("O2", "--amp-level")])  # --amp-level: old name
+def test_lightning_1x_apex_plugin_runs_unchanged(opt_level, flag):
+    pl = pytest.importorskip("pytorch_lightning", reason=NEEDS_INTEGRATIONS_EXTRA)
     if not pl.__version__.startswith("1."):
-        pytest.skip("Lightning 2 dropped the Apex plugin")
-    out = run_example("lightning_apex.py", "--amp-level", amp_level)
-    assert f"apex in use: ApexMixedPrecisionPlugin, amp opt_level {amp_level}" in out
+        pytest.skip("Lightning 2 dropped the Apex plugin: needs pytorch_lightning 1.x "
+                    "(the integrations extra pins 1.9.5)")
+    out = run_example("lightning_apex.py", flag, opt_level)
+    assert f"apex in use: ApexMixedPrecisionPlugin, amp opt_level {opt_level}" in out
     assert out.rstrip().endswith("RESULT PASS")

@@ -1,4 +1,4 @@
-"""Issue 18: Apex's fused-optimizer API before September 2019 (and its successor in ``apex.contrib.optimizers``):
+"""Apex's fused-optimizer API before September 2019 (and its successor in ``apex.contrib.optimizers``):
 ``FusedAdam``'s ``eps_inside_sqrt``/``max_grad_norm`` and ``step(grads, output_params, scale, grad_norms)``,
 the two fused ``FP16_Optimizer`` wrappers, contrib's ``FusedSGD`` and ``FusedLAMB`` -- against plain PyTorch."""
 import math

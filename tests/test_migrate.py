@@ -297,7 +297,7 @@ def test_scanner_sees_aliases_strings_and_private_attributes(tmp_path):
 
 
 def test_the_report_follows_scopes_and_branches(tmp_path, capsys):
-    """Issue 21, shape 1: a name is Apex's only where its Apex binding reaches."""
+    """A name is Apex's only where its Apex binding reaches."""
     path = tmp_path / "scopes.py"
     path.write_text(textwrap.dedent("""\
         from apex import amp
@@ -381,9 +381,9 @@ def test_usage_errors_exit_2(capsys):
     assert run_main([], capsys)[0] == 2
 
 
-@pytest.mark.parametrize("command, script, code", [
-    (["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0),
+@pytest.mark.parametrize("command, script, code", [  # a subprocess each: the second under --full
     (["-m", "ampcompat", "migrate"], "bert_style.py", 0),  # --check: the refused import is optional
+    pytest.param(["-m", "ampcompat.tools.migrate"], "simple_o1.py", 0, marks=pytest.mark.slow),
 ])
 def test_module_entry_points(command, script, code):
     env = dict(os.environ, PYTHONPATH=str(REPO))

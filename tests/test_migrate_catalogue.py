@@ -250,7 +250,7 @@ def test_the_issue_examples(probe, tmp_path):
     [call] = [u for u in _snippet_verdicts(tmp_path, "fused_adam_unknown_keyword") if u.kind == "call"]
     assert call.verdict is Verdict.UNSUPPORTED and "`no_such_option_in_any_apex`" in call.reason
 
-    # The 2019 keywords are accepted now (issue 18): the call runs unchanged, with that era's arithmetic.
+    # The 2019 keywords are accepted: the call runs unchanged, with that era's arithmetic.
     assert probe["snippets"]["fused_adam_max_grad_norm"] == "ok"
     [call] = [u for u in _snippet_verdicts(tmp_path, "fused_adam_max_grad_norm") if u.kind == "call"]
     assert call.verdict is Verdict.SUPPORTED and "`max_grad_norm`" in call.reason and "2019" in call.reason

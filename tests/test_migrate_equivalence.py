@@ -1,5 +1,5 @@
-"""``migrate`` never changes what a program does: each shape of issue 21 as a runnable program, run before
-and after every mode, with the outputs compared.
+"""``migrate`` never changes what a program does: each program shape that once changed meaning, as a
+runnable program, run before and after every mode, with the outputs compared.
 
 The programs under ``tests/fixtures/migrate_equivalence`` print what they do (which branch, which class,
 dtypes, a few losses). Before: each runs as ``python -m ampcompat run`` runs it (the import alias on).

@@ -13,7 +13,6 @@ gradients that are simply too small by the loss scale.
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import ampcompat
 from ampcompat import amp
 
 from _amp_snapshot import differences, same, snapshot
+from _dist_workers import destroy_process_group
 from _models import batches, make_mlp
 
 LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
@@ -425,20 +425,15 @@ def test_second_initialize_with_new_pair_is_allowed_and_trains():
 
 # --- initialize after wrapping in DDP ----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def single_process_group():
+def single_process_group(tmp_path):
     dist = torch.distributed
     if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{}".format(_free_port()), rank=0, world_size=1)
+        pytest.skip("needs a PyTorch built with torch.distributed (the Linux and macOS wheels are)")
+    # A file store, not a TCP one: a free port can be taken by another process before the store binds it.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 _DDP_MESSAGE = ("Incoming model is an instance of torch.nn.parallel.DistributedDataParallel. Parallel wrappers "

@@ -326,13 +326,13 @@ def _check_compiled_matches_eager(level, backend, tol):
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("level", [
-    "O0",
+@pytest.mark.parametrize("level", [  # a compile each (about 1 s): O1 and O2 by default, every level under --full
+    pytest.param("O0", marks=pytest.mark.slow),
     "O1",
     "O2",
-    "O3",
-    "O4",
-    "O5",
+    pytest.param("O3", marks=pytest.mark.slow),
+    pytest.param("O4", marks=pytest.mark.slow),
+    pytest.param("O5", marks=pytest.mark.slow),
 ])
 def test_torch_compile_after_initialize_aot_eager(level):
     """aot_eager runs the traced graph with eager kernels: the 5 losses must equal eager's bitwise."""

@@ -1,4 +1,4 @@
-"""O1/O4 on autocast: twin run against torch.autocast + GradScaler, Apex's scope, casts, registry (spec §8)."""
+"""O1/O4 on autocast: twin run against torch.autocast + GradScaler, Apex's scope, casts, registry."""
 import threading
 
 import pytest

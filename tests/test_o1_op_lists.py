@@ -1,4 +1,4 @@
-"""O1/O4 follow Apex's op lists on every device (spec §8.2): FP32 list, banned BCE; in-place and .cpu() as decided.
+"""O1/O4 follow Apex's op lists on every device: FP32 list, banned BCE; in-place ops and .cpu() as native autocast has them.
 
 Native autocast's CPU list leaves softmax/exp/sum... in low precision; under ampcompat's O1 they run in
 FP32 on CPU as on CUDA. Outside O1 (plain ``torch.autocast``, ``amp.disable_casts()``, after ``reset``)

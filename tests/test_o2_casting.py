@@ -1,6 +1,6 @@
-"""O0/O2/O3/O5 model casting (spec §4, DESIGN decision 5).
+"""O0/O2/O3/O5 model casting, as Apex cast models, with module hooks.
 
-Proves: the dtype table of spec §4.1 for every module kind and every casting level; ``Parameter``
+Proves: Apex's dtype table for every module kind and every casting level; ``Parameter``
 identity (the optimizer keeps holding the model's params); recursive input casting seen from *inside*
 ``forward`` (nested containers keep their types, integer tensors and custom batches handled); FP32
 outputs unless ``cast_model_outputs``; FP32 ``model.state_dict()`` that loads back; and that the casts
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from ampcompat import amp
 
+from _skips import NEEDS_INTEGRATIONS_EXTRA
+
 HALF = torch.float16
 BF16 = torch.bfloat16
 FP32 = torch.float32
@@ -38,7 +40,7 @@ HALF_LEVELS = ["O2", "O3", "O3+keep_bn", "O5", "O2+bf16"]
 
 
 class AllKinds(torch.nn.Module):
-    """One of every module kind spec §4.1 names, plus a float and an integer buffer of its own.
+    """One of every module kind Apex's casting treats differently, plus a float and an integer buffer of its own.
 
     ``forward`` leaves out ``sync_bn``: SyncBatchNorm needs a process group to run in training mode.
     """
@@ -81,7 +83,7 @@ def _initialize(model, optimizer=None, level="O2", **extra):
     return amp.initialize(model, optimizer, opt_level=opt_level, verbosity=0, **kwargs)
 
 
-# --- spec §4.1: the dtype table ---------------------------------------------------------------------
+# --- the dtype table: which parameters and buffers each level casts -----------------------------------
 
 @pytest.mark.parametrize("level", list(CASTING_LEVELS))
 def test_dtype_table_for_every_module_kind(level, device):
@@ -94,7 +96,7 @@ def test_dtype_table_for_every_module_kind(level, device):
 
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
-    # Spot-check the rows spec §4.1 spells out, so the table below cannot silently be empty.
+    # Spot-check the rows Apex's table spells out, so the table below cannot silently be empty.
     for name in ("linear.weight", "layer_norm.weight", "group_norm.weight", "instance_norm.weight",
                  "embedding.weight", "bn_affine.weight", "bn_affine.running_mean", "bn_plain.running_var",
                  "sync_bn.weight", "sync_bn.running_var", "float_buffer", "bn_affine.num_batches_tracked",
@@ -127,7 +129,7 @@ def test_parameter_identity_is_kept_and_optimizer_holds_the_models_params(level,
     assert all(a is b for a, b in zip(amp.master_params(optimizer), params_before))
 
 
-# --- spec §4.2: casting seen from inside forward ----------------------------------------------------
+# --- casting seen from inside forward -----------------------------------------------------------------
 
 Pair = collections.namedtuple("Pair", ["value", "index"])
 
@@ -259,7 +261,7 @@ def test_all_kinds_model_runs_forward_and_backward(level, device):
     assert model.bn_affine.num_batches_tracked.item() == 1
 
 
-# --- spec §4.3: FP32 state_dict ---------------------------------------------------------------------
+# --- FP32 state_dict ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("level", ["O2", "O3", "O5"])
 def test_state_dict_is_fp32_and_loads_back(level, device):
@@ -290,7 +292,7 @@ def test_state_dict_is_fp32_and_loads_back(level, device):
     assert all(a is b for a, b in zip(model.parameters(), live.values()))
 
 
-# --- DESIGN decision 5: copies and pickles keep the casts -------------------------------------------
+# --- copies and pickles keep the casts (module hooks, not a patched forward) --------------------------
 
 def _o2_probe(device):
     torch.manual_seed(0)
@@ -350,7 +352,7 @@ def test_pickle_of_the_model_keeps_casting(device):
     assert torch.equal(_assert_casts(restored, x), expected)
 
 
-# --- every container a model takes or returns (DESIGN decision 10) ------------------------------------
+# --- every container a model takes or returns: rebuilt, never mutated ---------------------------------
 
 class NoUpdateDict(dict):
     """A dict subclass that forbids the in-place bulk operations (as ``ModelOutput`` does)."""
@@ -522,7 +524,7 @@ def test_containers_that_cannot_be_rebuilt_fall_back_to_apex_behaviour():
 
 
 def test_transformers_model_output_when_installed():
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason=NEEDS_INTEGRATIONS_EXTRA)
     from ampcompat.amp.model_casting import cast_tree
 
     half = torch.randn(2, 3, dtype=HALF)

@@ -1,4 +1,4 @@
-"""O2/O3/O5 master weights and loss scaling (spec §5, §6.2-6.3; DESIGN decisions 6-7).
+"""O2/O3/O5 master weights and loss scaling.
 
 The O2 runs are checked against a hand-written reference of Apex's algorithm: a half model, FP32 master
 copies, loss x scale, ``master.grad = model.grad.float() / scale``, an inf/NaN check that skips the step
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ampcompat import _torch_compat, amp
+
+from _sampling import each_value
 
 INIT_SCALE = 2.0 ** 16
 OVERFLOW_MESSAGE = "Gradient overflow.  Skipping step, loss scaler {} reducing loss scale to {}"
@@ -196,8 +198,9 @@ def make_wide_net(device, seed=0):
                                torch.nn.Tanh(), torch.nn.Linear(1024, 3)).to(device)
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan")])
-@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_fused"])
+@pytest.mark.parametrize("optimizer_name, value", each_value(  # a 2**20-element weight: each value once by default
+    [pytest.param(name, value, id=f"{name}-{value}") for name in ("sgd_momentum", "adamw_fused")
+     for value in (float("inf"), float("nan"))], axes=lambda name, value: (name, str(value))))
 def test_o2_with_a_large_weight_equals_the_reference_and_skips_its_overflow(optimizer_name, value, device):
     """Same bits as the reference with a large weight, and an inf/NaN that only one element of the large
     weight's gradient holds still skips the step."""
@@ -333,7 +336,7 @@ def test_param_groups_hold_fp32_masters_after_the_first_scale_loss(device):
     optimizer = _two_group_optimizer(model)
     amp.initialize(model, optimizer, opt_level="O2", verbosity=0)
     linear0, bn, linear3 = model[0], model[1], model[3]
-    # Before lazy init amp.master_params() yields the model's own params (spec §5.3).
+    # Before lazy init amp.master_params() yields the model's own params, as Apex's did.
     assert [id(p) for p in amp.master_params(optimizer)] == [
         id(p) for p in (linear0.weight, linear0.bias, bn.weight, bn.bias, linear3.weight, linear3.bias)]
 

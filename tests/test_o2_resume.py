@@ -1,4 +1,4 @@
-"""Resuming O2/O3/O5 runs (DESIGN decision 6; spec §5.3, §7.2).
+"""Resuming O2/O3/O5 runs.
 
 The documented checkpoint ``{'model', 'optimizer', 'amp'}`` saved after 10 steps and loaded in a *fresh
 Python process* (with ``torch.load(weights_only=True)``) must finish the run bitwise identical to never

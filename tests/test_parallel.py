@@ -31,11 +31,14 @@ from _stderr import own_stderr
 
 
 @pytest.fixture
-def world_of_one():
-    """A real gloo process group of size 1 (torch DDP and the collectives need one)."""
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{}".format(W.free_port()), rank=0, world_size=1)
+def world_of_one(tmp_path):
+    """A real gloo process group of size 1 (torch DDP and the collectives need one).
+
+    Its store is a file, not a TCP port: a free port can be taken by another process before the store binds it.
+    """
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     yield dist.group.WORLD
-    dist.destroy_process_group()
+    W.destroy_process_group()
 
 
 def _mlp(seed=0, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""scale_loss and LossScaler: skip-on-overflow, closed-form scale sequence, accumulation, state (spec §6, §7)."""
+"""scale_loss and LossScaler: skip-on-overflow, closed-form scale sequence, accumulation, state."""
 import io
 import warnings
 

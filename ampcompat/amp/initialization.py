@@ -1,4 +1,5 @@
-"""``amp.initialize``, ``amp.state_dict`` and ``amp.load_state_dict`` (spec §3, §7.2).
+"""``amp.initialize``, ``amp.state_dict`` and ``amp.load_state_dict`` with Apex's
+signatures, defaults, validation messages and state format.
 
 ``initialize`` validates everything (options, models, optimizers, devices) before it touches any
 object, so bad input never leaves a model or optimizer half-patched; then it casts models, patches

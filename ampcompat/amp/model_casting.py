@@ -1,4 +1,4 @@
-"""O0/O2/O3/O5: casting the model, its inputs and its outputs (spec §4), with module hooks.
+"""O0/O2/O3/O5: casting the model, its inputs and its outputs as Apex did, with module hooks.
 
 Apex replaced ``model.forward`` with a closure stored on the instance, which broke ``copy.deepcopy``
 (copies ran the original module), ``torch.save(model)`` and ``DataParallel`` replicas. Here the same
@@ -51,7 +51,7 @@ def cast_tree(value: Any, dtype: torch.dtype, device_type: Optional[str] = None)
     return value
 
 
-# --- rebuilding containers (DESIGN.md decision 10: rebuilt, never mutated) ---------------------------
+# --- rebuilding containers: a cast input or output is a new container, the caller's is never mutated --
 
 _COLLECTIONS = (list, tuple, set, frozenset)
 _Cast = Callable[[Any], Any]

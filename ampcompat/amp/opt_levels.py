@@ -142,7 +142,7 @@ class Properties:
     """The active amp options, validated on assignment with Apex's rules and messages.
 
     Options live in ``self.options`` (a dict, as in Apex) and read as attributes:
-    ``props.loss_scale``. Assigning an option runs its setter rule (spec: Apex ``frontend.py``).
+    ``props.loss_scale``. Assigning an option runs its setter rule (Apex's ``apex/amp/frontend.py``).
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""``amp.scale_loss`` and ``amp.disable_casts``: what happens around one backward pass (spec §6).
+"""``amp.scale_loss`` and ``amp.disable_casts``: what happens around one backward pass.
 
 Entering ``scale_loss`` stashes gradients that already exist (so only the new ones get unscaled) and
 yields ``loss.float() * scale``; leaving it unscales the new gradients into FP32 (adding the stashed

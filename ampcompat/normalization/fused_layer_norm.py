@@ -251,24 +251,7 @@ class MixedFusedLayerNorm(FusedLayerNorm):
         return mixed_dtype_fused_layer_norm_affine(input, self.weight, self.bias, self.normalized_shape, self.eps)
 
 
-class _RMSNormBase(getattr(torch.nn, "RMSNorm", torch.nn.Module)):  # type: ignore[misc]
-    """``nn.RMSNorm`` where torch has it (2.4+); otherwise a module with the same parameter and state."""
-
-    def __init__(self, normalized_shape: ShapeLike, eps: float, elementwise_affine: bool) -> None:
-        if hasattr(torch.nn, "RMSNorm"):
-            super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine)
-            return
-        super().__init__()
-        self.normalized_shape = tuple(_shape(normalized_shape))
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape))
-        else:
-            self.register_parameter("weight", None)
-
-
-class FusedRMSNorm(_RMSNormBase):
+class FusedRMSNorm(torch.nn.RMSNorm):
     """Apex's ``FusedRMSNorm``: an ``nn.RMSNorm`` with Apex's ``eps=1e-5`` default and dtypes.
 
     (``nn.RMSNorm``'s own default eps is ``None``, i.e. ``finfo(dtype).eps``: it is passed explicitly.)

@@ -1,13 +1,14 @@
 """PyTorch Lightning 1.x with its Apex backend, as an Apex-era user ran it -- run it unchanged with
 
-    python -m ampcompat run examples/integrations/lightning_apex.py --amp-level O2
+    python -m ampcompat run examples/integrations/lightning_apex.py --opt-level O2
 
 On a GPU: ``Trainer(precision=16, amp_backend="apex", amp_level=...)``. Lightning refuses that
 combination on the CPU, so there the same ``ApexMixedPrecisionPlugin`` is passed in ``plugins=``
 (Lightning then drives ``apex.amp`` exactly as on the GPU: ``initialize``, ``scale_loss``).
 A small ``LightningModule`` whose ``training_step`` calls ``self(x)`` trains a few steps; prints the
 loss of every step and what proves Apex was in use (Lightning's precision plugin, ``apex.amp``'s
-opt level, the model's parameter dtype).
+opt level, the model's parameter dtype). ``--opt-level`` is handed to Lightning's ``amp_level``
+(``--amp-level``, the flag's earlier name here, still works).
 """
 import argparse
 import math
@@ -39,7 +40,8 @@ class Classifier(pl.LightningModule):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--amp-level", default="O2")
+    parser.add_argument("--opt-level", "--amp-level", dest="opt_level", default="O2",
+                        help="Apex opt level, handed to Lightning's amp_level (--amp-level: deprecated spelling)")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
 
@@ -52,11 +54,11 @@ def main():
                   enable_model_summary=False)
     if torch.cuda.is_available():
         trainer = pl.Trainer(accelerator="gpu", devices=1, precision=16, amp_backend="apex",
-                             amp_level=args.amp_level, **common)
+                             amp_level=args.opt_level, **common)
     else:
         from pytorch_lightning.plugins import ApexMixedPrecisionPlugin
 
-        trainer = pl.Trainer(accelerator="cpu", plugins=[ApexMixedPrecisionPlugin(amp_level=args.amp_level)],
+        trainer = pl.Trainer(accelerator="cpu", plugins=[ApexMixedPrecisionPlugin(amp_level=args.opt_level)],
                              **common)
     print(f"pytorch_lightning {pl.__version__}, torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
           f"precision plugin {type(trainer.precision_plugin).__name__}", flush=True)

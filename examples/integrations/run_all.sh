@@ -51,7 +51,7 @@ for level in O1 O2; do
         --output-dir /tmp/hf-$level
     run "hf-4.28.1-$level" "$T428" "$HERE/hf_trainer.py" --opt-level $level --optim adamw_apex_fused \
         --output-dir /tmp/hf-$level --tokenizers-pin-off
-    run "lightning-1.9.5-$level" "$PL" "$HERE/lightning_apex.py" --amp-level $level
+    run "lightning-1.9.5-$level" "$PL" "$HERE/lightning_apex.py" --opt-level $level
     run "timm-$level" "" "$HERE/timm_apex.py" --opt-level $level
     run "deepspeed-0.17.6-$level" "$DS" "$HERE/deepspeed_amp.py" --opt-level $level
 done
