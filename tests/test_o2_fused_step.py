@@ -445,3 +445,31 @@ def test_cuda_a_real_kernel_failing_to_compile_falls_back(monkeypatch):
         results[fused] = [t.detach().clone() for t in list(model.parameters()) + list(amp.master_params(opt))]
         coverage._failure = None
     assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+
+
+@pytest.mark.cuda
+def test_cuda_speed_benchmark_reports_the_optimizer_phase(tmp_path):
+    """``benchmarks/speed.py`` on CUDA (tiny sizes): the optimizer phase of every O2-family mode is timed,
+    its bytes counted by the path taken, its bandwidth set against the copy bandwidth; O2 took the fused path."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "speed.py"), "--device", "cuda", "--tiny",
+                           "--workloads", "gpt,mlp", "--modes", "native_fp16,manual_o2,O2,O2_unfused,pure_fp16",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["copy_bandwidth_Bps"] > 1e11
+    for name in ("gpt", "mlp"):
+        modes = report["workloads"][name]["modes"]
+        assert all(r["error"] is None for r in modes.values()), modes
+        o2, unfused = modes["O2"], modes["O2_unfused"]
+        assert o2["paths"]["unscale_paths"]["fused"] > 0 and o2["paths"]["unfused_reason"] is None
+        assert unfused["paths"]["unscale_paths"]["fast"] > 0 and "fused" not in unfused["paths"]["unscale_paths"]
+        params = modes["O2"]["parameters"]
+        for mode in ("manual_o2", "O2", "O2_unfused", "pure_fp16"):
+            r = modes[mode]
+            assert r["optimizer_gpu_ms"] > 0 and r["optimizer_GBps"] > 0 and r["optimizer_vs_copy_bw"] > 0, mode
+        assert o2["optimizer_bytes"] < unfused["optimizer_bytes"] == modes["manual_o2"]["optimizer_bytes"]
+        assert modes["native_fp16"].get("optimizer_bytes") is None
+        # the unfused path's FP32 master gradients (4 B/param) are allocated in the phase, the fused path's are not
+        assert (unfused["optimizer_peak_bytes"] - o2["optimizer_peak_bytes"]) / params >= 3.0  # tiny: small blocks
+    assert "Optimizer phase (end of backward to end of `step()`" in proc.stdout
