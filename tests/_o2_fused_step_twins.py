@@ -314,14 +314,21 @@ def run_plain(device: str, steps: int, optimizer: str = "adamw_fused", rtol: flo
     return {"paths": side.paths(), "skipped": skipped, "reason": side.opt._amp_stash.unfused_reason}
 
 
+def _twin(device: str, hand_class=None, inject: Optional[Dict[int, str]] = None, num_losses: int = 1):
+    """The model, data, both sides and the path log of a scenario with fused AdamW."""
+    torch.manual_seed(0)
+    model = Heads().to(device)
+    data = Data(model, device, INJECT if inject is None else inject)
+    extra = {"num_losses": num_losses} if num_losses != 1 else {}
+    side = AmpSide(model, "adamw_fused", **extra)
+    hand = (hand_class or HandO2)(model, "adamw_fused", device, **extra)
+    return model, data, side, hand, PathLog(side)
+
+
 def run_clip_on_master_params(device: str, steps: int, rtol: float = 2e-5) -> dict:
     """``clip_grad_norm_(amp.master_params(opt), ...)`` between the exit and the step: master gradients are
     made for it, and that step is the unfused one."""
-    torch.manual_seed(0)
-    model = Heads().to(device)
-    data = Data(model, device, INJECT)
-    side, hand = AmpSide(model, "adamw_fused"), HandO2(model, "adamw_fused", device)
-    log = PathLog(side)
+    model, data, side, hand, log = _twin(device)
     for step in range(steps):
         _check_scales(side, hand, step)
         side.block(data.loss(side.model, step))
@@ -338,11 +345,7 @@ def run_clip_on_master_params(device: str, steps: int, rtol: float = 2e-5) -> di
 def run_delay_unscale(device: str, steps: int, rtol: float = 2e-5) -> dict:
     """Gradient accumulation with ``delay_unscale=True``: the last block of a step follows a delayed one
     and takes the unfused path."""
-    torch.manual_seed(0)
-    model = Heads().to(device)
-    data = Data(model, device, INJECT)
-    side, hand = AmpSide(model, "adamw_fused"), HandO2(model, "adamw_fused", device)
-    log = PathLog(side)
+    model, data, side, hand, log = _twin(device)
     for step in range(steps):
         _check_scales(side, hand, step)
         side.block(data.loss(side.model, step, part=1), delay_unscale=True)
@@ -360,11 +363,7 @@ def run_delay_unscale(device: str, steps: int, rtol: float = 2e-5) -> dict:
 def run_accumulate(device: str, steps: int, rtol: float = 2e-5) -> dict:
     """Two ``scale_loss`` blocks before one step (each unscaled at its exit): the first block's fused
     gradients become master gradients when the second begins; the step is unfused."""
-    torch.manual_seed(0)
-    model = Heads().to(device)
-    data = Data(model, device, INJECT)
-    side, hand = AmpSide(model, "adamw_fused"), HandO2Blocks(model, "adamw_fused", device)
-    log = PathLog(side)
+    model, data, side, hand, log = _twin(device, HandO2Blocks)
     for step in range(steps):
         _check_scales(side, hand, step)
         side.block(data.loss(side.model, step))
@@ -382,11 +381,7 @@ def run_accumulate(device: str, steps: int, rtol: float = 2e-5) -> dict:
 def run_two_losses(device: str, steps: int, rtol: float = 2e-5) -> dict:
     """Two losses with their own loss scalers on one optimizer (``num_losses=2``), one block each, one step;
     then a step with loss 1 alone: fused, unscaled by loss 1's scale."""
-    torch.manual_seed(0)
-    model = Heads().to(device)
-    data = Data(model, device, INJECT)
-    side, hand = AmpSide(model, "adamw_fused", num_losses=2), HandO2Blocks(model, "adamw_fused", device, num_losses=2)
-    log = PathLog(side)
+    model, data, side, hand, log = _twin(device, HandO2Blocks, num_losses=2)
     for step in range(steps):
         _check_scales(side, hand, step, loss_ids=(0, 1))
         alone = step % 3 == 2
@@ -407,14 +402,10 @@ def run_two_losses(device: str, steps: int, rtol: float = 2e-5) -> dict:
 def run_add_param_group(device: str, steps: int, rtol: float = 2e-5) -> dict:
     """A param group added mid-run: the step after it is unfused (torch makes the new group's state),
     the next ones fused again, over every group."""
-    torch.manual_seed(0)
-    model = Heads().to(device)
+    model, data, side, hand, log = _twin(device, inject={1: "inf"})
     extra = nn.Linear(D_IN, 5).to(device)
-    data = Data(model, device, {1: "inf"})
-    side, hand = AmpSide(model, "adamw_fused"), HandO2(model, "adamw_fused", device)
     side_extra, hand_extra = _cast(copy.deepcopy(extra), torch.float16), _cast(copy.deepcopy(extra), torch.float16)
     added_at = steps // 2
-    log = PathLog(side)
     for step in range(steps):
         if step == added_at:
             side.opt.add_param_group({"params": list(side_extra.parameters()), "lr": 5e-3})
@@ -512,11 +503,7 @@ def run_kernel_failure(device: str, steps: int, rtol: float = 2e-5, fail_at: int
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.manual_seed(0)
-            model = Heads().to(device)
-            data = Data(model, device, {})
-            side, hand = AmpSide(model, "adamw_fused"), HandO2(model, "adamw_fused", device)
-            log = PathLog(side)
+            model, data, side, hand, log = _twin(device, inject={})
             for step in range(steps):
                 side.block(data.loss(side.model, step))
                 log.record()

@@ -11,9 +11,6 @@ comparison is a ratio within one torch version, so a torch upgrade moves both si
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable, List, Tuple
 
 import pytest
@@ -21,21 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _counters import count_aten_ops, count_calls  # benchmarks/_counts.py
 from ampcompat import amp
-
-
-def _load_counters():
-    """benchmarks/_counts.py, loaded by path (tests/ has modules of the benchmarks' short names)."""
-    spec = importlib.util.spec_from_file_location(
-        "_bench_counts", Path(__file__).resolve().parent.parent / "benchmarks" / "_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-_counters = _load_counters()
-count_aten_ops, count_calls = _counters.count_aten_ops, _counters.count_calls
 
 WARMUP, STEPS = 4, 6
 WIDTH, DEPTH, BATCH, CLASSES = 32, 4, 8, 10

@@ -310,6 +310,35 @@ def test_sparse_gradients_take_todays_path(monkeypatch):
     assert _paths(opt)["fused"] == 0
 
 
+def test_a_copy_of_the_optimizer_builds_its_own_tables_and_keeps_a_waiting_update(monkeypatch):
+    """deepcopy between the exit and step(): the waiting update becomes master gradients first (both
+    optimizers then step them as today's path does, bitwise); a copy never launches on the original's
+    tensors: it starts without tables and builds its own."""
+    stub.install(monkeypatch)
+    results = {}
+    for fused in (True, False):
+        coverage.set_enabled(fused)
+        model, opt = _initialize()
+        _train(model, opt)  # (a fused step would change nothing here: the kernels are stubs)
+        torch.manual_seed(4)
+        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+        with amp.scale_loss(nn.functional.cross_entropy(model(x), y), opt) as scaled:
+            scaled.backward()
+        twin = copy.deepcopy({"model": model, "opt": opt})
+        copied = twin["opt"]
+        if fused:
+            assert opt._amp_stash.unscale_paths["materialised"] == 1 and copied._amp_stash._fused.plans is None
+        opt.step()
+        copied.step()
+        results[fused] = [t.detach().clone() for o in (opt, copied) for t in amp.master_params(o)]
+        if fused:
+            _train(twin["model"], copied)  # the copy's next exit is fused, on tables of its own tensors
+            plans = copied._amp_stash._fused.plans
+            assert copied._amp_stash.unscale_paths["fused"] == 2 and plans.is_current(copied)  # (counts copied)
+            assert plans._plans[0].tensor_table[0, 0].item() == copied._amp_stash._plan.masters[0].data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+
+
 # --- a kernel that cannot compile --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("failing", ["nonfinite_kernel", "adam_kernel"])
@@ -383,12 +412,6 @@ def test_cuda_optimizer_phase_peak_memory_has_no_master_gradients():
     assert saved >= 3.5, saved
 
 
-def _load_counters():
-    spec = importlib.util.spec_from_file_location("_bench_counts", TESTS.parent / "benchmarks" / "_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.cuda
@@ -396,7 +419,8 @@ def _load_counters():
 def test_cuda_host_work_per_step_fused_against_todays_path(optimizer):
     """Python calls and aten ops of a steady O2 step with the real Triton launches: no more than today's
     path (the host-bound workloads must not get slower); no host sync with torch's fused AdamW."""
-    counters = _load_counters()
+    import _counters as counters
+
     make = {"adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
             "sgd_foreach": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)}[optimizer]
     counts = {}

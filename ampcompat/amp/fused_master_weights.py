@@ -52,6 +52,14 @@ class _FusedStep:
         self.inv_scale: Optional[torch.Tensor] = None  # an update waits for step(): 1/scale its gradients carry
         self.wrote_model = False  # the last update wrote the half weights itself
 
+    def __getstate__(self) -> dict:
+        # The tables hold the addresses of this optimizer's tensors, not of a copy's: a copy (deepcopy, pickle)
+        # starts without them and builds its own. (A waiting update was materialised before copying.)
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
 
 def master_weights_for(optimizer: Any) -> MasterWeights:
     """The O2/O5 strategy for ``optimizer``: the fused step where it applies, else the unfused one.

@@ -124,8 +124,11 @@ def _amp_getstate(self: Any) -> Dict[str, Any]:
     torch.optim.Optimizer.__getstate__ keeps only defaults/state/param_groups, which would make the copy
     a plain optimizer; the bound methods themselves do not pickle, so they are re-bound instead.
     """
+    stash = self._amp_stash
+    if isinstance(stash, MasterWeights):
+        stash.materialise_master_grads()  # a fused update waiting for step() becomes master gradients the copy has
     state = dict(_class_method(self, "__getstate__")())
-    state["_amp_stash"] = self._amp_stash
+    state["_amp_stash"] = stash
     state["_amp_rebind"] = _Rebind(self)
     return state
 
