@@ -240,10 +240,13 @@ def test_the_per_optimizer_state_is_the_fields_init_declares(level, monkeypatch)
     """A run through every kind of move (fused and host-checked exits, an overflow skip, delay_unscale, an
     aborted block, add_param_group, zero_grad, a checkpoint round trip) adds no field to the lifecycle.
     "O2 fused": the fused O2 step's strategy, its kernels stubbed out (``_fused_o2_stub.py``)."""
-    if level == "O2 fused":
-        import _fused_o2_stub
+    import _fused_o2_stub
+    from ampcompat.amp.fused_o2 import coverage
 
+    if level == "O2 fused":
         _fused_o2_stub.install(monkeypatch)
+    else:  # the unfused strategy, even where the fused step would apply (CUDA, Triton's interpreter)
+        monkeypatch.setattr(coverage, "_switch", False)
     model = make_mlp(d_hidden=16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     amp.initialize(model, opt, opt_level=level.split()[0], loss_scale="dynamic", verbosity=0)
