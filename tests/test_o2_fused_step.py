@@ -48,6 +48,7 @@ OPTIMIZER_SCENARIOS = ["adamw_fused", "adam_foreach", "sgd_foreach", "sgd_fused"
 def _switch_and_failure_restored():
     yield
     coverage.set_enabled(None)
+    coverage._failure = None  # a kernel failure a test planted turned the fused step off for the process
 
 
 def _interpreted(steps: int, names) -> dict:
@@ -359,7 +360,8 @@ def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning_and_todays_r
         if fused:
             assert len(messages) == 1 and "Failed to find C compiler" in messages[0]
             assert all("Failed to find C compiler" in opt._amp_stash.unfused_reason for _, opt in runs)
-            assert coverage.unavailable_reason("cuda") == coverage.failure_reason()  # off for new optimizers too
+            later = _initialize()[1]._amp_stash  # off for optimizers initialized later too
+            assert type(later) is MasterWeights and "Failed to find C compiler" in later.unfused_reason
         results[fused] = [t.detach().clone() for model, opt in runs
                           for t in list(model.parameters()) + list(amp.master_params(opt))]
         coverage._failure = None
