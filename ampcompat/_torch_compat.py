@@ -18,6 +18,7 @@ import operator
 from typing import Any, Callable, Dict, Iterable, List
 
 import torch
+import torch.optim.optimizer as torch_optimizer_module  # not an attribute of torch.optim: imported by name
 
 #: ``"torch.<name>"`` of every private API this torch lacks (empty on a supported torch).
 MISSING: List[str] = []
@@ -177,6 +178,22 @@ def grad_scaler_unscaled(grad_scaler: Any, optimizer: Any) -> bool:
 def grad_scaler_scale(grad_scaler: Any) -> torch.Tensor:
     """The scale as a device tensor, without a host sync (``GradScaler._get_scale_async``)."""
     return grad_scaler._get_scale_async()
+
+
+# --- optimizer step hooks ------------------------------------------------------------------------------
+# The fused O2 step replaces an optimizer's own ``step``, whose torch wrapper runs the step hooks: it must
+# know whether any is registered. torch registers them publicly (``register_step_pre_hook``,
+# ``register_optimizer_step_pre_hook``...) but has no public query.
+
+_global_step_pre_hooks = _private(torch_optimizer_module, "_global_optimizer_pre_hooks")
+_global_step_post_hooks = _private(torch_optimizer_module, "_global_optimizer_post_hooks")
+
+
+def optimizer_step_hooks_registered(optimizer: Any) -> bool:
+    """Whether a step pre- or post-hook is registered on ``optimizer`` or for every optimizer."""
+    return bool(_global_step_pre_hooks or _global_step_post_hooks
+                or getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None))
 
 
 # --- attribute protocols of torch.optim ----------------------------------------------------------------

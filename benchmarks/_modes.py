@@ -20,20 +20,25 @@ Modes:
     manual_o2    O2 written by hand on native PyTorch, as a user migrating off Apex would: the fp16 model,
                  FP32 master copies stepped by the optimizer, ``torch.amp.GradScaler`` on the masters.
     O0 ... O5    ampcompat's ``amp.initialize(model, optimizer, opt_level=...)`` (O4/O5 are bf16).
+    O2_unfused   ampcompat O2 with ``AMPCOMPAT_FUSED_O2=0`` set around ``amp.initialize``: the path O2 took
+                 before the fused step (and takes where the fused step does not apply).
 
 ampcompat is imported lazily so the native modes work (and can be tested) without it.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 AMPCOMPAT_LEVELS = ("O0", "O1", "O2", "O3", "O4", "O5")
+#: ampcompat modes beside the levels: ``mode -> (opt level, environment set around amp.initialize)``.
+AMPCOMPAT_VARIANTS = {"O2_unfused": ("O2", {"AMPCOMPAT_FUSED_O2": "0"})}
 NATIVE_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2")
-ALL_MODES = NATIVE_MODES + AMPCOMPAT_LEVELS
+ALL_MODES = NATIVE_MODES + AMPCOMPAT_LEVELS + tuple(AMPCOMPAT_VARIANTS)
 
 MODE_DESCRIPTIONS: Dict[str, str] = {
     "fp32": "FP32, no autocast",
@@ -43,7 +48,9 @@ MODE_DESCRIPTIONS: Dict[str, str] = {
     "manual_o2": "hand-written O2: fp16 model, FP32 masters, GradScaler",
     "O0": "ampcompat O0 (FP32)",
     "O1": "ampcompat O1 (autocast fp16, dynamic scale)",
-    "O2": "ampcompat O2 (fp16 model, FP32 masters, dynamic scale)",
+    "O2": "ampcompat O2 (fp16 model, FP32 masters, dynamic scale; the fused O2 step where it applies)",
+    "O2_unfused": "ampcompat O2 with the fused step switched off (AMPCOMPAT_FUSED_O2=0): FP32 master grads, "
+                  "the optimizer's own step, the copy back",
     "O3": "ampcompat O3 (pure fp16, static scale 1)",
     "O4": "ampcompat O4 (autocast bf16, no scaling)",
     "O5": "ampcompat O5 (bf16 model, FP32 masters, no scaling)",
@@ -148,6 +155,10 @@ class Recipe:
 
     def close(self) -> None:
         """Undo any process-wide state the mode installed (ampcompat's amp state)."""
+
+    def paths(self) -> Optional[dict]:
+        """How gradients reached the update, where the mode has a choice (ampcompat's O2/O5); else None."""
+        return None
 
     # The whole step -----------------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
@@ -300,9 +311,11 @@ class Ampcompat(Recipe):
     """
 
     def __init__(self, opt_level: str, model: nn.Module, make_optimizer: OptimizerFactory,
-                 device: torch.device, track_skips: bool = False):
-        self.name = opt_level
+                 device: torch.device, track_skips: bool = False, name: Optional[str] = None,
+                 environment: Optional[Dict[str, str]] = None):
+        self.name = name or opt_level
         self.opt_level = opt_level
+        self._environment = environment or {}
         import ampcompat  # noqa: PLC0415
         from ampcompat import amp  # noqa: PLC0415
 
@@ -318,9 +331,25 @@ class Ampcompat(Recipe):
             raise
 
     def _finish_setup(self) -> None:
-        self.model, self.optimizer = self.amp.initialize(
-            self.model, self.optimizer, opt_level=self.opt_level, verbosity=0
-        )
+        saved = {key: os.environ.get(key) for key in self._environment}
+        os.environ.update(self._environment)  # read by amp.initialize (the fused O2 step's switch)
+        try:
+            self.model, self.optimizer = self.amp.initialize(
+                self.model, self.optimizer, opt_level=self.opt_level, verbosity=0
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def paths(self) -> Optional[dict]:
+        """How the optimizer's gradients reached the update (O2/O5: ``unscale_paths`` and ``unfused_reason``)."""
+        stash = getattr(self.optimizer, "_amp_stash", None)
+        if stash is None or not hasattr(stash, "unfused_reason"):
+            return None
+        return {"unscale_paths": dict(stash.unscale_paths), "unfused_reason": stash.unfused_reason}
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         self._scale_ctx = self.amp.scale_loss(loss, self.optimizer)
@@ -358,6 +387,9 @@ def make_recipe(name: str, model: nn.Module, make_optimizer: OptimizerFactory, d
     """
     if name in AMPCOMPAT_LEVELS:
         return Ampcompat(name, model, make_optimizer, device, track_skips)
+    if name in AMPCOMPAT_VARIANTS:
+        level, environment = AMPCOMPAT_VARIANTS[name]
+        return Ampcompat(level, model, make_optimizer, device, track_skips, name=name, environment=environment)
     classes = {cls.name: cls for cls in (Recipe, NativeFP16, NativeBF16, PureFP16, ManualO2)}
     if name not in classes:
         raise ValueError(f"Unknown mode {name!r}; choose from {', '.join(ALL_MODES)}.")

@@ -23,11 +23,8 @@ microseconds per step on an idle GPU, Python calls and aten ops per step; and ho
 difference). ``--sweep`` adds fused variants with other chunk/block/warp settings, and the fused
 variant's check and update kernels timed alone.
 
-Bytes per parameter and step (AdamW; reads + writes):
-    manual_o2 / O2, half param: copy 2+4, unscale 4+4, fused AdamW 16+12, copy back 4+2 = 48
-    manual_o2 / O2, FP32 param: unscale 4+4, AdamW 16+12 = 36
-    fused, half param: check 2, kernel (2+4+4+4) + (4+4+4+2) = 30;  FP32 param: check 4, kernel 16+12 = 32
-    pure_fp16: fused AdamW on half tensors 8+6 = 14
+Bytes per parameter and step: ``_traffic.py`` (shared with ``speed.py``). Here ``O2`` is ampcompat O2
+as ``speed.py`` runs it (the fused step where it applies: the variant counts the path it took).
 
 Examples::
 
@@ -54,6 +51,7 @@ if str(_REPO) not in sys.path:
 
 from _counts import count_aten_ops, count_calls  # noqa: E402
 from _env import run_metadata  # noqa: E402
+from _traffic import copy_bandwidth, optimizer_bytes  # noqa: E402
 from _models import GPT, GPT2_124M, CifarResNet18, build_mlp, build_resnet  # noqa: E402
 from _modes import Ampcompat, ManualO2, PureFP16, _MasterView, cast_model_keep_batchnorm  # noqa: E402
 
@@ -281,29 +279,11 @@ class FusedVariant(_Variant):
 _VARIANT_CLASSES = {cls.name: cls for cls in (ManualVariant, AmpcompatVariant, FusedVariant, PureVariant)}
 
 
-def _bytes_per_step(workload_params: List[torch.Tensor], variant: str, adam: bool) -> Optional[float]:
-    """The bytes ``variant`` must read and write per step (AdamW only; see the module docstring)."""
-    if not adam:
-        return None
-    per_half, per_fp32 = {"manual_o2": (48, 36), "O2": (48, 36), "fused": (30, 32), "pure_fp16": (14, 28)}[
-        variant.split("[")[0]]
-    return float(sum(p.numel() * (per_half if p.dtype == torch.float16 else per_fp32) for p in workload_params))
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times[3:])
+def _traffic_variant(variant: _Variant, name: str) -> str:
+    """The byte count's name for ``variant``: ampcompat's O2 counts the path its exits took."""
+    if name == "O2":
+        return "O2" if variant.recipe.optimizer._amp_stash.unscale_paths.get("fused") else "O2_unfused"
+    return name.split("[")[0]
 
 
 def _release(device: torch.device) -> None:
@@ -396,7 +376,7 @@ def run_workload(workload: str, device: torch.device, args, copy_bw: float) -> D
         record = {"median_ms": median, "min_ms": min(times[name]), "max_ms": max(times[name])}
         if name in variants:
             v = variants[name]
-            nbytes = _bytes_per_step(params, name, adam)
+            nbytes = optimizer_bytes(params, _traffic_variant(v, name), adam)
             record.update(bytes_per_step=nbytes, host_us=_host_us(v.step, device))
             if nbytes:
                 record["achieved_GBps"] = nbytes / (median / 1e3) / 1e9

@@ -9,10 +9,10 @@ Workloads:
     gpt       GPT-style 124M (12 layers, 768 wide, 12 heads, vocab 50304, seq 1024, batch 8, SDPA).
     resnet    torchvision ResNet-50, channels_last, batch 128, 224x224 (skipped without torchvision).
     mlp       4 x 256 ReLU MLP, batch 64: host time per step dominates, so per-step overhead shows.
-              Host-bound timings drift with the machine, so its modes run in 5 interleaved rounds.
+              Host-bound timings drift with the machine, so its modes run in 6 interleaved rounds.
     cifar_resnet18
               ResNet-18 for 32x32 images (the CIFAR research scripts' network), batch 128, SGD with
-              momentum: a legacy research loop, host-sensitive on a fast GPU. 3 interleaved rounds.
+              momentum: a legacy research loop, host-sensitive on a fast GPU. 6 interleaved rounds.
     overhead  host microseconds spent in loss scaling + ``step()`` (entering/leaving ``amp.scale_loss``
               vs ``GradScaler.scale/step/update``) on a tiny model; forward and backward excluded.
 
@@ -74,13 +74,16 @@ from _models import torchvision_or_none  # noqa: E402
 from _modes import AMPCOMPAT_LEVELS, ALL_MODES, MODE_DESCRIPTIONS, make_adamw_factory, make_recipe  # noqa: E402
 from _modes import parse_modes  # noqa: E402
 from _syncs import count_host_syncs  # noqa: E402
+from _traffic import copy_bandwidth, optimizer_bytes  # noqa: E402
 
-DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5")
+DEFAULT_MODES = ("fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O2_unfused", "O3",
+                 "O5")
 WORKLOADS = ("gpt", "resnet", "mlp", "cifar_resnet18", "overhead")
 BASELINE_SUFFIX = "@base"
 PHASES = ("forward_us", "enter_us", "backward_us", "exit_us", "step_us", "zero_grad_us")
 REFERENCE_MODE = "native_fp16"
 FLOOR_MODE = "pure_fp16"
+MANUAL_O2_MODE = "manual_o2"
 SIZES = ("full", "small", "tiny")
 
 
@@ -151,7 +154,7 @@ def mlp_workload(size: str) -> Workload:
     return Workload("mlp", f"MLP {depth} x {width} (ReLU), batch {batch}: overhead-bound",
                     lambda: build_mlp(width, depth, width, 10), make_batch, _classification_loss, batch,
                     "samples/s", {"width": width, "depth": depth, "batch_size": batch},
-                    default_steps=200, default_warmup=20, default_rounds=5)
+                    default_steps=200, default_warmup=20, default_rounds=6)
 
 
 def cifar_resnet18_workload(size: str) -> Workload:
@@ -165,7 +168,7 @@ def cifar_resnet18_workload(size: str) -> Workload:
                     lambda: CifarResNet18(width), make_batch, _classification_loss, batch, "images/s",
                     {"model": "CifarResNet18", "width": width, "batch_size": batch, "pixels": 32,
                      "optimizer": "SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)"},
-                    default_steps=100, default_warmup=10, default_rounds=3, optimizer="sgd_momentum")
+                    default_steps=100, default_warmup=10, default_rounds=6, optimizer="sgd_momentum")
 
 
 def overhead_workload(size: str) -> Workload:
@@ -341,6 +344,42 @@ def phase_times(recipe, batches, loss_fn: Callable, device: torch.device, steps:
     return {key: statistics.median(values) for key, values in phases.items()}
 
 
+_TRAFFIC_VARIANTS = {"manual_o2": "manual_o2", "pure_fp16": "pure_fp16", "O2_unfused": "O2_unfused"}
+
+
+def optimizer_phase(recipe, batches, workload: Workload, device: torch.device, steps: int) -> dict:
+    """The optimizer phase of ``steps`` training steps, from the end of backward to the end of ``step()``:
+    its device time (CUDA events, median), the bytes it must move (``_traffic.py``, by the path the mode
+    took) and its peak memory above what was allocated at the end of backward (FP32 master gradients show
+    here; the whole step's peak is usually the forward's activations)."""
+    times, peaks = [], []
+    for i in range(steps):
+        inputs, targets = batches[i % len(batches)]
+        torch.cuda.synchronize(device)
+        with recipe.autocast():
+            loss = workload.loss_fn(recipe.model(recipe.cast_inputs(inputs)), targets)
+        recipe.scaled(loss).backward()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        recipe.after_backward()
+        recipe.step()
+        end.record()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        times.append(start.elapsed_time(end))
+        recipe.zero_grad()
+    paths = recipe.paths()
+    variant = _TRAFFIC_VARIANTS.get(recipe.name)
+    if recipe.name in ("O2", "O5"):  # by the path the exits took (a package without the fused step: unfused)
+        variant = "O2" if paths is not None and paths["unscale_paths"].get("fused") else "O2_unfused"
+    params = [p for p in recipe.model.parameters() if p.requires_grad]
+    nbytes = optimizer_bytes(params, variant, adamw=workload.optimizer == "adamw") if variant else None
+    return {"optimizer_gpu_ms": statistics.median(times), "optimizer_bytes": nbytes,
+            "optimizer_peak_bytes": max(peaks), "paths": paths}
+
+
 def host_counts(run_step: Callable[[int], torch.Tensor], steps: int) -> dict:
     """Python calls (all, and those of Python functions) and aten ops per training step."""
     calls = count_calls(run_step, steps)
@@ -388,6 +427,9 @@ def measure_training(workload: Workload, mode: str, device: torch.device, steps:
             record.update(host_counts(run_step, count_steps))
         if phase_steps:
             record["phases_us"] = phase_times(recipe, batches, workload.loss_fn, device, phase_steps)
+            if device.type == "cuda":
+                record.update(optimizer_phase(recipe, batches, workload, device, phase_steps))
+        record.setdefault("paths", recipe.paths())
         return record
 
 
@@ -417,16 +459,28 @@ def _error_record(error: BaseException) -> dict:
     return {"error": f"{type(error).__name__}: {message[:300]}"}
 
 
-def add_ratios(modes: Dict[str, dict]) -> None:
-    """Add ``vs_native_fp16`` and ``vs_floor`` (step time / reference step time) to every timed mode."""
+def add_ratios(modes: Dict[str, dict], copy_bw: Optional[float] = None) -> None:
+    """Add ``vs_native_fp16``, ``vs_floor`` and ``vs_manual_o2`` (step time / reference step time) to every
+    timed mode; where the optimizer phase was measured, its achieved bandwidth (``optimizer_GBps``, and
+    ``optimizer_vs_copy_bw`` against ``copy_bw``) and its peak memory against manual_o2's per parameter."""
     def median_of(name):
         record = modes.get(name) or {}
         return record.get("median_ms")
 
-    for key, reference in (("vs_native_fp16", median_of(REFERENCE_MODE)), ("vs_floor", median_of(FLOOR_MODE))):
+    for key, reference in (("vs_native_fp16", median_of(REFERENCE_MODE)), ("vs_floor", median_of(FLOOR_MODE)),
+                           ("vs_manual_o2", median_of(MANUAL_O2_MODE))):
         for record in modes.values():
             if record.get("median_ms") is not None:
                 record[key] = record["median_ms"] / reference if reference else None
+    manual_peak = (modes.get(MANUAL_O2_MODE) or {}).get("optimizer_peak_bytes")
+    for record in modes.values():
+        nbytes, ms = record.get("optimizer_bytes"), record.get("optimizer_gpu_ms")
+        if nbytes and ms:
+            record["optimizer_GBps"] = nbytes / (ms / 1e3) / 1e9
+            record["optimizer_vs_copy_bw"] = nbytes / (ms / 1e3) / copy_bw if copy_bw else None
+        if manual_peak is not None and record.get("optimizer_peak_bytes") is not None and record.get("parameters"):
+            record["optimizer_peak_below_manual_o2_B_per_param"] = \
+                (manual_peak - record["optimizer_peak_bytes"]) / record["parameters"]
 
 
 def describe(mode: str) -> str:
@@ -540,7 +594,7 @@ def run_workload(workload: Workload, modes: List[str], device: torch.device, arg
         record["description"] = describe(mode)
         section["modes"][mode] = record
     if workload.name != "overhead":
-        add_ratios(section["modes"])
+        add_ratios(section["modes"], getattr(args, "copy_bw", None))
 
     counts = [r["parameters"] for r in section["modes"].values() if r.get("parameters")]
     section["parameters"] = counts[0] if counts else None
@@ -572,6 +626,9 @@ def _merge_rounds(records: List[dict], items_per_step: int) -> dict:
     phases = [r["phases_us"] for r in records if "phases_us" in r]
     if phases:
         merged["phases_us"] = {key: statistics.median(p[key] for p in phases) for key in PHASES}
+    optimizer_ms = [r["optimizer_gpu_ms"] for r in records if r.get("optimizer_gpu_ms") is not None]
+    if optimizer_ms:
+        merged["optimizer_gpu_ms"] = statistics.median(optimizer_ms)
     return merged
 
 
@@ -633,12 +690,12 @@ def markdown_report(report: dict) -> str:
                  if rounds > 1 else f"{section['steps']} timed steps after {section['warmup']} warm-up steps")
         lines += [f"{timed}{size}.", "",
                   f"| mode | median ms/step | p10-p90 ms | {section['unit']} | peak GiB | {sync_header} "
-                  f"| vs native fp16 | vs pure-fp16 floor |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  f"| vs native fp16 | vs pure-fp16 floor | vs manual_o2 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         notes = []
         for mode, r in section["modes"].items():
             if r.get("error"):
-                lines.append(f"| {mode} | failed | | | | | | |")
+                lines.append(f"| {mode} | failed | | | | | | | |")
                 notes.append(f"{mode}: {r['error']}")
                 continue
             syncs = r["syncs_per_step"] if on_cuda else r["host_reads_per_step"]
@@ -646,19 +703,50 @@ def markdown_report(report: dict) -> str:
             lines.append(
                 f"| {mode} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {r['throughput']:,.0f} "
                 f"| {_cell(peak)} | {_cell(syncs, 'g')} | {_cell(r.get('vs_native_fp16'), '.2f', 'x')} "
-                f"| {_cell(r.get('vs_floor'), '.2f', 'x')} |")
+                f"| {_cell(r.get('vs_floor'), '.2f', 'x')} | {_cell(r.get('vs_manual_o2'), '.3f', 'x')} |")
             if r.get("skipped_steps"):
                 notes.append(f"{mode}: {r['skipped_steps']} of the timed steps were skipped (inf/NaN gradients)")
             if not math.isfinite(r["final_loss"]):
                 notes.append(f"{mode}: loss became {r['final_loss']} (speed only; see convergence.py)")
         lines.append("")
         lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+        lines += _optimizer_phase_table(section, meta.get("copy_bandwidth_Bps"))
         lines += _host_work_table(section)
     lines += ["Modes: " + "; ".join(f"`{m}` {MODE_DESCRIPTIONS[m]}" for m in report["modes"]) + ".", ""]
     if any(m.endswith(BASELINE_SUFFIX) for section in report["workloads"].values() for m in section["modes"]):
         lines += [f"`<mode>{BASELINE_SUFFIX}`: the same mode on the baseline package "
                   f"(`--baseline-path`, imported from `{report['meta'].get('baseline_package')}`).", ""]
     return "\n".join(lines)
+
+
+def _optimizer_phase_table(section: dict, copy_bw: Optional[float]) -> List[str]:
+    """The optimizer phase of each mode (end of backward to end of ``step()``): device time, bytes moved,
+    achieved bandwidth against the device's copy bandwidth, peak memory above the end of backward."""
+    rows = [(mode, r) for mode, r in section["modes"].items() if r.get("optimizer_gpu_ms") is not None]
+    if not rows:
+        return []
+    copy = f"{copy_bw / 1e9:.0f} GB/s" if copy_bw else "not measured"
+    lines = [f"Optimizer phase (end of backward to end of `step()`, device time, median): bytes it must move "
+             f"(`_traffic.py`), achieved bandwidth against the device-to-device copy ({copy}), its peak memory "
+             "above the end of backward, and how O2's exits took their path.", "",
+             "| mode | optimizer ms | GB moved | GB/s | % of copy BW | peak B/param | below manual_o2 B/param | path |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for mode, r in rows:
+        nbytes, params = r.get("optimizer_bytes"), r.get("parameters")
+        paths = r.get("paths") or {}
+        taken = ", ".join(f"{k} {v}" for k, v in (paths.get("unscale_paths") or {}).items() if v)
+        if paths.get("unfused_reason"):
+            taken += f" (unfused: {paths['unfused_reason']})"
+        lines.append(
+            f"| {mode} | {r['optimizer_gpu_ms']:.3f} | {_cell(nbytes / 1e9 if nbytes else None, '.2f')} "
+            f"| {_cell(r.get('optimizer_GBps'), '.0f')} | {_cell(_percent(r.get('optimizer_vs_copy_bw')), '.0f', '%')} "
+            f"| {_cell(r['optimizer_peak_bytes'] / params if params else None, '.1f')} "
+            f"| {_cell(r.get('optimizer_peak_below_manual_o2_B_per_param'), '.1f')} | {taken or '-'} |")
+    return lines + [""]
+
+
+def _percent(fraction: Optional[float]) -> Optional[float]:
+    return None if fraction is None else 100 * fraction
 
 
 def _host_work_table(section: dict) -> List[str]:
@@ -745,6 +833,10 @@ def main(argv=None) -> int:
     report = {"meta": run_metadata(device), "size": size, "modes": args.modes, "workloads": {}}
     print(f"device: {report['meta']['device']}; torch {torch.__version__}; sizes: {size}; "
           f"modes: {', '.join(args.modes)}")
+    args.copy_bw = copy_bandwidth(device) if device.type == "cuda" else None
+    report["meta"]["copy_bandwidth_Bps"] = args.copy_bw
+    if args.copy_bw:
+        print(f"device-to-device copy bandwidth: {args.copy_bw / 1e9:.0f} GB/s (read + write)")
     workloads = {name: _WORKLOAD_BUILDERS[name](size) for name in args.workloads}
     baseline = BaselineWorker(args.baseline_path, args) if args.baseline_path else None
     if baseline is not None:

@@ -19,7 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 CONVERGENCE_MODES = ["fp32", "native_fp16", "native_bf16", "O0", "O1", "O2", "O3", "O4", "O5"]
-SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O3", "O5"]
+SPEED_MODES = ["fp32", "native_fp16", "native_bf16", "pure_fp16", "manual_o2", "O1", "O2", "O2_unfused", "O3",
+               "O5"]
 TINY_STEPS = 40  # convergence.py's tiny configuration
 # The tests that run a benchmark script (a subprocess training every mode) are left to --full: a few
 # seconds each. The shared pieces and the hand-written O2 baseline are tested directly, in every run.
@@ -200,6 +201,34 @@ def test_speed_training_records(speed):
 
 
 @RUNS_A_BENCHMARK
+def test_speed_o2_modes_record_the_path_their_exits_took(speed):
+    """O2 says how its exits reached the update (the CPU has no fused step: today's path, and why);
+    O2_unfused is O2 with AMPCOMPAT_FUSED_O2=0 set around amp.initialize; both print against manual_o2."""
+    for name in ("gpt", "mlp", "cifar_resnet18"):
+        modes = speed["report"]["workloads"][name]["modes"]
+        assert modes["O2"]["paths"]["unfused_reason"] == "the fused O2 kernels run on CUDA devices, not on cpu"
+        assert modes["O2_unfused"]["paths"]["unfused_reason"] == "turned off by AMPCOMPAT_FUSED_O2=0"
+        assert modes["O2_unfused"]["paths"]["unscale_paths"]["fast"] > 0
+        assert modes["native_fp16"]["paths"] is None
+        for r in modes.values():
+            assert r["vs_manual_o2"] == pytest.approx(r["median_ms"] / modes["manual_o2"]["median_ms"])
+            assert "optimizer_gpu_ms" not in r  # the optimizer phase is timed on CUDA only
+    assert "| vs native fp16 | vs pure-fp16 floor | vs manual_o2 |" in speed["markdown"]
+    assert os.environ.get("AMPCOMPAT_FUSED_O2") is None  # (in this process; speed.py restores it after each mode)
+
+
+def test_optimizer_traffic_counts_each_pipelines_bytes_per_parameter():
+    traffic = _load("_traffic")
+    params = [torch.zeros(10, dtype=torch.float16), torch.zeros(3)]  # a half weight, an FP32 (BatchNorm) one
+    assert traffic.optimizer_bytes(params, "manual_o2") == 10 * 48 + 3 * 36
+    assert traffic.optimizer_bytes(params, "O2") == 10 * 30 + 3 * 36  # the fused step
+    assert traffic.optimizer_bytes(params, "O2_unfused") == traffic.optimizer_bytes(params, "manual_o2")
+    assert traffic.optimizer_bytes(params, "pure_fp16") == 10 * 14 + 3 * 28
+    assert traffic.optimizer_bytes(params, "native_fp16") is None
+    assert traffic.optimizer_bytes(params, "O2", adamw=False) is None
+
+
+@RUNS_A_BENCHMARK
 def test_speed_reports_host_work_per_step_for_every_mode(speed):
     """Calls and aten ops per step (counted) and every phase's host time, in the JSON and the Markdown."""
     for name in ("gpt", "mlp", "cifar_resnet18"):
@@ -306,16 +335,16 @@ def test_speed_mlp_statistics_pool_interleaved_rounds(speed):
     import statistics
 
     section = speed["report"]["workloads"]["mlp"]
-    assert section["rounds"] == 5 and speed["report"]["workloads"]["gpt"]["rounds"] == 1
+    assert section["rounds"] == 6 and speed["report"]["workloads"]["gpt"]["rounds"] == 1
     for mode, record in section["modes"].items():
-        assert len(record["round_medians_ms"]) == 5, mode
+        assert len(record["round_medians_ms"]) == 6, mode
         times = record["step_times_ms"]
-        assert len(times) == 5 * section["steps"]
+        assert len(times) == 6 * section["steps"]
         assert record["median_ms"] == statistics.median(times)
         assert record["min_ms"] == min(times) and record["max_ms"] == max(times)
     rounds_printed = [line for line in speed["stdout"].splitlines() if line.startswith("[mlp] O2 ")]
-    assert [line.endswith(f"(round {i}/5)") for i, line in enumerate(rounds_printed, 1)] == [True] * 5
-    assert "5 rounds (modes interleaved)" in speed["markdown"]
+    assert [line.endswith(f"(round {i}/6)") for i, line in enumerate(rounds_printed, 1)] == [True] * 6
+    assert "6 rounds (modes interleaved)" in speed["markdown"]
 
 
 @RUNS_A_BENCHMARK

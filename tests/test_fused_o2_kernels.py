@@ -310,7 +310,8 @@ def _steady_step(plan, grads, groups, inv_scale, found_inf):
 
 @cuda
 def test_cuda_host_work_per_step_is_flat_in_the_number_of_tensors():
-    counters = _load_counters()
+    import _counters as counters
+
     calls, ops = {}, {}
     for count in (4, 64):
         group = AdamTensors(*[[torch.zeros(257, device="cuda") for _ in range(count)] for _ in range(3)],
@@ -328,12 +329,6 @@ def test_cuda_host_work_per_step_is_flat_in_the_number_of_tensors():
     assert ops[4] == ops[64] == 1  # found_inf.zero_(): the check and the step dispatch no aten op
 
 
-def _load_counters():
-    spec = importlib.util.spec_from_file_location("_bench_counts", TESTS.parent / "benchmarks" / "_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @cuda

@@ -11,9 +11,6 @@ comparison is a ratio within one torch version, so a torch upgrade moves both si
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable, List, Tuple
 
 import pytest
@@ -21,21 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _counters import count_aten_ops, count_calls  # benchmarks/_counts.py
 from ampcompat import amp
-
-
-def _load_counters():
-    """benchmarks/_counts.py, loaded by path (tests/ has modules of the benchmarks' short names)."""
-    spec = importlib.util.spec_from_file_location(
-        "_bench_counts", Path(__file__).resolve().parent.parent / "benchmarks" / "_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-_counters = _load_counters()
-count_aten_ops, count_calls = _counters.count_aten_ops, _counters.count_calls
 
 WARMUP, STEPS = 4, 6
 WIDTH, DEPTH, BATCH, CLASSES = 32, 4, 8, 10
@@ -141,6 +125,34 @@ def test_step_host_work_is_no_more_than_the_native_loop(level, optimizer):
     calls, ops = _counts(ampcompat_loop(level, optimizer))
     report = "{} {}: calls {:.0f} (python {:.0f}) vs {} {:.0f} (python {:.0f}); aten ops {:.0f} vs {:.0f}".format(
         level, optimizer, calls.total, calls.python, ref_name, ref_calls.total, ref_calls.python, ops, ref_ops)
+    print(report)
+    assert calls.total <= ref_calls.total, report
+    assert calls.python <= ref_calls.python, report
+    assert ops <= ref_ops, report
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_fused_o2_step_host_work_is_no_more_than_todays_o2(optimizer, monkeypatch):
+    """The fused O2 step (``fused_master_weights``) against today's O2 path on the same loop: no more Python
+    calls, calls or aten ops per step. The kernels are stubbed out (``_fused_o2_stub.py``: each launch is one
+    recorded call), as Triton's interpreter is no measure of a real launch; on CUDA the same comparison
+    with Triton's own launch path is ``test_o2_fused_step.py::test_cuda_host_work_per_step_fused_against_todays_path``.
+    """
+    import _fused_o2_stub
+    from ampcompat.amp.fused_o2 import coverage
+
+    launches = _fused_o2_stub.install(monkeypatch)
+    counts = {}
+    for fused in (False, True):
+        coverage.set_enabled(fused)
+        try:
+            counts[fused] = _counts(ampcompat_loop("O2", optimizer))
+        finally:
+            coverage.set_enabled(None)
+    (calls, ops), (ref_calls, ref_ops) = counts[True], counts[False]
+    assert launches.count("nonfinite_kernel") == WARMUP + 2 * STEPS - 1  # every step but the first was fused
+    report = "O2 fused {}: calls {:.0f} (python {:.0f}) vs today's O2 {:.0f} (python {:.0f}); aten ops {:.0f} vs " \
+             "{:.0f}".format(optimizer, calls.total, calls.python, ref_calls.total, ref_calls.python, ops, ref_ops)
     print(report)
     assert calls.total <= ref_calls.total, report
     assert calls.python <= ref_calls.python, report

@@ -5,6 +5,10 @@ copies, loss x scale, ``master.grad = model.grad.float() / scale``, an inf/NaN c
 and halves the scale, the optimizer on the masters, masters copied back into the model. The reference
 performs the same floating-point operations as ampcompat (division by a power of two equals
 multiplication by its exact reciprocal), so results are compared bitwise unless a test says otherwise.
+
+Every test here runs the unfused O2 pipeline (FP32 master gradients, the optimizer's own step, the copy
+back), the fused O2 step switched off: on CUDA it would otherwise take over, matching these references
+within FP32 rounding rather than bitwise (its twins are in test_o2_fused_step.py).
 """
 import collections
 import warnings
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ampcompat import _torch_compat, amp
+from ampcompat.amp import fused_o2
 
 from _sampling import each_value
 
@@ -23,6 +28,13 @@ OVERFLOW_MESSAGE = "Gradient overflow.  Skipping step, loss scaler {} reducing l
 CLOSURE_MESSAGE = "Currently, Amp does not support closure use with optimizers."
 SPIKE = 300.0  # targets this large overflow FP16 gradients at the initial loss scale
 SMALL_LOSS = 0.125  # loss weight keeping two accumulated scaled backward passes inside FP16's range
+
+
+@pytest.fixture(autouse=True)
+def _unfused_o2_step():
+    fused_o2.set_enabled(False)
+    yield
+    fused_o2.set_enabled(None)
 
 
 # --- models, data, runs -----------------------------------------------------------------------------

@@ -231,20 +231,32 @@ def test_a_pending_verdict_outlives_later_blocks_until_the_step():
 
 LIFECYCLE_FIELDS = ["_optimizer", "_state", "_in_block", "_skip_loss_id", "_deferred_records", "_pending_steps",
                     "_original_step", "_plan", "_set_aside", "unscale_paths"]
-STRATEGY_FIELDS = {"O1": [], "O2": ["_zeroed", "_refresh_from_model"]}
+STRATEGY_FIELDS = {"O1": [], "O2": ["_zeroed", "_refresh_from_model", "unfused_reason"],
+                   "O2 fused": ["_zeroed", "_refresh_from_model", "unfused_reason", "_fused"]}
 
 
-@pytest.mark.parametrize("level", ["O1", "O2"])
-def test_the_per_optimizer_state_is_the_fields_init_declares(level):
+@pytest.mark.parametrize("level", ["O1", "O2", "O2 fused"])
+def test_the_per_optimizer_state_is_the_fields_init_declares(level, monkeypatch):
     """A run through every kind of move (fused and host-checked exits, an overflow skip, delay_unscale, an
-    aborted block, add_param_group, zero_grad, a checkpoint round trip) adds no field to the lifecycle."""
+    aborted block, add_param_group, zero_grad, a checkpoint round trip) adds no field to the lifecycle.
+    "O2 fused": the fused O2 step's strategy, its kernels stubbed out (``_fused_o2_stub.py``)."""
+    import _fused_o2_stub
+    from ampcompat.amp.fused_o2 import coverage
+
+    if level == "O2 fused":
+        _fused_o2_stub.install(monkeypatch)
+    else:  # the unfused strategy, even where the fused step would apply (CUDA, Triton's interpreter)
+        monkeypatch.setattr(coverage, "_switch", False)
     model = make_mlp(d_hidden=16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    amp.initialize(model, opt, opt_level=level, loss_scale="dynamic", verbosity=0)
+    amp.initialize(model, opt, opt_level=level.split()[0], loss_scale="dynamic", verbosity=0)
     stash = opt._amp_stash
     declared = list(vars(stash))
-    assert declared == LIFECYCLE_FIELDS + STRATEGY_FIELDS[level] and len(declared) <= 12
+    assert declared == LIFECYCLE_FIELDS + STRATEGY_FIELDS[level] and len(declared) <= 14
     _block(model, opt)
+    opt.step()
+    opt.zero_grad()
+    _block(model, opt)  # (fused: its update at the step)
     opt.step()
     _block(model, opt, inf=True, host=True)
     opt.step()
@@ -259,7 +271,8 @@ def test_the_per_optimizer_state_is_the_fields_init_declares(level):
     opt.add_param_group({"params": list(extra.parameters())})
     opt.load_state_dict(opt.state_dict())
     assert list(vars(stash)) == declared
-    assert stash.lazy_init_called and stash.unscale_paths["fast"] + stash.unscale_paths["general"] == 3
+    assert stash.lazy_init_called and sum(stash.unscale_paths.get(k, 0) for k in ("fast", "general", "fused")) == 4
+    assert stash.unscale_paths.get("fused", 0) == (1 if level == "O2 fused" else 0)
 
 
 def test_a_strategy_that_updates_itself_runs_between_the_same_effects():

@@ -180,3 +180,19 @@ def test_grad_scaler_internals_read_what_a_fused_step_needs():
     assert compat.grad_scaler_unscaled(scaler, opt)
     flags = compat.grad_scaler_found_inf_per_device(scaler, opt)
     assert [flag.item() for flag in flags.values()] == [1.0]
+
+
+def test_optimizer_step_hooks_registered_sees_every_public_way_to_register_one():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    param = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    assert not compat.optimizer_step_hooks_registered(opt)
+    for register in (opt.register_step_pre_hook, opt.register_step_post_hook, register_optimizer_step_pre_hook,
+                     register_optimizer_step_post_hook):
+        handle = register(lambda *args: None)
+        try:
+            assert compat.optimizer_step_hooks_registered(opt)
+        finally:
+            handle.remove()
+        assert not compat.optimizer_step_hooks_registered(opt)

@@ -101,6 +101,9 @@ class MasterWeights(OptimizerLifecycle):
         # Gradients amp's zero_grad zeroed, with their version counters: known zeros until written again.
         self._zeroed: Optional[Tuple[List[torch.Tensor], List[int]]] = None
         self._refresh_from_model = False  # a checkpoint without masters was loaded: rebuild stale ones
+        #: Why the last block's exit did not take the fused O2 step (None: it did, or no exit yet); for an
+        #: optimizer amp.initialize gave the unfused strategy, why it did (see ``fused_master_weights``).
+        self.unfused_reason: Optional[str] = None
 
     # --- lazy init and the masters ------------------------------------------------------------------
 
@@ -195,8 +198,6 @@ class MasterWeights(OptimizerLifecycle):
         if produced is None:
             self.unscale_paths["general"] += 1
             produced = self._unscale_general(scaler, fp32_aside or [None] * len(plan.fp32))
-        else:
-            self.unscale_paths["fast"] += 1
         return produced
 
     def _unscale_fast(self, scaler: LossScaler) -> Optional[bool]:
@@ -225,6 +226,7 @@ class MasterWeights(OptimizerLifecycle):
                 master.grad = grad
         grads = fresh + grads32
         scaler.unscale_groups_((grads,))
+        self.unscale_paths["fast"] += 1
         return bool(grads)
 
     def _unscale_general(self, scaler: LossScaler, fp32_aside: List[Optional[torch.Tensor]]) -> bool:
@@ -293,6 +295,10 @@ class MasterWeights(OptimizerLifecycle):
                 _torch_compat.set_grad_enabled(grad_was_enabled)
         for p in plan.masters:
             p.grad = None
+
+    def materialise_master_grads(self) -> None:
+        """Make sure the masters' FP32 gradients exist for user code about to read them (clipping, say): they
+        always do here, from the block's exit on; the fused strategy makes them only when asked."""
 
     def _after_skip(self) -> None:
         if self._plan is not None:
@@ -435,8 +441,10 @@ def master_params(optimizer: Any) -> Iterator[torch.Tensor]:
         Each parameter of every param group, in order.
     """
     stash = getattr(optimizer, "_amp_stash", None)
-    if isinstance(stash, MasterWeights) and stash._refresh_from_model:
-        stash.refresh_from_model()
+    if isinstance(stash, MasterWeights):
+        if stash._refresh_from_model:
+            stash.refresh_from_model()
+        stash.materialise_master_grads()
     for group in optimizer.param_groups:
         for p in group["params"]:
             yield p

@@ -244,9 +244,11 @@ class OptimizerLifecycle:
                 "Add parameters with optimizer.add_param_group(...), which amp handles, instead of editing "
                 "optimizer.param_groups directly.".format(plan.param_count, param_counts(self._optimizer)))
 
-    def enter(self, set_aside: bool) -> None:
+    def enter(self, set_aside: bool, may_fuse: bool = True) -> None:
         """ENTER: the block begins; with ``set_aside``, gradients already there are put aside so only this
         pass's get unscaled (not after a ``delay_unscale`` block: its scaled gradients are this pass's too).
+        ``may_fuse`` False: the block's exit must materialise what the optimizer steps (``delay_overflow_check``
+        leaves the verdict to code that reads the gradients); only a fused strategy's exit can do otherwise.
 
         Raises:
             RuntimeError: for a nested block, or param groups edited by hand (nothing is changed).

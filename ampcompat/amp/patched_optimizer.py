@@ -16,6 +16,7 @@ from typing import Any, Dict
 
 import torch
 
+from .fused_master_weights import master_weights_for
 from .master_weights import MasterWeights
 from .model_gradients import ModelGradients, all_params
 from .optimizer_lifecycle import OptimizerLifecycle
@@ -44,9 +45,10 @@ def patch_optimizer(optimizer: Any, master_weights: bool) -> None:
 
     Args:
         optimizer: the optimizer to patch.
-        master_weights: whether it steps FP32 masters (O2/O5) or the model's own parameters.
+        master_weights: whether it steps FP32 masters (O2/O5: the fused step's strategy where it applies,
+            see ``fused_master_weights``) or the model's own parameters.
     """
-    lifecycle = (MasterWeights if master_weights else ModelGradients)(optimizer)
+    lifecycle = master_weights_for(optimizer) if master_weights else ModelGradients(optimizer)
     optimizer._amp_stash = lifecycle
     _bind_amp_methods(optimizer, lifecycle)
 
@@ -122,8 +124,11 @@ def _amp_getstate(self: Any) -> Dict[str, Any]:
     torch.optim.Optimizer.__getstate__ keeps only defaults/state/param_groups, which would make the copy
     a plain optimizer; the bound methods themselves do not pickle, so they are re-bound instead.
     """
+    stash = self._amp_stash
+    if isinstance(stash, MasterWeights):
+        stash.materialise_master_grads()  # a fused update waiting for step() becomes master gradients the copy has
     state = dict(_class_method(self, "__getstate__")())
-    state["_amp_stash"] = self._amp_stash
+    state["_amp_stash"] = stash
     state["_amp_rebind"] = _Rebind(self)
     return state
 

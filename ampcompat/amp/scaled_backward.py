@@ -114,8 +114,9 @@ class scale_loss:  # noqa: N801 - Apex's function name; a class so entering and 
             if several:  # all are checked before any is changed: a refusal leaves them as they were
                 for optimizer in optimizers:
                     optimizer._amp_stash.check_enter()
+            may_fuse = not self._delay_overflow_check
             for optimizer in optimizers:
-                optimizer._amp_stash.enter(set_aside)
+                optimizer._amp_stash.enter(set_aside, may_fuse)
         # The backward inside the block runs without O1's casts.
         handle = getattr(_amp_state, "handle", None)
         if isinstance(handle, O1Scope) and handle._is_active:

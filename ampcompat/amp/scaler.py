@@ -191,6 +191,9 @@ class LossScaler:
         self._scale_on_host = _as_float32(scale)  # the scale's value, exact while no record is pending
         self._records: Deque[_ScaleRecord] = deque()  # on-device updates the host has not read yet
         self._inv_scale_cache: Dict[Tuple[torch.device, bool], list] = {}
+        # 1/scale per device for fused steps, replaced (not refilled) when the scale changes: a step
+        # launched after the scale update still reads the value its gradients carry.
+        self._inv_scale_snapshots: Dict[torch.device, Tuple[float, torch.Tensor]] = {}
 
     # --- Apex's fields: views of the authority -----------------------------------------------------
 
@@ -357,6 +360,34 @@ class LossScaler:
             inv[0] = self._scale_on_host
             inv[1].fill_(1.0 / self._scale_on_host)
         return inv[1]
+
+    def inverse_scale_snapshot(self, device: torch.device) -> torch.Tensor:
+        """``1/scale`` for the gradients of the backward pass now ending: a one-element float32 tensor on
+        ``device`` that no later scale update or unscale writes, for a fused step launched after the policy
+        has updated the scale. Same bits as :meth:`unscale_groups_` divides by; made only when the scale
+        changed (or, while device updates are unread, from the device scale without a sync)."""
+        if self._records:
+            return self._scale_t.double().reciprocal_().float().to(device)
+        snapshot = self._inv_scale_snapshots.get(device)
+        if snapshot is None or snapshot[0] != self._scale_on_host:
+            snapshot = self._inv_scale_snapshots[device] = (
+                self._scale_on_host, torch.full((1,), 1.0 / self._scale_on_host, dtype=torch.float32, device=device))
+        return snapshot[1]
+
+    def check_overflow_(self, device: torch.device, check: Any, inv_scale: torch.Tensor) -> None:
+        """Record in the overflow flag whether gradients on ``device`` that carry this scale hold inf/NaN,
+        with a read-only check of the caller's: ``check(inv_scale, flag)`` sets the one-element float32
+        ``flag`` on ``device`` to 1.0 where a gradient times ``inv_scale`` is not finite. A static scale of
+        1 is never checked (as :meth:`unscale_groups_`, and Apex)."""
+        if self._scale_on_host == 1.0 and not self.dynamic and not self._records:
+            return
+        self._flag_clear = False
+        flag = self._flag
+        if flag.device != device or self._legacy_flag is not None:
+            flag = self._other_flag(device)
+        check(inv_scale, flag)
+        if flag is not self._flag:
+            self._merge_flag(flag)
 
     def unscale_(self, grads: Sequence[torch.Tensor], scale: Optional[float] = None) -> None:
         """Divide ``grads`` in place by the scale and record inf/NaN in the overflow flag.

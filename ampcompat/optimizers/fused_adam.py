@@ -1,6 +1,7 @@
 """``FusedAdam``: Apex's Adam/AdamW optimizer, computed by torch's fused (or foreach) Adam kernels."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -140,6 +141,22 @@ class FusedAdam(FusedOptimizerBase):
             if own:
                 self._own_step(group, own, grad_scale, found_inf)
         return loss
+
+    def _fused_o2_rule(self) -> Any:
+        """The fused O2 step's answer for this optimizer (``ampcompat.amp.fused_o2.coverage.update_rule``):
+        its Adam/AdamW update where it runs torch's own arithmetic (bias correction, no 2019 API, no
+        ``capturable``/``master_weights``, this class's ``step``), else why not."""
+        from ..amp.fused_o2.coverage import UpdateRule  # noqa: PLC0415 - asked only by amp.initialize at O2
+
+        if inspect.unwrap(type(self).step) is not inspect.unwrap(FusedAdam.step):
+            return f"{type(self).__name__} replaces FusedAdam.step"
+        if getattr(self, "_legacy_math", False):
+            return "FusedAdam uses the 2019 API's arithmetic (eps_inside_sqrt or max_grad_norm)"
+        if self.capturable or self.master_weights:
+            return "FusedAdam is capturable or keeps its own master weights"
+        if not all(group["bias_correction"] for group in self.param_groups):
+            return "FusedAdam without bias correction"
+        return UpdateRule("adam", bool(self.adam_w_mode))
 
     @property
     def _fused_op(self) -> str:

@@ -1,6 +1,7 @@
 """``FusedSGD``: Apex's SGD optimizer, computed by torch's fused (or foreach) SGD kernels."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -63,6 +64,18 @@ class FusedSGD(FusedOptimizerBase):
             group.setdefault("nesterov", False)
 
     _allows_sparse = True
+
+    def _fused_o2_rule(self) -> Any:
+        """The fused O2 step's answer for this optimizer (``ampcompat.amp.fused_o2.coverage.update_rule``):
+        torch's SGD update where this class runs it (not ``wd_after_momentum`` with weight decay, this
+        class's ``step``), else why not."""
+        from ..amp.fused_o2.coverage import UpdateRule  # noqa: PLC0415 - asked only by amp.initialize at O2
+
+        if inspect.unwrap(type(self).step) is not inspect.unwrap(FusedSGD.step):
+            return f"{type(self).__name__} replaces FusedSGD.step"
+        if self.wd_after_momentum and any(group["weight_decay"] for group in self.param_groups):
+            return "FusedSGD adds its weight decay after the momentum (wd_after_momentum=True)"
+        return UpdateRule("sgd")
 
     def _step_groups(self, groups: List[Tuple[Dict[str, Any], List[torch.Tensor]]]) -> None:
         for group, params in groups:

@@ -3,6 +3,11 @@
 Each function takes a :class:`~.plan.FusedPlan` whose gradients' table is current (``plan.set_grads``)
 and launches one kernel per param group (the check: one for the whole plan), whatever the number of
 tensors. Triton is imported on the first launch.
+
+A step's launches are compiled, all of them, before the first one runs whenever one of them is a
+specialisation this plan has not launched before: a kernel that fails to compile (no C compiler for
+Triton's launcher, a GPU Triton cannot target) raises before anything of the step changed, so the caller
+can take the unfused path instead.
 """
 from __future__ import annotations
 
@@ -26,8 +31,7 @@ def kernels() -> Any:
 
 
 def _grads_ready(plan: FusedPlan) -> None:
-    if plan.grad_table is None:
-        raise RuntimeError("The fused plan has no gradients yet: call plan.set_grads(...) before launching.")
+    raise RuntimeError("The fused plan has no gradients yet: call plan.set_grads(...) before launching.")
 
 
 def _check_call(plan: FusedPlan, kind: str, hyper_params: Sequence[Mapping[str, Any]]) -> None:
@@ -35,16 +39,25 @@ def _check_call(plan: FusedPlan, kind: str, hyper_params: Sequence[Mapping[str, 
         raise ValueError(f"fused_{kind}_step needs a plan built from {'AdamTensors' if kind == 'adam' else 'SGDTensors'}.")
     if len(hyper_params) != len(plan.segments):
         raise ValueError(f"{len(hyper_params)} sets of hyper-parameters for {len(plan.segments)} param groups.")
-    _grads_ready(plan)
+    if plan.grad_table is None:
+        _grads_ready(plan)
 
 
-def _scalar(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            raise ValueError(f"{name} is a tensor on {value.device}; the fused step takes it as a number "
-                             "(use a Python float or a CPU tensor).")
-        return float(value.item())
-    return float(value)
+def _scalars(values: Sequence[Any], names: Sequence[str]) -> tuple:
+    """``values`` as Python floats (CPU tensors read), refusing device tensors (one call for a launch's all)."""
+    floats = []
+    for value, name in zip(values, names):
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                raise ValueError(f"{name} is a tensor on {value.device}; the fused step takes it as a number "
+                                 "(use a Python float or a CPU tensor).")
+            value = value.item()
+        floats.append(float(value))
+    return tuple(floats)
+
+
+_ADAM_SCALARS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+_SGD_SCALARS = ("lr", "momentum", "dampening", "weight_decay")
 
 
 def check_finite_(plan: FusedPlan, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
@@ -58,14 +71,15 @@ def check_finite_(plan: FusedPlan, inv_scale: torch.Tensor, found_inf: torch.Ten
         inv_scale: one-element float32 tensor on the plan's device, ``1 / loss scale``.
         found_inf: one-element float32 tensor on the plan's device.
     """
-    _grads_ready(plan)
+    if plan.grad_table is None:
+        _grads_ready(plan)
     if not plan.chunk_count:
         return
-    k = kernels()
-    k.nonfinite_kernel[(plan.chunk_count,)](
-        plan.tensor_table, plan.grad_table, plan.chunk_table, inv_scale, found_inf,
-        GRAD=k.TRITON_DTYPES[plan.grad_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=plan.block,
-        num_warps=plan.num_warps)
+    k = _kernels or kernels()
+    options = dict(GRAD=k.TRITON_DTYPES[plan.grad_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=plan.block,
+                   num_warps=plan.num_warps)
+    _launch_all(k, k.nonfinite_kernel, plan, [((plan.chunk_count,), (
+        plan.tensor_table, plan.grad_table, plan.chunk_table, inv_scale, found_inf), options)])
 
 
 def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *, decoupled: bool,
@@ -98,24 +112,28 @@ def fused_adam_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], 
     for segment, hyper in zip(plan.segments, hyper_params):
         if segment.chunks is not None:
             beta1, beta2 = hyper["betas"]
-            scalars = (_scalar(hyper["lr"], "lr"), _scalar(beta1, "beta1"), _scalar(beta2, "beta2"),
-                       _scalar(hyper["eps"], "eps"), _scalar(hyper["weight_decay"], "weight_decay"))
+            scalars = _scalars((hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"]), _ADAM_SCALARS)
             launches.append((segment, scalars, bool(hyper.get("maximize", False))))
-    k = kernels()
+    k = _kernels or kernels()
     host_steps = plan.done  # a placeholder argument when the steps live on the device
-    if not plan.device_steps and plan.steps:
-        _torch_compat.foreach_add_(plan.steps, 1)
-        host_steps = torch.stack(plan.steps).to(plan.device, torch.float32, non_blocking=True)
+    on_host = not plan.device_steps and plan.steps
+    if on_host:  # the values after this step's advance, uploaded once the kernels are known to compile
+        host_steps = torch.empty(len(plan.steps), dtype=torch.float32, device=plan.device)
     grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
-    for segment, scalars, maximize in launches:
-        k.adam_kernel[(segment.chunk_count,)](
-            plan.tensor_table, plan.grad_table, segment.chunks, plan.done, host_steps, inv_scale,
-            found_inf if found_inf is not None else inv_scale, *scalars,
-            GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
-            WRITE_MODEL=plan.writes_model, DECOUPLED=bool(decoupled), MAXIMIZE=maximize,
-            HAS_WD=scalars[4] != 0.0, SKIP_ON_INF=found_inf is not None, DEVICE_STEPS=plan.device_steps,
-            ALIGNED=plan.aligned, LIBDEVICE=not k.INTERPRETED, CHUNK=plan.chunk, BLOCK=plan.block,
-            num_warps=plan.num_warps)
+    calls = [((segment.chunk_count,), (
+        plan.tensor_table, plan.grad_table, segment.chunks, plan.done, host_steps, inv_scale,
+        found_inf if found_inf is not None else inv_scale, *scalars), dict(
+        GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
+        WRITE_MODEL=plan.writes_model, DECOUPLED=bool(decoupled), MAXIMIZE=maximize,
+        HAS_WD=scalars[4] != 0.0, SKIP_ON_INF=found_inf is not None, DEVICE_STEPS=plan.device_steps,
+        ALIGNED=plan.aligned, LIBDEVICE=not k.INTERPRETED, CHUNK=plan.chunk, BLOCK=plan.block,
+        num_warps=plan.num_warps)) for segment, scalars, maximize in launches]
+
+    def advance_host_steps() -> None:
+        _torch_compat.foreach_add_(plan.steps, 1)
+        host_steps.copy_(torch.stack(plan.steps), non_blocking=True)
+
+    _launch_all(k, k.adam_kernel, plan, calls, advance_host_steps if on_host else None)
 
 
 def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *, inv_scale: torch.Tensor,
@@ -144,7 +162,8 @@ def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *
     for index, (segment, hyper) in enumerate(zip(plan.segments, hyper_params)):
         if segment.chunks is None:
             continue
-        momentum = _scalar(hyper["momentum"], "momentum")
+        scalars = _scalars((hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"]), _SGD_SCALARS)
+        momentum = scalars[1]
         has_buffers = plan.groups[index].momentum_buffers is not None
         if (momentum != 0.0) != has_buffers:
             raise ValueError(f"Param group {index} has momentum {momentum} but its fused plan was built "
@@ -153,17 +172,41 @@ def fused_sgd_step(plan: FusedPlan, hyper_params: Sequence[Mapping[str, Any]], *
         if first and found_inf is not None:
             raise ValueError(f"Param group {index} takes its first momentum step: decide the overflow on the host "
                              "and call with found_inf=None only for a clean step.")
-        scalars = (_scalar(hyper["lr"], "lr"), momentum, _scalar(hyper["dampening"], "dampening"),
-                   _scalar(hyper["weight_decay"], "weight_decay"))
         launches.append((index, segment, scalars, first, bool(hyper["nesterov"]), bool(hyper.get("maximize", False))))
-    k = kernels()
+    k = _kernels or kernels()
     grad_dtype = k.TRITON_DTYPES[plan.grad_dtype]
-    for index, segment, scalars, first, nesterov, maximize in launches:
-        k.sgd_kernel[(segment.chunk_count,)](
-            plan.tensor_table, plan.grad_table, segment.chunks, inv_scale,
-            found_inf if found_inf is not None else inv_scale, *scalars,
-            GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
-            WRITE_MODEL=plan.writes_model, HAS_MOMENTUM=scalars[1] != 0.0, FIRST_STEP=first, NESTEROV=nesterov,
-            MAXIMIZE=maximize, HAS_WD=scalars[3] != 0.0, SKIP_ON_INF=found_inf is not None, ALIGNED=plan.aligned,
-            CHUNK=plan.chunk, BLOCK=plan.block, num_warps=plan.num_warps)
+    calls = [((segment.chunk_count,), (
+        plan.tensor_table, plan.grad_table, segment.chunks, inv_scale,
+        found_inf if found_inf is not None else inv_scale, *scalars), dict(
+        GRAD=grad_dtype, MODEL=grad_dtype if plan.writes_model else k.PLACEHOLDER_DTYPE,
+        WRITE_MODEL=plan.writes_model, HAS_MOMENTUM=scalars[1] != 0.0, FIRST_STEP=first, NESTEROV=nesterov,
+        MAXIMIZE=maximize, HAS_WD=scalars[3] != 0.0, SKIP_ON_INF=found_inf is not None, ALIGNED=plan.aligned,
+        CHUNK=plan.chunk, BLOCK=plan.block, num_warps=plan.num_warps))
+        for _, segment, scalars, first, nesterov, maximize in launches]
+    _launch_all(k, k.sgd_kernel, plan, calls)
+    for index, *_ in launches:
         plan.first_step_pending[index] = False
+
+
+def _launch_all(k: Any, kernel: Any, plan: FusedPlan, calls: Sequence[tuple], before: Any = None) -> None:
+    """Launch every ``(grid, args, options)`` of ``calls``; ``before()`` runs after compiling, before launching.
+
+    Where a call is a specialisation (its compile-time options, the alignment of its tensor arguments)
+    ``plan`` has not launched before, every call is compiled and loaded first (Triton's ``warmup``), so a
+    kernel that cannot compile or load raises before anything changed.
+    """
+    if not k.INTERPRETED:
+        keys = [(tuple(options.values()), tuple([a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)]))
+                for _, args, options in calls]
+        known = plan.compiled
+        for key in keys:
+            if key not in known:
+                for grid, args, options in calls:
+                    compiled = kernel.warmup(*args, grid=grid, **options)
+                    getattr(compiled, "run", None)  # loads the binary and builds its launcher now
+                known.update(keys)
+                break
+    if before is not None:
+        before()
+    for grid, args, options in calls:
+        kernel[grid](*args, **options)

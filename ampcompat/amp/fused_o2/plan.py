@@ -123,7 +123,9 @@ class FusedPlan:
         self.chunk_count = len(chunk_rows)
         self.grad_table: Optional[torch.Tensor] = None
         self.grads_aligned = False
+        self.aligned = False  # every address, the gradients' included, 16-byte aligned: vector accesses
         self._grad_addresses: Optional[List[int]] = None
+        self.compiled: set = set()  # the launcher's record of the kernel specialisations already compiled
 
     # --- building ------------------------------------------------------------------------------------
 
@@ -229,17 +231,14 @@ class FusedPlan:
         if addresses != self._grad_addresses:
             for grad, master in zip(flat, self._masters):
                 if (grad.dtype != self.grad_dtype or grad.device != self.device or grad.shape != master.shape
-                        or grad.stride() != master.stride() or not _dense(grad)):
+                        or grad.stride() != master.stride() or not (grad.is_contiguous() or _dense(grad))):
                     return "a gradient's dtype, device or memory layout differs from its parameter's master"
             table = torch.tensor(addresses or [0], dtype=torch.int64, pin_memory=self.device.type == "cuda")
             self.grad_table = table.to(self.device, non_blocking=True)
             self._grad_addresses = addresses
-            self.grads_aligned = all(a % _ALIGNMENT == 0 for a in addresses)
+            self.grads_aligned = not any([a % _ALIGNMENT for a in addresses])
+            self.aligned = self.static_aligned and self.grads_aligned
         return None
-
-    @property
-    def aligned(self) -> bool:
-        return self.static_aligned and self.grads_aligned
 
 
 def _dense(tensor: torch.Tensor) -> bool:
