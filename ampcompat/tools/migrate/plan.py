@@ -18,6 +18,7 @@ from .scanner import ScanResult, Use
 from .syntax import statement_of
 
 TODO_PREFIX = "# TODO(ampcompat): "
+_CONTINUATION = "#   "
 _TODO_WIDTH = 100
 
 
@@ -41,7 +42,11 @@ class RewritePlan:
         self.modules: Set[str] = set()
         """Modules the new code refers to by name (``functools``); ``torch`` is :attr:`uses_torch`."""
         self.notes: List[Note] = []
+        self.stand_ins: Dict[str, str] = {}
+        """Apex name -> the torch object its import binds instead where reads of it remain (``apex.amp`` ->
+        ``torch.amp`` for ``amp is not None`` checks)."""
         self._todos: List[Tuple[ast.stmt, str]] = []
+        self._superseding: List[Edit] = []
         self._wrapped: List[Tuple[int, int]] = []
         self._taken = set(_identifiers(result.nodes))
         self._fresh: Dict[str, str] = {}
@@ -77,17 +82,42 @@ class RewritePlan:
     def replace_statement(self, statement: ast.stmt, lines: List[str]) -> None:
         """Replace the whole lines of a statement that owns them with ``lines`` (indented like it).
 
-        Comments inside the replaced lines are kept, each on its own line above the new code.
+        Comments inside the replaced lines are kept, each on its own line above the new code, except
+        ``TODO(ampcompat)`` comments an earlier run left there or just above: the code they were about is
+        being rewritten.
         """
         text = self.text
         indent = text.indentation(statement.lineno)
         newline = text.newline(statement.lineno)
-        start = text.line_start(statement.lineno)
+        start = text.line_start(self._stale_todos_above(statement.lineno))
         end = text.line_end(statement.end_lineno)  # type: ignore[arg-type]
-        body = newline.join(indent + line for line in text.comments_in(start, end) + lines)
-        if text.text[start:end].endswith(("\n", "\r")):
+        comments = _without_todos(text.comments_in(text.line_start(statement.lineno), end))
+        body = newline.join(indent + line for line in comments + lines)
+        if body and text.text[start:end].endswith(("\n", "\r")):
             body += newline
         self.edits.append(Edit(start, end, body))
+
+    def supersede_statement(self, statement: ast.stmt, lines: List[str]) -> None:
+        """Replace a statement that owns its lines, and every other edit inside it, with ``lines``.
+
+        For a statement whose whole content goes away (an ``if`` that only guarded an import and
+        ``amp.initialize``): the edits other rewrites planned inside it are dropped at render time.
+        """
+        self.replace_statement(statement, lines)
+        self._superseding.append(self.edits[-1])
+
+    def is_superseded(self, node: ast.AST) -> bool:
+        """Whether ``node`` lies in text a :meth:`supersede_statement` replaces."""
+        start, end = self.text.span(node)
+        return any(edit.start <= start and end <= edit.end for edit in self._superseding)
+
+    def remove_statement(self, statement: ast.stmt) -> None:
+        """Remove the lines of a statement that owns them (its comments stay, each on its own line)."""
+        self.replace_statement(statement, [])
+
+    def insert_at(self, offset: int, text: str) -> None:
+        """Insert ``text`` at ``offset`` of the original text."""
+        self.edits.append(Edit(offset, offset, text))
 
     def wrap_in_block(self, first: ast.stmt, last: ast.stmt, header: str) -> None:
         """Put the lines from ``first`` to ``last`` under ``header`` (e.g. ``with torch.autocast(...):``).
@@ -146,7 +176,8 @@ class RewritePlan:
             if self._comment_above(position, lines):
                 continue
             comments.append(Edit(position, position, "".join(line + newline for line in lines)))
-        edits = comments + self.edits
+        kept = [edit for edit in self.edits if not any(_inside(edit, outer) for outer in self._superseding)]
+        edits = comments + kept
         if top is not None:
             offset, insertion = top
             covering = [edit.start for edit in self.edits if edit.start < offset < edit.end]
@@ -168,6 +199,19 @@ class RewritePlan:
         return any(above[i : i + len(lines)] == lines for i in range(len(above) - len(lines) + 1))
 
     # -- helpers -------------------------------------------------------------------------------
+    def _stale_todos_above(self, lineno: int) -> int:
+        """The first line of the ``TODO(ampcompat)`` comments right above line ``lineno`` (``lineno`` if none)."""
+        first = lineno
+        above = lineno - 1
+        while above >= 1:
+            line = self.text.line(above).strip()
+            if line.startswith(TODO_PREFIX):
+                first = above
+            elif not line.startswith(_CONTINUATION):
+                break
+            above -= 1
+        return first
+
     def _line_owning_statement(self, statement: ast.stmt) -> ast.stmt:
         """The innermost statement, from ``statement`` outwards, that starts its own line.
 
@@ -198,6 +242,26 @@ class RewritePlan:
             if not covering:
                 return position, self.text.indentation(lineno)
             lineno = bisect.bisect_right(self.text.line_starts, min(covering))
+
+
+def _inside(edit: Edit, outer: Edit) -> bool:
+    """Whether ``edit`` lies within what ``outer`` replaces (an insertion at either end of it does not)."""
+    if edit is outer:
+        return False
+    if edit.start == edit.end:
+        return outer.start < edit.start < outer.end
+    return outer.start <= edit.start and edit.end <= outer.end
+
+
+def _without_todos(comments: List[str]) -> List[str]:
+    """``comments`` without ``TODO(ampcompat)`` comments and their continuation lines."""
+    kept: List[str] = []
+    in_todo = False
+    for comment in comments:
+        in_todo = comment.startswith(TODO_PREFIX) or (in_todo and comment.startswith(_CONTINUATION))
+        if not in_todo:
+            kept.append(comment)
+    return kept
 
 
 def todo_lines(message: str, indent: str = "") -> List[str]:
