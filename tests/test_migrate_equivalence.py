@@ -50,14 +50,20 @@ class Program:
     script: str
     args: Tuple[str, ...] = ()
     runs_without_apex: bool = False
+    rel_tol: float = 2e-3
 
 
 @dataclass
 class Tree:
-    """A fixture tree and the programs in it."""
+    """A fixture tree and the programs in it.
+
+    Attributes:
+        native_flags: added to every ``--to-native`` run over the tree (``--opt-level O1``).
+    """
 
     folder: Path
     programs: List[Program] = field(default_factory=list)
+    native_flags: Tuple[str, ...] = ()
 
 
 ISSUE_SHAPES = Tree(PROGRAMS, [
@@ -76,6 +82,24 @@ ISSUE_SHAPES = Tree(PROGRAMS, [
     Program("s09_value_uses.py"),
     Program("s11_extensions.py"),
 ])
+O2_TOLERANCE = 2e-2
+"""O2 code (and FP16_Optimizer) becomes O1's native recipe: FP32 weights under autocast instead of FP16 weights with
+FP32 masters, so the losses differ by FP16 rounding of the weights (documented; a few 1e-4 on these programs)."""
+TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
+    Program("t01_hf_fp16_flag.py", ("--fp16",)),
+    Program("t01_hf_fp16_flag.py", ("--fp16", "--gradient_accumulation_steps", "2")),
+    Program("t02_imagenet_functions.py"),
+    Program("t03_trainer_class.py"),
+    Program("t04_micro_batches.py"),
+    Program("t05_losses_and_optimizers.py"),
+    Program("t06_optional_apex.py"),
+    Program("t07_o2_literal.py", rel_tol=O2_TOLERANCE),
+    Program("t08_fp16_optimizer.py", rel_tol=O2_TOLERANCE),
+    Program("t09_checkpoint.py"),
+    Program("k01_library_runs_apex.py"),
+    Program("k02_contrib_kernel.py"),
+    Program("k03_norm_subclass.py"),
+], native_flags=("--opt-level", "O1"))
 LAST_ROUND = [
     Tree(FIXTURES / "migrate_tree" / "write", [Program("train.py")]),
     Tree(FIXTURES / "migrate_tree" / "native", [Program("train_o1.py")]),
@@ -171,12 +195,15 @@ def migrate_copy(tree: Tree, mode: str, work: Path) -> Tuple[Path, str]:
     target = work / mode / tree.folder.name
     shutil.copytree(tree.folder, target, ignore=shutil.ignore_patterns("__pycache__"))
     reports = []
+    def flags(args: str) -> List[str]:
+        return [args, *tree.native_flags] if args == "--to-native" else [args]
+
     for args in MODES[mode]:
-        code, out = run_migrate([target, args])
+        code, out = run_migrate([target, *flags(args)])
         reports.append(out)
         assert code == 0, out
     first = {p: p.read_bytes() for p in target.rglob("*.py")}
-    code, out = run_migrate([target, MODES[mode][-1]])
+    code, out = run_migrate([target, *flags(MODES[mode][-1])])
     assert code == 0, out
     changed = [str(p.relative_to(target)) for p in target.rglob("*.py") if p.read_bytes() != first[p]]
     assert not changed, f"a second {mode} run changed {changed}"
@@ -189,17 +216,19 @@ def imports_apex_or_ampcompat(path: Path) -> bool:
 
 
 _AMP_BANNER = re.compile(r"^(Selected optimization level |Defaults for this optimization level are:|Processing user "
-                         r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$)")
-"""The option block ``amp.initialize`` prints (``verbosity=1``): amp's log, gone with amp under ``--to-native``."""
+                         r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$|"
+                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working)")
+"""The option block ``amp.initialize`` prints (``verbosity=1``) and FP16_Optimizer's deprecation warning: Apex's log,
+gone with Apex under ``--to-native``."""
 
 
 def program_lines(output: str) -> List[str]:
     return [line for line in output.splitlines() if not _AMP_BANNER.match(line)]
 
 
-def lines_match(before: str, after: str) -> bool:
-    """Same lines (amp's option block aside); numbers on LOSS/NORM lines equal within float rounding (O1
-    natively vs on ampcompat)."""
+def lines_match(before: str, after: str, rel_tol: float = 2e-3) -> bool:
+    """Same lines (amp's option block aside); numbers on LOSS/NORM/WEIGHTS lines equal within ``rel_tol`` (float
+    rounding of O1 natively vs on ampcompat)."""
     old, new = program_lines(before), program_lines(after)
     if len(old) != len(new):
         return False
@@ -207,10 +236,10 @@ def lines_match(before: str, after: str) -> bool:
         if a == b:
             continue
         words_a, words_b = a.split(), b.split()
-        if not (words_a and words_a[0] in ("LOSS", "NORM") and len(words_a) == len(words_b)):
+        if not (words_a and words_a[0] in ("LOSS", "NORM", "WEIGHTS", "LR") and len(words_a) == len(words_b)):
             return False
         for x, y in zip(words_a, words_b):
-            if x != y and not math.isclose(float(x), float(y), rel_tol=2e-3, abs_tol=1e-5):
+            if x != y and not math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=1e-5):
                 return False
     return True
 
@@ -258,7 +287,7 @@ def _compare(outputs, tree: Tree, program: Program, mode: str) -> None:
     assert before["code"] == 0, before["output"]
     after = outputs[(name, program, mode, "plain")]
     assert after["code"] == 0, after["output"]
-    assert lines_match(before["output"], after["output"]), (before["output"], after["output"])
+    assert lines_match(before["output"], after["output"], program.rel_tol), (before["output"], after["output"])
     absent = outputs.get((name, program, mode, "absent"))
     if absent is None:
         return
@@ -268,7 +297,7 @@ def _compare(outputs, tree: Tree, program: Program, mode: str) -> None:
     native = (name, program, mode, "native") in outputs
     reference = before if native else outputs[(name, program, "original", "absent")]
     assert absent["code"] == reference["code"], absent["output"]
-    assert lines_match(reference["output"], absent["output"]), (reference["output"], absent["output"])
+    assert lines_match(reference["output"], absent["output"], program.rel_tol), (reference["output"], absent["output"])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -290,6 +319,39 @@ def last_round_matrix(tmp_path_factory):
 def test_last_rounds_shapes_behave_the_same_after_every_mode(last_round_matrix, tree, program, mode):
     outputs, _ = last_round_matrix
     _compare(outputs, tree, program, mode)
+
+
+@pytest.fixture(scope="module")
+def loops_matrix(tmp_path_factory):
+    return _matrix([TRAINING_LOOPS], tmp_path_factory)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("program", TRAINING_LOOPS.programs, ids=lambda p: " ".join((p.script,) + p.args))
+def test_training_loops_train_the_same_after_every_mode(loops_matrix, program, mode):
+    """Issue 26: each real training-loop shape, converted with --to-native --opt-level O1 (and after --write), trains
+    under plain PyTorch -- with Apex and ampcompat impossible to import where the conversion left neither -- to the
+    original's losses (O1: float rounding; O2/FP16_Optimizer: the documented O1 recipe)."""
+    outputs, _ = loops_matrix
+    _compare(outputs, TRAINING_LOOPS, program, mode)
+
+
+def test_training_loops_leave_apex_behind(loops_matrix):
+    """Every t* shape imports neither apex nor ampcompat after --to-native --opt-level O1; the k* shapes (a library
+    that calls Apex, an apex.contrib kernel, a FusedLayerNorm subclass) stay on ampcompat and say why."""
+    _, reports = loops_matrix
+    target, report = reports[(TRAINING_LOOPS.folder.name, "to-native")]
+    for path in sorted(target.glob("*.py")):
+        if path.name.startswith("t"):
+            assert not imports_apex_or_ampcompat(path), path.name
+            assert "TODO(ampcompat)" not in path.read_text() or path.name == "t08_fp16_optimizer.py", path.name
+        elif path.name.startswith("k"):
+            assert imports_apex_or_ampcompat(path), path.name
+    for reason in ("k01_library_runs_apex.py:11:1: TODO(ampcompat): amp.scale_loss is not called in this file",
+                   "k02_contrib_kernel.py:13:5: TODO(ampcompat): no mechanical rewrite of "
+                   "`apex.contrib.xentropy.SoftmaxCrossEntropyLoss`",
+                   "k03_norm_subclass.py:10:1: TODO(ampcompat): a subclass of Apex's `FusedLayerNorm`"):
+        assert reason in report, reason
 
 
 # --- what the rewritten text looks like where behaviour alone cannot tell -------------------------------------

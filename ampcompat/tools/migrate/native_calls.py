@@ -177,9 +177,9 @@ def _class_reference(plan: RewritePlan, use: Use, target: str, defaults: Dict[st
     ``functools.partial`` that keeps Apex's defaults (``defaults``), with ``todo`` left where it is."""
     context = _value_context(use.node, plan.parents)
     if context == "base":
+        passing = f" and pass {', '.join(f'{k}={v}' for k, v in defaults.items())} in __init__" if defaults else ""
         return (f"a subclass of Apex's `{use.api.rsplit('.', 1)[1]}`: it keeps Apex's behaviour on ampcompat; to "
-                f"move to `{target}`, subclass it and pass {', '.join(f'{k}={v}' for k, v in defaults.items())} "
-                "in __init__ by hand")
+                f"move to `{target}`, subclass it{passing} by hand")
     if context == "type" or not defaults:
         plan.replace(use.node, target)
     else:

@@ -280,6 +280,8 @@ class _Context:
         ``isinstance``) only works with the object itself, not a partial.
         """
         parent = self.plan.parents.get(read)
+        if isinstance(parent, ast.ClassDef) and any(read is base for base in parent.bases):
+            return False  # a subclass keeps Apex's class (its behaviour differs from torch's under autocast)
         if not (isinstance(parent, ast.Call) and parent.func is read):
             return positional is None
         value = _torch_object(target)

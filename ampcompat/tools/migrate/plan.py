@@ -47,7 +47,8 @@ class RewritePlan:
         ``torch.amp`` for ``amp is not None`` checks)."""
         self._todos: List[Tuple[ast.stmt, str]] = []
         self._superseding: List[Edit] = []
-        self._wrapped: List[Tuple[int, int]] = []
+        self._wrapped: List[Tuple[int, int, str, Edit]] = []
+        """Regions put in a new block: first and last line, the indentation unit added, the header's edit."""
         self._taken = set(_identifiers(result.nodes))
         self._fresh: Dict[str, str] = {}
 
@@ -128,11 +129,12 @@ class RewritePlan:
         indent = self.text.indentation(first.lineno)
         unit = "\t" if "\t" in indent else "    "
         start = self.text.line_start(first.lineno)
-        self.edits.append(Edit(start, start, indent + header + self.text.newline(first.lineno)))
+        header_edit = Edit(start, start, indent + header + self.text.newline(first.lineno))
+        self.edits.append(header_edit)
         for lineno in range(first.lineno, last.end_lineno + 1):  # type: ignore[operator]
             if self.text.line(lineno).strip():
                 self.edits.append(Edit(self.text.line_start(lineno), self.text.line_start(lineno), unit))
-        self._wrapped.append((first.lineno, last.end_lineno))  # type: ignore[arg-type]
+        self._wrapped.append((first.lineno, last.end_lineno, unit, header_edit))  # type: ignore[arg-type]
 
     def insert_lines_before(self, statement: ast.stmt, lines: List[str]) -> None:
         """Insert ``lines`` above ``statement``, at its indentation."""
@@ -169,14 +171,24 @@ class RewritePlan:
                 the offset falls inside text another edit replaces, it moves to that edit's start.
         """
         comments = []
+        headers: Dict[int, Edit] = {}
         for anchor, message in self._todos:
             position, indent = self._comment_position(anchor)
             newline = self.text.newline(anchor.lineno)
+            region = self._wrapping(anchor.lineno) if position == self.text.line_start(anchor.lineno) else None
+            if region is not None:  # inside a new block: the comment goes in it, above its statement
+                indent += region[2]
             lines = [indent + line for line in todo_lines(message, indent)]
             if self._comment_above(position, lines):
                 continue
-            comments.append(Edit(position, position, "".join(line + newline for line in lines)))
-        kept = [edit for edit in self.edits if not any(_inside(edit, outer) for outer in self._superseding)]
+            text = "".join(line + newline for line in lines)
+            if region is not None and region[0] == anchor.lineno:  # the block's first statement: after its header
+                header = headers.get(id(region[3]), region[3])
+                headers[id(region[3])] = Edit(header.start, header.end, header.replacement + text)
+            else:
+                comments.append(Edit(position, position, text))
+        edits_now = [headers.get(id(edit), edit) for edit in self.edits]
+        kept = [edit for edit in edits_now if not any(_inside(edit, outer) for outer in self._superseding)]
         edits = comments + kept
         if top is not None:
             offset, insertion = top
@@ -228,17 +240,21 @@ class RewritePlan:
             current = parent
         return current
 
+    def _wrapping(self, lineno: int) -> Optional[Tuple[int, int, str, Edit]]:
+        """The region put in a new block that holds line ``lineno``, if any."""
+        return next((region for region in self._wrapped if region[0] <= lineno <= region[1]), None)
+
     def _comment_position(self, anchor: ast.stmt) -> Tuple[int, str]:
         """Where a comment line above ``anchor`` goes, and its indentation.
 
-        That is the anchor's line start, unless the line lies in lines that are rewritten as a whole
-        or wrapped in a new block: then the comment goes above those lines.
+        That is the anchor's line start, unless the line lies in lines that are rewritten as a whole:
+        then the comment goes above those lines. (A line wrapped in a new block keeps its comment right
+        above it, inside the block: see :meth:`render`.)
         """
         lineno = anchor.lineno
         while True:
             position = self.text.line_start(lineno)
             covering = [edit.start for edit in self.edits if edit.start < position < edit.end]
-            covering += [self.text.line_start(first) for first, last in self._wrapped if first < lineno <= last]
             if not covering:
                 return position, self.text.indentation(lineno)
             lineno = bisect.bisect_right(self.text.line_starts, min(covering))
