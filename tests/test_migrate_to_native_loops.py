@@ -308,3 +308,25 @@ def test_the_other_paths_of_the_converted_loops(tmp_path, script, args):
     for a, b in zip(old, new):
         assert a.split()[:-1] == b.split()[:-1]
         assert float(a.split()[-1]) == pytest.approx(float(b.split()[-1]), rel=2e-3)
+
+
+def test_registering_a_function_native_autocast_already_casts_goes_with_its_check(tmp_path):
+    """Transformer-XL's `if 'apex' in sys.modules: amp.register_half_function(torch, 'einsum')`: natively einsum runs
+    in FP16 under autocast already, so the registration and the check that guarded it go; others stay."""
+    text, found = todos(tmp_path, """\
+        import sys
+        import torch
+        from apex import amp
+
+        if "apex" in sys.modules:
+            amp.register_half_function(torch, "einsum")
+        print(torch.einsum("ii", torch.ones(2, 2)).item())
+    """)
+    assert text == 'import sys\nimport torch\n\nprint(torch.einsum("ii", torch.ones(2, 2)).item())\n' and found == []
+    text, found = todos(tmp_path, """\
+        import torch
+        from apex import amp
+        amp.register_half_function(torch, "cumsum")
+    """)
+    assert found == ["registers a function for O1's casts; natively, cast its inputs and run it under "
+                     "torch.autocast(device_type, enabled=False) (torch.amp.custom_fwd for an autograd.Function)"]

@@ -45,7 +45,7 @@ from .native_placement import Placement, place
 from .native_regions import Region, forward_region, overlapping
 from .plan import RewritePlan
 from .scanner import Use, catches_import_error
-from .syntax import block_of, is_plain_reference, same_expression, scope_of, walk_local
+from .syntax import block_of, is_plain_reference, root_name, same_expression, scope_of, walk_local
 
 _GROWTH_INTERVAL = 2000
 _ORIGINAL_MAX_SCALE = 2.0**24
@@ -148,13 +148,15 @@ def convert_amp(plan: RewritePlan, choice: Optional[LevelChoice] = None) -> AmpO
         return AmpOutcome(level_unknown=conversion.level_unknown)
     if conversion.init is not None:
         conversion.apply()
-    elif conversion.presence:  # only `amp is not None` checks left (a second run): they keep asking torch.amp
-        plan.stand_ins["apex.amp"] = "torch.amp"
+        plan.uses_torch = True
+    else:  # no training here: registrations native autocast makes moot, `amp is not None` checks (a second run)
+        conversion.apply_registrations()
+        if conversion.presence:
+            plan.stand_ins["apex.amp"] = "torch.amp"
     presence = {id(use) for use, _, _ in conversion.presence}
     for use in uses:
         if id(use) not in presence:
             plan.mark_converted(use)
-    plan.uses_torch = True
     return AmpOutcome(converted=True)
 
 
@@ -298,7 +300,7 @@ class _AmpConversion:
     def _only_import_fallbacks(self, use: Use) -> bool:
         result = self.plan.result
         scopes = result.scopes
-        root = _root_name(use.node)
+        root = root_name(use.node)
         if scopes is None or not isinstance(root, ast.Name):
             return False
         for definition in scopes.reaching(root):
@@ -733,10 +735,7 @@ class _AmpConversion:
             if region is not None and not any(done[0] is region[0] for done in regions_done):
                 regions_done.append(region)
                 self._wrap(region)
-        for statement, use in self.registrations:
-            alone = len(block_of(statement, self.plan.parents)[0]) == 1
-            self.plan.supersede_statement(statement, ["pass"] if alone else [])
-            self.plan.note(use.node, "native autocast already runs this function in FP16: the registration is gone")
+        self.apply_registrations()
         for group in self.groups:
             self._apply_steps(group)
         for statement, line in self.unscale_before.values():
@@ -751,6 +750,13 @@ class _AmpConversion:
         if self.presence:
             # ``amp is not None`` keeps asking whether the import got that far: ``amp`` now names torch.amp.
             self.plan.stand_ins["apex.amp"] = "torch.amp"
+
+    def apply_registrations(self) -> None:
+        """Remove the registrations of functions native autocast already runs in FP16."""
+        for statement, use in self.registrations:
+            alone = len(block_of(statement, self.plan.parents)[0]) == 1
+            self.plan.supersede_statement(statement, ["pass"] if alone else [])
+            self.plan.note(use.node, "native autocast already runs this function in FP16: the registration is gone")
 
     def _creation_lines(self, at: ast.AST) -> List[str]:
         assert self.placement is not None and self.recipe is not None and self.model_ref is not None
@@ -824,7 +830,7 @@ class _AmpConversion:
             return False
         scopes = self.plan.result.scopes
         assert scopes is not None
-        roots = {id(_root_name(use.node)) for use in self.uses}
+        roots = {id(root_name(use.node)) for use in self.uses}
         definitions = [d for alias in statement.names for d in scopes.definitions_at(alias)]
         return bool(definitions) and all(d in self.plan.result.apex_definitions for d in definitions) and all(
             id(read) in roots for d in definitions for read in scopes.reads_of(d))
@@ -972,14 +978,6 @@ def _call_sites(function: ast.AST, nodes: Sequence[ast.AST], parents) -> List[as
 def _statement(node: ast.AST, parents) -> ast.stmt:
     while not isinstance(node, ast.stmt):
         node = parents[node]
-    return node
-
-
-def _root_name(node: ast.AST) -> ast.AST:
-    if isinstance(node, ast.Call):
-        node = node.func
-    while isinstance(node, ast.Attribute):
-        node = node.value
     return node
 
 

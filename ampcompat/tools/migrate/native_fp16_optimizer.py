@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 from typing import Dict, List, Optional, Tuple
 
-from .callargs import NOT_LITERAL, argument, has_starred, literal_value
+from .callargs import NOT_LITERAL, has_starred, literal_value
 from .native_amp import parameters_of
 from .native_loop import plan_unscaling, scheduler_steps, unscaled_backwards
 from .native_placement import place

@@ -32,7 +32,7 @@ from .exports import STAR, listed_in_all
 from .plan import RewritePlan
 from .rewrite_imports import import_alias_replacement, import_statement_edits
 from .scanner import Use, catches_import_error
-from .syntax import block_of, stored_names
+from .syntax import block_of, root_name, stored_names
 
 _REMOVE, _NATIVE, _AMPCOMPAT, _LEAVE, _OTHER = "remove", "native", "ampcompat", "leave", "other"
 
@@ -81,7 +81,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
     for use in result.uses:
         if use.kind == "import":
             import_uses.setdefault(id(use.node), []).append(use)
-    gone = {id(_root_name(use.node)) for use in result.uses if plan.is_converted(use)}
+    gone = {id(root_name(use.node)) for use in result.uses if plan.is_converted(use)}
     removals: List[ast.stmt] = []
     on_ampcompat = imports_apex = False
     rebound = 0
@@ -144,15 +144,6 @@ def _imports_ampcompat(node: ast.stmt) -> bool:
     if isinstance(node, ast.Import):
         return any(alias.name.split(".")[0] == "ampcompat" for alias in node.names)
     return isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "ampcompat"
-
-
-def _root_name(node: ast.AST) -> ast.AST:
-    """``amp`` in ``amp.initialize(...)`` / ``apex.parallel.X``: the name a use goes through."""
-    if isinstance(node, ast.Call):
-        node = node.func
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return node
 
 
 class _Context:
