@@ -435,7 +435,9 @@ class _AmpConversion:
                 self.block(call, _INITIALIZE_BLOCKERS[name])
                 continue
             if name in _IGNORED_OPTIONS:
-                if level in ("O1", "O4") and (value is NOT_LITERAL or value is not None):
+                if value is None:
+                    continue  # the level's own default
+                if level in ("O1", "O4"):
                     if value is NOT_LITERAL:
                         ignored.append(name)  # Apex refused these with O1 unless None: at run time they are None
                         continue
