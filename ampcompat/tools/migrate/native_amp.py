@@ -291,7 +291,8 @@ class _AmpConversion:
 
     def _check_bindings(self) -> None:
         """A use that another binding of its name reaches is converted only when that binding is an
-        ``except ImportError`` fallback of the Apex import (never taken where Apex -- or ampcompat -- is)."""
+        ``except ImportError`` fallback of the Apex import (never taken where Apex -- or ampcompat -- is), or
+        the ``import apex`` of the line ``--write`` adds (the same module, through ampcompat's alias)."""
         shared = [use for use in self.uses if not use.exclusive and not self._only_import_fallbacks(use)]
         if shared:
             count = "the use" if len(shared) == 1 else f"{len(shared)} uses"
@@ -303,8 +304,9 @@ class _AmpConversion:
         root = root_name(use.node)
         if scopes is None or not isinstance(root, ast.Name):
             return False
+        ours = {id(node) for statement in result.alias_statements for node in ast.walk(statement)}
         for definition in scopes.reaching(root):
-            if definition in result.apex_definitions:
+            if definition in result.apex_definitions or id(definition.node) in ours:
                 continue
             handler = _enclosing(definition.node, ast.ExceptHandler, self.plan.parents)
             owner = self.plan.parents.get(handler) if handler is not None else None
