@@ -12,8 +12,8 @@ and prints, per tree and mode: the wall time, files changed, internal errors (mu
 second run changed again (must be 0), files that compiled before and no longer do (must be 0), and
 files still importing ``apex`` or ``ampcompat`` afterwards. Then the conversion figure: of the files
 that use ``amp.initialize``, ``amp.scale_loss`` or ``FP16_Optimizer``, how many ``--to-native`` leaves
-importing neither ``apex`` nor ``ampcompat`` (and still compiling), without ``--opt-level`` and with
-``--opt-level O1``. Nothing is fetched: the trees are folders you already have.
+importing neither ``apex`` nor ``ampcompat`` (and still compiling, and unchanged by a second run), without
+``--opt-level`` and with ``--opt-level O1``; ``--figure-only`` runs just that. Nothing is fetched: the trees are folders you already have.
 """
 from __future__ import annotations
 
@@ -142,14 +142,18 @@ def _conversion(tree: str, files: Dict[str, List[str]], work: str, extra: List[s
     copy = os.path.join(work, "tree")
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(tree, copy, symlinks=True)
-    _migrate([copy, "--to-native", *extra])
+    _, report, _ = _migrate([copy, "--to-native", *extra])
     after = _snapshot(copy)
+    _, again, _ = _migrate([copy, "--to-native", *extra])
+    second = _snapshot(copy)
     native, kept, broken = [], [], []
     for path in sorted(files):
         relative = os.path.relpath(path, tree)
         data = after.get(relative, b"")
         (broken if not _compiles(data) else kept if _imports_apex(data) else native).append(relative)
-    return {"native": native, "kept": kept, "compile_broken": broken}
+    return {"native": native, "kept": kept, "compile_broken": broken,
+            "not_idempotent": sorted(path for path in after if second.get(path) != after[path]),
+            "internal_errors": _internal_errors(report) + _internal_errors(again)}
 
 
 def conversion_figure(tree: str, report: dict, work: str) -> dict:
@@ -228,16 +232,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.figure_only:
         print(_table(results))
     print(_figure_table(results))
+    _problems = ("compile_broken", "not_idempotent", "internal_errors")
     for result in results:
         for mode in ("without_opt_level", "with_opt_level_O1"):
-            for path in result["conversion"][mode]["compile_broken"]:
-                print(f"{os.path.basename(result['tree'])} --to-native {mode}: no longer compiles: {path}")
+            for key in _problems:
+                for entry in result["conversion"][mode][key]:
+                    print(f"{os.path.basename(result['tree'])} --to-native {mode} {key}: {entry}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
     if args.figure_only:
-        return 1 if any(result["conversion"][mode]["compile_broken"] for result in results
-                        for mode in ("without_opt_level", "with_opt_level_O1")) else 0
+        return 1 if any(result["conversion"][mode][key] for result in results
+                        for mode in ("without_opt_level", "with_opt_level_O1") for key in _problems) else 0
     problems = 0
     for result in results:
         for mode in ("write", "to-native", "write+to-native"):
@@ -247,8 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"{os.path.basename(result['tree'])} {mode} {key}: {entry}")
                 problems += len(item[key])
         problems += len(result["report"]["internal_errors"])
-        problems += sum(len(result["conversion"][mode]["compile_broken"])
-                        for mode in ("without_opt_level", "with_opt_level_O1"))
+        problems += sum(len(result["conversion"][mode][key])
+                        for mode in ("without_opt_level", "with_opt_level_O1") for key in _problems)
     return 1 if problems else 0
 
 
