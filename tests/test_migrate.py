@@ -811,7 +811,8 @@ def test_amp_rewrite_details(tmp_path):
 @pytest.mark.parametrize("snippet, reason", [
     ('model, opt = amp.initialize(m, o, opt_level="O0")', "opt_level O0 is plain FP32 training"),
     ('model, opt = amp.initialize(m, o, loss_scale=128.0)', "a static loss scale"),
-    ('model = amp.initialize(m, opt_level="O1")', "amp.initialize without an optimizer"),
+    ('m = amp.initialize(m, opt_level="O1")', "amp.initialize has no optimizer and the model is not called"),
+    ('model = amp.initialize(m, opt_level="O1")', "the model amp.initialize returns gets another name"),
     ('model, opt = amp.initialize(m, o)', "amp.scale_loss is not called in this file"),
     ('amp._amp_state.loss_scalers[0]._loss_scale = 2**20', "touches amp's private state"),
     ('@amp.float_function\ndef nms(x):\n    return x', "registers a function for O1's casts"),

@@ -91,6 +91,7 @@ TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
     Program("t08_fp16_optimizer.py", rel_tol=O2_TOLERANCE),
     Program("t09_checkpoint.py"),
     Program("t11_second_backward.py"),
+    Program("t12_inference.py"),
     Program("k01_library_runs_apex.py"),
     Program("k02_contrib_kernel.py"),
     Program("k03_norm_subclass.py"),
@@ -149,7 +150,7 @@ def lines_match(before: str, after: str, rel_tol: float = 2e-3) -> bool:
         if a == b:
             continue
         words_a, words_b = a.split(), b.split()
-        if not (words_a and words_a[0] in ("LOSS", "NORM", "GRADNORM", "WEIGHTS", "LR")
+        if not (words_a and words_a[0] in ("LOSS", "NORM", "GRADNORM", "WEIGHTS", "LR", "DTYPE")
                 and len(words_a) == len(words_b)):
             return False
         for x, y in zip(words_a, words_b):

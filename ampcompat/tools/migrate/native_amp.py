@@ -216,6 +216,9 @@ class _AmpConversion:
         self.plain: List[Tuple[ast.Expr, ast.Call, Optional[Region]]] = []
         """Backward passes Apex left unscaled that now scale their loss (their statement, call, forward pass)."""
         self.registrations: List[Tuple[ast.stmt, Use]] = []
+        self.inference = False
+        """``amp.initialize`` without an optimizer: the model's calls go under autocast, no GradScaler."""
+        self.model_calls: List[ast.stmt] = []
         self.states: List[Use] = []
         self.disables: List[Use] = []
         self.presence: List[Tuple[Use, ast.expr, bool]] = []
@@ -271,6 +274,9 @@ class _AmpConversion:
         if not init_ok:
             return
         assert self.init is not None
+        if self.inference:
+            self._inference()
+            return
         if not self.backwards and not any(use.api == "apex.amp.scale_loss" for use in self.uses):
             self.block(self.init.node, "amp.scale_loss is not called in this file, so the forward pass to put under "
                                        "torch.autocast is not here either; rewrite by hand")
@@ -288,6 +294,59 @@ class _AmpConversion:
         if len(self.groups) > 1 and self.states:
             self.block(self.states[0].node, "several GradScalers (one per optimizer, as Apex had one loss scaler per "
                                             "loss) share this checkpoint entry; save each scaler's state_dict() by hand")
+
+    def _inference(self) -> None:
+        """``model = amp.initialize(model, opt_level=...)`` for evaluation: Apex cast from there on, natively the
+        statements that call the model (in the same function, after it) go under autocast. The model must not be
+        handed to other code, which would run it outside any autocast region."""
+        assert self.init_statement is not None and self.model_ref is not None
+        if self.backwards or self.masters or self.states:
+            node = (self.backwards[0].statement if self.backwards else (self.masters + self.states)[0].node)
+            self.block(node, "amp.initialize got no optimizer, yet this trains or saves amp's state; rewrite by hand")
+            return
+        parents = self.plan.parents
+        scope = scope_of(self.init_statement, parents)
+        model = ast.unparse(self.model_ref)
+        for node in walk_local(scope):
+            if not (isinstance(node, (ast.Name, ast.Attribute)) and isinstance(getattr(node, "ctx", None), ast.Load)
+                    and ast.unparse(node) == model and (node.lineno, node.col_offset) > (  # type: ignore
+                        self.init_statement.end_lineno, self.init_statement.end_col_offset)):
+                continue
+            parent = parents.get(node)
+            statement = self.plan.statement(node)
+            if isinstance(parent, ast.Call) and parent.func is node:
+                if not any(statement is known for known in self.model_calls):
+                    if not self.plan.text.owns_lines(statement) or _has_nested_block(statement):
+                        self.block(node, "the model is called in a statement this rewrite cannot put under "
+                                         "torch.autocast on its own; rewrite by hand")
+                    self.model_calls.append(statement)
+            elif isinstance(parent, ast.Attribute) and parent.value is node:
+                continue  # model.eval(), model.to(...)
+            elif isinstance(parent, ast.Call) and isinstance(statement, ast.Assign) \
+                    and any(ast.unparse(target) == model for target in statement.targets):
+                continue  # model = torch.nn.DataParallel(model): still the model
+            else:
+                self.block(node, "the model is handed to other code here, which would run it outside torch.autocast; "
+                                 "put its calls under torch.autocast by hand")
+        nested = [node for node in ast.walk(scope) if isinstance(node, ast.Name) and node.id == model
+                  and scope_of(node, parents) is not scope]
+        if nested:
+            self.block(nested[0], "the model is used in a nested function; put its calls under torch.autocast by hand")
+        if not self.model_calls and not self.blockers:
+            self.block(self.init.node, "amp.initialize has no optimizer and the model is not called after it in this "
+                                       "function; put its calls under torch.autocast by hand")
+        if self.blockers:
+            return
+        placement = place(self.init_statement, self.init.node, self.model_calls, parents,  # type: ignore[arg-type]
+                          self.model_ref, self.enabled, lambda test: None,
+                          [argument(self.init.node, "opt_level", 3)]  # type: ignore[arg-type]
+                          if self.recipe is not None and self.recipe.at_run_time else [])
+        self.blockers.extend(placement.blockers)
+        self.placement = placement
+        if placement.conditions or (self.recipe is not None and self.recipe.at_run_time):
+            self.flag = self.plan.fresh_name("amp_enabled")
+        if self.recipe is not None and self.recipe.at_run_time:
+            self.dtype_name = self.plan.fresh_name("amp_dtype")
 
     def _check_bindings(self) -> None:
         """A use that another binding of its name reaches is converted only when that binding is an
@@ -381,8 +440,7 @@ class _AmpConversion:
             self.block(call, "the model passed to amp.initialize is not a plain name; assign it to a variable first")
         refs: List[ast.expr] = []
         if optimizers is None:
-            self.block(call, "amp.initialize without an optimizer (inference): put the model calls under "
-                             "torch.autocast(device_type, dtype=torch.float16) by hand")
+            self.inference = True
         elif isinstance(optimizers, (ast.List, ast.Tuple)):
             refs = list(optimizers.elts)
         else:
@@ -398,6 +456,9 @@ class _AmpConversion:
             self.block(call, "the result of amp.initialize is used inside an expression; rewrite by hand")
         if not self.plan.text.owns_lines(statement):
             self.block(call, "amp.initialize shares its line with other code; put it on a line of its own")
+        if optimizers is None and targets is not None and not (is_plain_reference(targets) and
+                                                               same_expression(targets, model_ref)):
+            self.block(call, "the model amp.initialize returns gets another name; rewrite by hand")
         if optimizers is not None and targets is not None:
             if isinstance(targets, (ast.Tuple, ast.List)) and len(targets.elts) == 2:
                 returned = targets.elts[1]
@@ -729,6 +790,8 @@ class _AmpConversion:
             self.plan.note(node, note)
         self._apply_initialize()
         regions_done: List[Region] = []
+        for statement in self.model_calls:
+            self._wrap((statement, statement))
         for backward in self.backwards:
             self._apply_backward(backward, regions_done)
         for statement, call, region in self.plain:
@@ -934,6 +997,12 @@ def _is_atom(text: str) -> bool:
     except SyntaxError:
         return False
     return not isinstance(node, (ast.BoolOp, ast.IfExp, ast.Lambda, ast.NamedExpr))
+
+
+def _has_nested_block(statement: ast.stmt) -> bool:
+    """A compound statement (``for``, ``with``, ``if`` ...): wrapping it whole would put more than the call under
+    autocast."""
+    return any(isinstance(getattr(statement, field, None), list) for field in ("body", "orelse", "finalbody"))
 
 
 def _arguments_text(plan: RewritePlan, call: ast.Call) -> str:
