@@ -10,8 +10,10 @@ For each tree it runs, each in a fresh ``python -m ampcompat migrate`` process (
 
 and prints, per tree and mode: the wall time, files changed, internal errors (must be 0), files the
 second run changed again (must be 0), files that compiled before and no longer do (must be 0), and
-files still importing ``apex`` or ``ampcompat`` afterwards. Nothing is fetched: the trees are folders
-you already have.
+files still importing ``apex`` or ``ampcompat`` afterwards. Then the conversion figure: of the files
+that use ``amp.initialize``, ``amp.scale_loss`` or ``FP16_Optimizer``, how many ``--to-native`` leaves
+importing neither ``apex`` nor ``ampcompat`` (and still compiling, and unchanged by a second run), without
+``--opt-level`` and with ``--opt-level O1``; ``--figure-only`` runs just that. Nothing is fetched: the trees are folders you already have.
 """
 from __future__ import annotations
 
@@ -119,9 +121,54 @@ def _rewrite_mode(tree: str, modes: List[str], work: str) -> dict:
     }
 
 
-def measure(tree: str, work: str) -> dict:
-    """All modes over one tree."""
+_TRAINING_APIS = ("apex.amp.initialize", "apex.amp.scale_loss") + tuple(
+    f"{module}.FP16_Optimizer" for module in ("apex.fp16_utils", "apex.fp16_utils.fp16_optimizer", "apex.optimizers",
+                                              "apex.contrib.optimizers"))
+
+
+def training_files(report: dict) -> Dict[str, List[str]]:
+    """Relative path -> the training APIs (amp.initialize, scale_loss, FP16_Optimizer) a ``.py`` file uses."""
+    found: Dict[str, List[str]] = {}
+    for use in report["uses"]:
+        if use["api"] in _TRAINING_APIS and use["kind"] != "import" and use["path"].endswith(".py"):
+            apis = found.setdefault(use["path"], [])
+            if use["api"] not in apis:
+                apis.append(use["api"])
+    return found
+
+
+def _conversion(tree: str, files: Dict[str, List[str]], work: str, extra: List[str]) -> dict:
+    """``--to-native`` (plus ``extra``) on a copy: which of ``files`` import neither apex nor ampcompat after."""
+    copy = os.path.join(work, "tree")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(tree, copy, symlinks=True)
+    _, report, _ = _migrate([copy, "--to-native", *extra])
+    after = _snapshot(copy)
+    _, again, _ = _migrate([copy, "--to-native", *extra])
+    second = _snapshot(copy)
+    native, kept, broken = [], [], []
+    for path in sorted(files):
+        relative = os.path.relpath(path, tree)
+        data = after.get(relative, b"")
+        (broken if not _compiles(data) else kept if _imports_apex(data) else native).append(relative)
+    return {"native": native, "kept": kept, "compile_broken": broken,
+            "not_idempotent": sorted(path for path in after if second.get(path) != after[path]),
+            "internal_errors": _internal_errors(report) + _internal_errors(again)}
+
+
+def conversion_figure(tree: str, report: dict, work: str) -> dict:
+    """The fraction of training files ``--to-native`` converts fully, without and with ``--opt-level O1``."""
+    files = training_files(report)
+    return {"files": sorted(os.path.relpath(path, tree) for path in files),
+            "without_opt_level": _conversion(tree, files, work, []),
+            "with_opt_level_O1": _conversion(tree, files, work, ["--opt-level", "O1"])}
+
+
+def measure(tree: str, work: str, figure_only: bool = False) -> dict:
+    """All modes over one tree (``figure_only``: just the conversion figure)."""
     elapsed, report, _ = _migrate([tree])
+    if figure_only:
+        return {"tree": tree, "conversion": conversion_figure(tree, report, work)}
     check_seconds, _, check_code = _migrate([tree, "--check"])
     summary = report["summary"]
     return {
@@ -135,7 +182,23 @@ def measure(tree: str, work: str) -> dict:
         "write": _rewrite_mode(tree, ["--write"], work),
         "to-native": _rewrite_mode(tree, ["--to-native"], work),
         "write+to-native": _rewrite_mode(tree, ["--write", "--to-native"], work),
+        "conversion": conversion_figure(tree, report, work),
     }
+
+
+def _figure_table(results: List[dict]) -> str:
+    rows = ["| tree | files using amp.initialize / scale_loss / FP16_Optimizer | native without --opt-level | "
+            "native with --opt-level O1 |", "| --- | ---: | ---: | ---: |"]
+    totals = [0, 0, 0]
+    for result in results:
+        figure = result["conversion"]
+        counts = [len(figure["files"]), len(figure["without_opt_level"]["native"]),
+                  len(figure["with_opt_level_O1"]["native"])]
+        totals = [a + b for a, b in zip(totals, counts)]
+        rows.append(f"| {os.path.basename(os.path.normpath(result['tree']))} | {counts[0]} | {counts[1]} | {counts[2]} |")
+    share = lambda part: f"{part} ({100 * part / totals[0]:.0f}%)" if totals[0] else str(part)  # noqa: E731
+    rows.append(f"| all | {totals[0]} | {share(totals[1])} | {share(totals[2])} |")
+    return "\n".join(rows)
 
 
 def _table(results: List[dict]) -> str:
@@ -158,13 +221,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", help="source trees (folders); never modified")
     parser.add_argument("--json", help="also write the full results (with file lists) here")
+    parser.add_argument("--figure-only", action="store_true",
+                        help="only the --to-native conversion figure (skips the timing of every mode)")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="migrate-trees-") as work:
         for tree in args.trees:
-            results.append(measure(os.path.abspath(tree), work))
+            results.append(measure(os.path.abspath(tree), work, args.figure_only))
             print(f"done: {tree}", file=sys.stderr)
-    print(_table(results))
+    if not args.figure_only:
+        print(_table(results))
+    print(_figure_table(results))
+    _problems = ("compile_broken", "not_idempotent", "internal_errors")
+    for result in results:
+        for mode in ("without_opt_level", "with_opt_level_O1"):
+            for key in _problems:
+                for entry in result["conversion"][mode][key]:
+                    print(f"{os.path.basename(result['tree'])} --to-native {mode} {key}: {entry}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    if args.figure_only:
+        return 1 if any(result["conversion"][mode][key] for result in results
+                        for mode in ("without_opt_level", "with_opt_level_O1") for key in _problems) else 0
     problems = 0
     for result in results:
         for mode in ("write", "to-native", "write+to-native"):
@@ -174,9 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"{os.path.basename(result['tree'])} {mode} {key}: {entry}")
                 problems += len(item[key])
         problems += len(result["report"]["internal_errors"])
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        problems += sum(len(result["conversion"][mode][key])
+                        for mode in ("without_opt_level", "with_opt_level_O1") for key in _problems)
     return 1 if problems else 0
 
 

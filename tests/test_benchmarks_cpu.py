@@ -486,3 +486,33 @@ def test_hand_written_o2_baseline_trains_exactly_like_ampcompat_o2(fused):
     assert manual_scale == amp_scale
     for a, b in zip(manual_params, amp_params):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# --- benchmarks/to_native_e2e.py ---------------------------------------------------------------------------------
+E2E_RECIPE = REPO / "tests" / "fixtures" / "to_native_e2e" / "imagenet_recipe.py"
+
+
+def test_to_native_e2e_driver_runs_both_and_agrees_on_a_cpu_recipe(tmp_path):
+    """The GPU driver, on a CPU stand-in with main_amp.py's command line: it converts the copy, runs the original
+    under ampcompat and the conversion with Apex and ampcompat blocked, and compares the printed losses."""
+    keep = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(BENCH / "to_native_e2e.py"), str(E2E_RECIPE), "--steps", "3",
+                           "--batch-size", "4", "--keep", str(keep)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    original = [float(x) for x in lines[-3].split(":", 1)[1].split()]
+    converted = [float(x) for x in lines[-2].split(":", 1)[1].split()]
+    assert len(original) == len(converted) == 3 and original == converted
+    assert lines[-1] == "steps: 3 and 3; largest relative difference: 0; AGREE within 0.01"
+    native = (keep / "native" / "imagenet_recipe.py").read_text()
+    assert "scaler.scale(loss).backward()" in native and "apex" not in native.split('"""', 2)[2]
+    assert E2E_RECIPE.read_text() == (keep / "original" / "imagenet_recipe.py").read_text()
+
+
+def test_to_native_e2e_driver_reports_a_disagreement():
+    e2e = _load("to_native_e2e")
+    assert e2e.compare([1.0, 2.0], [1.0, 2.0], 0.0) == (True, 0.0)
+    agree, worst = e2e.compare([1.0, 2.0], [1.0, 2.1], 0.01)
+    assert not agree and worst == pytest.approx(0.1 / 2.1)
+    assert e2e.compare([1.0], [1.0, 1.0], 1.0)[0] is False and e2e.compare([], [], 1.0)[0] is False
+    assert e2e.losses("Epoch: [0][1]\tLoss 1.2500000000 (1.2500)\tPrec@1 3\nLoss 0.5 (0.5)") == [1.25, 0.5]

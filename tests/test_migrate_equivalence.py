@@ -13,23 +13,17 @@ Every mode run a second time changes nothing.
 Each program runs in a fork of one warm interpreter (torch imported once), so the default matrix
 stays within seconds; the slow marker adds last round's trees (``migrate_tree``, ``legacy_scripts``).
 """
-import contextlib
-import io
-import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
 
-from ampcompat.tools import migrate
 from ampcompat.tools.migrate.alias_line import ALIAS_STATEMENTS, GUARDED_ALIAS_LINES
+from _migrate_runs import run_all, run_migrate
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -50,14 +44,20 @@ class Program:
     script: str
     args: Tuple[str, ...] = ()
     runs_without_apex: bool = False
+    rel_tol: float = 2e-3
 
 
 @dataclass
 class Tree:
-    """A fixture tree and the programs in it."""
+    """A fixture tree and the programs in it.
+
+    Attributes:
+        native_flags: added to every ``--to-native`` run over the tree (``--opt-level O1``).
+    """
 
     folder: Path
     programs: List[Program] = field(default_factory=list)
+    native_flags: Tuple[str, ...] = ()
 
 
 ISSUE_SHAPES = Tree(PROGRAMS, [
@@ -76,107 +76,48 @@ ISSUE_SHAPES = Tree(PROGRAMS, [
     Program("s09_value_uses.py"),
     Program("s11_extensions.py"),
 ])
+O2_TOLERANCE = 2e-2
+"""O2 code (and FP16_Optimizer) becomes O1's native recipe: FP32 weights under autocast instead of FP16 weights with
+FP32 masters, so the losses differ by FP16 rounding of the weights (documented; a few 1e-4 on these programs)."""
+TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
+    Program("t01_hf_fp16_flag.py", ("--fp16",)),
+    Program("t01_hf_fp16_flag.py", ("--fp16", "--gradient_accumulation_steps", "2")),
+    Program("t02_imagenet_functions.py"),
+    Program("t03_trainer_class.py"),
+    Program("t04_micro_batches.py"),
+    Program("t05_losses_and_optimizers.py"),
+    Program("t06_optional_apex.py"),
+    Program("t07_o2_literal.py", rel_tol=O2_TOLERANCE),
+    Program("t08_fp16_optimizer.py", rel_tol=O2_TOLERANCE),
+    Program("t09_checkpoint.py"),
+    Program("t11_second_backward.py"),
+    Program("t12_inference.py"),
+    Program("k01_library_runs_apex.py"),
+    Program("k02_contrib_kernel.py"),
+    Program("k03_norm_subclass.py"),
+], native_flags=("--opt-level", "O1"))
 LAST_ROUND = [
-    Tree(FIXTURES / "migrate_tree" / "write", [Program("train.py")]),
+    Tree(FIXTURES / "migrate_tree" / "write", [Program("train.py", rel_tol=O2_TOLERANCE)]),  # O2: O1's recipe natively
     Tree(FIXTURES / "migrate_tree" / "native", [Program("train_o1.py")]),
     Tree(FIXTURES / "legacy_scripts", [Program(name, ("--steps", "2")) for name in (
         "bert_style.py", "dcgan_style.py", "fp16_optimizer_style.py", "hf_trainer_style.py", "imagenet_style.py",
         "simple_o1.py", "timm_style.py", "transformer_o1.py")]),
 ]
 
-_DRIVER = r"""
-import json, os, runpy, sys, tempfile, traceback
-import torch, torch.distributed as dist
-import ampcompat, ampcompat.amp, ampcompat.parallel, ampcompat.optimizers, ampcompat.normalization, ampcompat.fp16_utils
-
-# Pay once for what every program would pay again: the first optimizer step, the first gloo group.
-_warm = torch.nn.Parameter(torch.zeros(1))
-_warm.grad = torch.zeros(1)
-torch.optim.SGD([_warm], lr=0.1).step()
-dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "store"), rank=0, world_size=1)
-torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
-dist.destroy_process_group()
-
-BLOCKED = ("apex", "amp_C", "apex_C", "ampcompat")
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: this run has no Apex and no ampcompat)",
-                                      name=name)
-        return None
-
-for line in sys.stdin:
-    request = json.loads(line)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        os.dup2(write_end, 1)
-        os.dup2(write_end, 2)
-        code = 0
-        try:
-            if request["env"] == "absent":
-                for name in [m for m in sys.modules if m.split(".")[0] in BLOCKED]:
-                    del sys.modules[name]
-                sys.meta_path.insert(0, Blocker())
-            elif request["env"] == "alias":
-                ampcompat.install_apex_alias()
-            script = request["script"]
-            sys.path.insert(0, os.path.dirname(script))
-            os.chdir(os.path.dirname(script))
-            sys.argv = [script] + request["args"]
-            import warnings
-            warnings.simplefilter("ignore")
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, errors="replace") as pipe:
-        output = pipe.read()
-    status = os.waitpid(pid, 0)[1]
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "output": output}), flush=True)
-"""
-
-
-def run_all(requests: List[dict]) -> List[dict]:
-    """Run every request (script, args, env) in its own fork of one warm interpreter."""
-    env = {k: v for k, v in os.environ.items() if k not in ("AMPCOMPAT_APEX_ALIAS", "WORLD_SIZE", "RANK")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    stdin = "".join(json.dumps(request) + "\n" for request in requests)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=stdin, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    replies = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(replies) == len(requests), proc.stderr[-3000:]
-    return replies
-
-
-def run_migrate(args: List[str]) -> Tuple[int, str]:
-    """``python -m ampcompat migrate ARGS`` in this process: (exit status, what it printed)."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(io.StringIO()):
-        code = migrate.main([str(arg) for arg in args])
-    return code, buffer.getvalue()
-
-
 def migrate_copy(tree: Tree, mode: str, work: Path) -> Tuple[Path, str]:
     """Copy ``tree`` under ``work``, run ``mode`` on the copy, then once more: the second run changes nothing."""
     target = work / mode / tree.folder.name
     shutil.copytree(tree.folder, target, ignore=shutil.ignore_patterns("__pycache__"))
     reports = []
+    def flags(args: str) -> List[str]:
+        return [args, *tree.native_flags] if args == "--to-native" else [args]
+
     for args in MODES[mode]:
-        code, out = run_migrate([target, args])
+        code, out = run_migrate([target, *flags(args)])
         reports.append(out)
         assert code == 0, out
     first = {p: p.read_bytes() for p in target.rglob("*.py")}
-    code, out = run_migrate([target, MODES[mode][-1]])
+    code, out = run_migrate([target, *flags(MODES[mode][-1])])
     assert code == 0, out
     changed = [str(p.relative_to(target)) for p in target.rglob("*.py") if p.read_bytes() != first[p]]
     assert not changed, f"a second {mode} run changed {changed}"
@@ -189,17 +130,19 @@ def imports_apex_or_ampcompat(path: Path) -> bool:
 
 
 _AMP_BANNER = re.compile(r"^(Selected optimization level |Defaults for this optimization level are:|Processing user "
-                         r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$)")
-"""The option block ``amp.initialize`` prints (``verbosity=1``): amp's log, gone with amp under ``--to-native``."""
+                         r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$|"
+                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working)")
+"""The option block ``amp.initialize`` prints (``verbosity=1``) and FP16_Optimizer's deprecation warning: Apex's log,
+gone with Apex under ``--to-native``."""
 
 
 def program_lines(output: str) -> List[str]:
     return [line for line in output.splitlines() if not _AMP_BANNER.match(line)]
 
 
-def lines_match(before: str, after: str) -> bool:
-    """Same lines (amp's option block aside); numbers on LOSS/NORM lines equal within float rounding (O1
-    natively vs on ampcompat)."""
+def lines_match(before: str, after: str, rel_tol: float = 2e-3) -> bool:
+    """Same lines (amp's option block aside); numbers on LOSS/NORM/WEIGHTS lines equal within ``rel_tol`` (float
+    rounding of O1 natively vs on ampcompat)."""
     old, new = program_lines(before), program_lines(after)
     if len(old) != len(new):
         return False
@@ -207,10 +150,11 @@ def lines_match(before: str, after: str) -> bool:
         if a == b:
             continue
         words_a, words_b = a.split(), b.split()
-        if not (words_a and words_a[0] in ("LOSS", "NORM") and len(words_a) == len(words_b)):
+        if not (words_a and words_a[0] in ("LOSS", "NORM", "GRADNORM", "WEIGHTS", "LR", "DTYPE")
+                and len(words_a) == len(words_b)):
             return False
         for x, y in zip(words_a, words_b):
-            if x != y and not math.isclose(float(x), float(y), rel_tol=2e-3, abs_tol=1e-5):
+            if x != y and not math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=1e-5):
                 return False
     return True
 
@@ -258,7 +202,7 @@ def _compare(outputs, tree: Tree, program: Program, mode: str) -> None:
     assert before["code"] == 0, before["output"]
     after = outputs[(name, program, mode, "plain")]
     assert after["code"] == 0, after["output"]
-    assert lines_match(before["output"], after["output"]), (before["output"], after["output"])
+    assert lines_match(before["output"], after["output"], program.rel_tol), (before["output"], after["output"])
     absent = outputs.get((name, program, mode, "absent"))
     if absent is None:
         return
@@ -268,7 +212,7 @@ def _compare(outputs, tree: Tree, program: Program, mode: str) -> None:
     native = (name, program, mode, "native") in outputs
     reference = before if native else outputs[(name, program, "original", "absent")]
     assert absent["code"] == reference["code"], absent["output"]
-    assert lines_match(reference["output"], absent["output"]), (reference["output"], absent["output"])
+    assert lines_match(reference["output"], absent["output"], program.rel_tol), (reference["output"], absent["output"])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -290,6 +234,39 @@ def last_round_matrix(tmp_path_factory):
 def test_last_rounds_shapes_behave_the_same_after_every_mode(last_round_matrix, tree, program, mode):
     outputs, _ = last_round_matrix
     _compare(outputs, tree, program, mode)
+
+
+@pytest.fixture(scope="module")
+def loops_matrix(tmp_path_factory):
+    return _matrix([TRAINING_LOOPS], tmp_path_factory)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("program", TRAINING_LOOPS.programs, ids=lambda p: " ".join((p.script,) + p.args))
+def test_training_loops_train_the_same_after_every_mode(loops_matrix, program, mode):
+    """Issue 26: each real training-loop shape, converted with --to-native --opt-level O1 (and after --write), trains
+    under plain PyTorch -- with Apex and ampcompat impossible to import where the conversion left neither -- to the
+    original's losses (O1: float rounding; O2/FP16_Optimizer: the documented O1 recipe)."""
+    outputs, _ = loops_matrix
+    _compare(outputs, TRAINING_LOOPS, program, mode)
+
+
+def test_training_loops_leave_apex_behind(loops_matrix):
+    """Every t* shape imports neither apex nor ampcompat after --to-native --opt-level O1; the k* shapes (a library
+    that calls Apex, an apex.contrib kernel, a FusedLayerNorm subclass) stay on ampcompat and say why."""
+    _, reports = loops_matrix
+    target, report = reports[(TRAINING_LOOPS.folder.name, "to-native")]
+    for path in sorted(target.glob("*.py")):
+        if path.name.startswith("t"):
+            assert not imports_apex_or_ampcompat(path), path.name
+            assert "TODO(ampcompat)" not in path.read_text() or path.name == "t08_fp16_optimizer.py", path.name
+        elif path.name.startswith("k"):
+            assert imports_apex_or_ampcompat(path), path.name
+    for reason in ("k01_library_runs_apex.py:11:1: TODO(ampcompat): amp.scale_loss is not called in this file",
+                   "k02_contrib_kernel.py:13:5: TODO(ampcompat): no mechanical rewrite of "
+                   "`apex.contrib.xentropy.SoftmaxCrossEntropyLoss`",
+                   "k03_norm_subclass.py:10:1: TODO(ampcompat): a subclass of Apex's `FusedLayerNorm`"):
+        assert reason in report, reason
 
 
 # --- what the rewritten text looks like where behaviour alone cannot tell -------------------------------------

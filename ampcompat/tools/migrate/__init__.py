@@ -7,7 +7,8 @@ Three modes, all static (user code is parsed, never run):
   read, for CI);
 * ``--write`` -- point Apex imports at ampcompat, changing no other byte of the file;
 * ``--to-native`` -- rewrite the common patterns to ``torch.autocast`` / ``torch.amp.GradScaler`` /
-  ``torch.optim`` / ``torch.nn``, leaving ``# TODO(ampcompat): ...`` where a rewrite is not mechanical.
+  ``torch.optim`` / ``torch.nn``, leaving ``# TODO(ampcompat): ...`` where a rewrite is not mechanical;
+  ``--opt-level O1`` (or ``from-args``) says how to convert calls whose opt level is only known at run time.
 
 ``--diff`` shows what ``--write`` / ``--to-native`` would change instead of writing it. Files that
 cannot be read, decoded or parsed are reported and skipped; a file is only ever replaced as a whole
@@ -34,6 +35,7 @@ from .rewrite_imports import rewrite_imports
 from .scanner import ScanResult, Use, might_use_apex, scan
 from .sources import (NotScanned, PlainFile, SkippedFile, SourceFile, iter_python_files, linked_outside, load_source,
                       missing_paths, parses, write_source)
+from .native_levels import LevelChoice, LevelChoiceError, parse_level_choice
 from .to_native import to_native
 
 __all__ = ["main", "scan", "rewrite_imports", "to_native"]
@@ -55,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --write/--to-native: print a unified diff instead of writing")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a use will not run on ampcompat, or a file that mentions Apex could not be read")
+    parser.add_argument("--opt-level", metavar="LEVEL",
+                        help="with --to-native: convert amp.initialize calls whose opt_level is only known at run time "
+                             "as if LEVEL (O1..O5) were written there, or keep choosing at run time (from-args, "
+                             "from-args:O2=O4,...)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="skip files and folders whose name or path (relative to the folder given) matches GLOB "
                              "(repeatable; e.g. --exclude tests --exclude '*_pb2.py')")
@@ -82,6 +88,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_usage(sys.stderr)
         print("python -m ampcompat migrate: error: --diff needs --write or --to-native", file=sys.stderr)
         return 2
+    choice: Optional[LevelChoice] = None
+    if args.opt_level is not None:
+        if not args.to_native:
+            parser.print_usage(sys.stderr)
+            print("python -m ampcompat migrate: error: --opt-level needs --to-native", file=sys.stderr)
+            return 2
+        try:
+            choice = parse_level_choice(args.opt_level)
+        except LevelChoiceError as exc:
+            parser.print_usage(sys.stderr)
+            print(f"python -m ampcompat migrate: error: {exc}", file=sys.stderr)
+            return 2
     missing = missing_paths(args.paths)
     if missing:
         print(f"python -m ampcompat migrate: error: no such file or directory: {', '.join(missing)} "
@@ -101,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         named = set(args.paths)
         for result in results:
             progress.advance("rewriting")
-            change = _kept_as_is(result, folders, named) or _migrate_file(result, mode, args.diff, report, context)
+            change = _kept_as_is(result, folders, named) or _migrate_file(result, mode, args.diff, report, context,
+                                                                          choice)
             if change is None:
                 report.failed.append(result.source.path)
             else:
@@ -180,7 +199,7 @@ def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> D
 
 
 def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report,
-                  exported: Dict[str, Set[str]]) -> Optional[FileChange]:
+                  exported: Dict[str, Set[str]], choice: Optional[LevelChoice] = None) -> Optional[FileChange]:
     """Rewrite one file; ``None`` (with the reason in ``report.skipped``) if it could not be written."""
     source = result.source
     try:
@@ -188,11 +207,13 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
             rewrite = rewrite_imports(result)
             new_text, notes, converted = rewrite.text, rewrite.notes, 0
         else:
-            native = to_native(result, exported.get(source.path, set()))
+            native = to_native(result, exported.get(source.path, set()), choice)
             new_text, notes, converted = native.text, native.notes, native.converted
             if native.failed:
                 report.skipped.append(SkippedFile(source.path, native.failed))
                 return None
+            if native.level_unknown and _converts_with_a_level(result, exported.get(source.path, set())):
+                report.convert_with_level.append(source.path)
     except Exception as exc:  # a rewriter bug leaves this file alone and the run going
         report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while rewriting: {exc!r}"))
         return None
@@ -208,6 +229,15 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
         written = True
     native_state = (native.on_ampcompat, native.imports_apex) if mode == "to-native" else (False, False)
     return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted, *native_state)
+
+
+def _converts_with_a_level(result: ScanResult, exported: Set[str]) -> bool:
+    """Whether ``--opt-level O1`` would leave the file with neither Apex nor ampcompat."""
+    try:
+        native = to_native(result, exported, parse_level_choice("O1"))
+    except Exception:  # the real rewrite already ran; this estimate must not end the run
+        return False
+    return not (native.failed or native.on_ampcompat or native.imports_apex)
 
 
 def _write(source: SourceFile, new_text: str, checked: bool = False) -> Optional[str]:

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .catalogue import ENTRIES, Verdict
 from .native_amp import is_amp_use
+from .native_fp16_optimizer import WRAPPERS
 from .plan import RewritePlan
 from .scanner import Use
 
@@ -31,8 +32,8 @@ def convert_calls(plan: RewritePlan) -> None:
     use is left as written and the import decides what the name means (see :mod:`native_imports`).
     """
     for use in plan.result.uses:
-        if is_amp_use(use) or plan.is_converted(use) or not use.exclusive:
-            continue
+        if is_amp_use(use) or plan.is_converted(use) or not use.exclusive or use.api in WRAPPERS:
+            continue  # amp and FP16_Optimizer loops are converted (or reported) as a whole
         if use.kind in ("import", "string", "check"):
             continue  # imports follow their names (native_imports); checks by name are the guards' (to_native)
         converter = _CONVERTERS.get(use.api)
@@ -176,9 +177,9 @@ def _class_reference(plan: RewritePlan, use: Use, target: str, defaults: Dict[st
     ``functools.partial`` that keeps Apex's defaults (``defaults``), with ``todo`` left where it is."""
     context = _value_context(use.node, plan.parents)
     if context == "base":
+        passing = f" and pass {', '.join(f'{k}={v}' for k, v in defaults.items())} in __init__" if defaults else ""
         return (f"a subclass of Apex's `{use.api.rsplit('.', 1)[1]}`: it keeps Apex's behaviour on ampcompat; to "
-                f"move to `{target}`, subclass it and pass {', '.join(f'{k}={v}' for k, v in defaults.items())} "
-                "in __init__ by hand")
+                f"move to `{target}`, subclass it{passing} by hand")
     if context == "type" or not defaults:
         plan.replace(use.node, target)
     else:

@@ -23,7 +23,7 @@ import ast
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import catalogue, provided
 from .callargs import has_starred
@@ -31,8 +31,8 @@ from .edits import Edit
 from .exports import STAR, listed_in_all
 from .plan import RewritePlan
 from .rewrite_imports import import_alias_replacement, import_statement_edits
-from .scanner import Use
-from .syntax import block_of
+from .scanner import Use, catches_import_error
+from .syntax import block_of, root_name, stored_names
 
 _REMOVE, _NATIVE, _AMPCOMPAT, _LEAVE, _OTHER = "remove", "native", "ampcompat", "leave", "other"
 
@@ -81,7 +81,7 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
     for use in result.uses:
         if use.kind == "import":
             import_uses.setdefault(id(use.node), []).append(use)
-    gone = {id(_root_name(use.node)) for use in result.uses if plan.is_converted(use)}
+    gone = {id(root_name(use.node)) for use in result.uses if plan.is_converted(use)}
     removals: List[ast.stmt] = []
     on_ampcompat = imports_apex = False
     rebound = 0
@@ -107,23 +107,43 @@ def align_imports(plan: RewritePlan, exported: AbstractSet[str]) -> ImportOutcom
             continue
         else:
             _replace_statement(plan, node, _regenerated(plan, node, decisions))
-    _remove_statements(plan, removals)
+    _remove_statements(plan, _with_disposable_tries(plan, removals))
     return ImportOutcome(on_ampcompat, imports_apex, rebound)
+
+
+def disposable_import_try(statement: ast.stmt, removed: Callable[[ast.stmt], bool]) -> bool:
+    """Whether a ``try`` exists only for imports that go away: its body is such imports (``removed``), its
+    handlers catch ``ImportError`` and bind nothing but the names those imports bound (``amp = None``),
+    or raise or print. Under ampcompat the imports succeeded and the handler never ran; natively there is
+    nothing left to try."""
+    if not isinstance(statement, ast.Try) or statement.orelse or statement.finalbody:
+        return False
+    if not all(isinstance(item, ast.Pass) or removed(item) for item in statement.body):
+        return False
+    names = {(alias.asname or alias.name).split(".")[0] for item in statement.body
+             if isinstance(item, (ast.Import, ast.ImportFrom)) for alias in item.names}
+    return all(catches_import_error(handler) and all(stored_names(item) <= names for item in handler.body)
+               for handler in statement.handlers)
+
+
+def _with_disposable_tries(plan: RewritePlan, removals: List[ast.stmt]) -> List[ast.stmt]:
+    """``removals``, with each ``try`` that only held some of them (see :func:`disposable_import_try`) in
+    their place."""
+    removed = {id(statement) for statement in removals}
+    tries: List[ast.stmt] = []
+    for statement in removals:
+        owner = plan.parents.get(statement)
+        if isinstance(owner, ast.Try) and not any(owner is known for known in tries) \
+                and disposable_import_try(owner, lambda item: id(item) in removed) and plan.text.owns_lines(owner):
+            tries.append(owner)
+    inside = {id(item) for owner in tries for item in owner.body}
+    return [statement for statement in removals if id(statement) not in inside] + tries
 
 
 def _imports_ampcompat(node: ast.stmt) -> bool:
     if isinstance(node, ast.Import):
         return any(alias.name.split(".")[0] == "ampcompat" for alias in node.names)
     return isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "ampcompat"
-
-
-def _root_name(node: ast.AST) -> ast.AST:
-    """``amp`` in ``amp.initialize(...)`` / ``apex.parallel.X``: the name a use goes through."""
-    if isinstance(node, ast.Call):
-        node = node.func
-    while isinstance(node, ast.Attribute):
-        node = node.value
-    return node
 
 
 class _Context:
@@ -162,6 +182,9 @@ class _Context:
         api = self._api(alias, local, mapped[0])
         reasons = self._needed(local, alias, reads) or self._loads_a_submodule_for(alias)
         if mapped[1] == "ampcompat":
+            stand_in = self.plan.stand_ins.get(api)
+            if reasons and stand_in and all(self._accepts(stand_in, read, {}, None) for read in reads):
+                return _Decision(_NATIVE, alias, local, api, reasons, stand_in, reads=len(reads))
             return _Decision(_OTHER if reasons else _REMOVE, alias, local, api, "nothing uses it any more",
                              on_ampcompat=bool(reasons))
         module_path = alias.name if isinstance(node, ast.Import) else node.module or ""  # type: ignore[attr-defined]
@@ -229,7 +252,7 @@ class _Context:
         """The torch expression the name can be bound to for every read it reaches, or ``""``."""
         exported = self.at_module_level and (local in self.exported or local in self.public
                                               or (STAR in self.exported and not local.startswith("_")))
-        drop_in = catalogue.NATIVE_BINDINGS.get(api)
+        drop_in = self.plan.stand_ins.get(api) or catalogue.NATIVE_BINDINGS.get(api)
         if drop_in is not None and all(self._accepts(drop_in, read, {}, None) for read in reads):
             return drop_in
         partial = catalogue.NATIVE_PARTIALS.get(api)
@@ -248,6 +271,8 @@ class _Context:
         ``isinstance``) only works with the object itself, not a partial.
         """
         parent = self.plan.parents.get(read)
+        if isinstance(parent, ast.ClassDef) and any(read is base for base in parent.bases):
+            return False  # a subclass keeps Apex's class (its behaviour differs from torch's under autocast)
         if not (isinstance(parent, ast.Call) and parent.func is read):
             return positional is None
         value = _torch_object(target)

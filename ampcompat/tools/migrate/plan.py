@@ -18,6 +18,7 @@ from .scanner import ScanResult, Use
 from .syntax import statement_of
 
 TODO_PREFIX = "# TODO(ampcompat): "
+_CONTINUATION = "#   "
 _TODO_WIDTH = 100
 
 
@@ -41,8 +42,13 @@ class RewritePlan:
         self.modules: Set[str] = set()
         """Modules the new code refers to by name (``functools``); ``torch`` is :attr:`uses_torch`."""
         self.notes: List[Note] = []
+        self.stand_ins: Dict[str, str] = {}
+        """Apex name -> the torch object its import binds instead where reads of it remain (``apex.amp`` ->
+        ``torch.amp`` for ``amp is not None`` checks)."""
         self._todos: List[Tuple[ast.stmt, str]] = []
-        self._wrapped: List[Tuple[int, int]] = []
+        self._superseding: List[Edit] = []
+        self._wrapped: List[Tuple[int, int, str, Edit]] = []
+        """Regions put in a new block: first and last line, the indentation unit added, the header's edit."""
         self._taken = set(_identifiers(result.nodes))
         self._fresh: Dict[str, str] = {}
 
@@ -77,17 +83,42 @@ class RewritePlan:
     def replace_statement(self, statement: ast.stmt, lines: List[str]) -> None:
         """Replace the whole lines of a statement that owns them with ``lines`` (indented like it).
 
-        Comments inside the replaced lines are kept, each on its own line above the new code.
+        Comments inside the replaced lines are kept, each on its own line above the new code, except
+        ``TODO(ampcompat)`` comments an earlier run left there or just above: the code they were about is
+        being rewritten.
         """
         text = self.text
         indent = text.indentation(statement.lineno)
         newline = text.newline(statement.lineno)
-        start = text.line_start(statement.lineno)
+        start = text.line_start(self._stale_todos_above(statement.lineno))
         end = text.line_end(statement.end_lineno)  # type: ignore[arg-type]
-        body = newline.join(indent + line for line in text.comments_in(start, end) + lines)
-        if text.text[start:end].endswith(("\n", "\r")):
+        comments = _without_todos(text.comments_in(text.line_start(statement.lineno), end))
+        body = newline.join(indent + line for line in comments + lines)
+        if body and text.text[start:end].endswith(("\n", "\r")):
             body += newline
         self.edits.append(Edit(start, end, body))
+
+    def supersede_statement(self, statement: ast.stmt, lines: List[str]) -> None:
+        """Replace a statement that owns its lines, and every other edit inside it, with ``lines``.
+
+        For a statement whose whole content goes away (an ``if`` that only guarded an import and
+        ``amp.initialize``): the edits other rewrites planned inside it are dropped at render time.
+        """
+        self.replace_statement(statement, lines)
+        self._superseding.append(self.edits[-1])
+
+    def is_superseded(self, node: ast.AST) -> bool:
+        """Whether ``node`` lies in text a :meth:`supersede_statement` replaces."""
+        start, end = self.text.span(node)
+        return any(edit.start <= start and end <= edit.end for edit in self._superseding)
+
+    def remove_statement(self, statement: ast.stmt) -> None:
+        """Remove the lines of a statement that owns them (its comments stay, each on its own line)."""
+        self.replace_statement(statement, [])
+
+    def insert_at(self, offset: int, text: str) -> None:
+        """Insert ``text`` at ``offset`` of the original text."""
+        self.edits.append(Edit(offset, offset, text))
 
     def wrap_in_block(self, first: ast.stmt, last: ast.stmt, header: str) -> None:
         """Put the lines from ``first`` to ``last`` under ``header`` (e.g. ``with torch.autocast(...):``).
@@ -98,11 +129,12 @@ class RewritePlan:
         indent = self.text.indentation(first.lineno)
         unit = "\t" if "\t" in indent else "    "
         start = self.text.line_start(first.lineno)
-        self.edits.append(Edit(start, start, indent + header + self.text.newline(first.lineno)))
+        header_edit = Edit(start, start, indent + header + self.text.newline(first.lineno))
+        self.edits.append(header_edit)
         for lineno in range(first.lineno, last.end_lineno + 1):  # type: ignore[operator]
             if self.text.line(lineno).strip():
                 self.edits.append(Edit(self.text.line_start(lineno), self.text.line_start(lineno), unit))
-        self._wrapped.append((first.lineno, last.end_lineno))  # type: ignore[arg-type]
+        self._wrapped.append((first.lineno, last.end_lineno, unit, header_edit))  # type: ignore[arg-type]
 
     def insert_lines_before(self, statement: ast.stmt, lines: List[str]) -> None:
         """Insert ``lines`` above ``statement``, at its indentation."""
@@ -139,14 +171,25 @@ class RewritePlan:
                 the offset falls inside text another edit replaces, it moves to that edit's start.
         """
         comments = []
+        headers: Dict[int, Edit] = {}
         for anchor, message in self._todos:
             position, indent = self._comment_position(anchor)
             newline = self.text.newline(anchor.lineno)
+            region = self._wrapping(anchor.lineno) if position == self.text.line_start(anchor.lineno) else None
+            if region is not None:  # inside a new block: the comment goes in it, above its statement
+                indent += region[2]
             lines = [indent + line for line in todo_lines(message, indent)]
             if self._comment_above(position, lines):
                 continue
-            comments.append(Edit(position, position, "".join(line + newline for line in lines)))
-        edits = comments + self.edits
+            text = "".join(line + newline for line in lines)
+            if region is not None and region[0] == anchor.lineno:  # the block's first statement: after its header
+                header = headers.get(id(region[3]), region[3])
+                headers[id(region[3])] = Edit(header.start, header.end, header.replacement + text)
+            else:
+                comments.append(Edit(position, position, text))
+        edits_now = [headers.get(id(edit), edit) for edit in self.edits]
+        kept = [edit for edit in edits_now if not any(_inside(edit, outer) for outer in self._superseding)]
+        edits = comments + kept
         if top is not None:
             offset, insertion = top
             covering = [edit.start for edit in self.edits if edit.start < offset < edit.end]
@@ -168,6 +211,19 @@ class RewritePlan:
         return any(above[i : i + len(lines)] == lines for i in range(len(above) - len(lines) + 1))
 
     # -- helpers -------------------------------------------------------------------------------
+    def _stale_todos_above(self, lineno: int) -> int:
+        """The first line of the ``TODO(ampcompat)`` comments right above line ``lineno`` (``lineno`` if none)."""
+        first = lineno
+        above = lineno - 1
+        while above >= 1:
+            line = self.text.line(above).strip()
+            if line.startswith(TODO_PREFIX):
+                first = above
+            elif not line.startswith(_CONTINUATION):
+                break
+            above -= 1
+        return first
+
     def _line_owning_statement(self, statement: ast.stmt) -> ast.stmt:
         """The innermost statement, from ``statement`` outwards, that starts its own line.
 
@@ -184,20 +240,44 @@ class RewritePlan:
             current = parent
         return current
 
+    def _wrapping(self, lineno: int) -> Optional[Tuple[int, int, str, Edit]]:
+        """The region put in a new block that holds line ``lineno``, if any."""
+        return next((region for region in self._wrapped if region[0] <= lineno <= region[1]), None)
+
     def _comment_position(self, anchor: ast.stmt) -> Tuple[int, str]:
         """Where a comment line above ``anchor`` goes, and its indentation.
 
-        That is the anchor's line start, unless the line lies in lines that are rewritten as a whole
-        or wrapped in a new block: then the comment goes above those lines.
+        That is the anchor's line start, unless the line lies in lines that are rewritten as a whole:
+        then the comment goes above those lines. (A line wrapped in a new block keeps its comment right
+        above it, inside the block: see :meth:`render`.)
         """
         lineno = anchor.lineno
         while True:
             position = self.text.line_start(lineno)
             covering = [edit.start for edit in self.edits if edit.start < position < edit.end]
-            covering += [self.text.line_start(first) for first, last in self._wrapped if first < lineno <= last]
             if not covering:
                 return position, self.text.indentation(lineno)
             lineno = bisect.bisect_right(self.text.line_starts, min(covering))
+
+
+def _inside(edit: Edit, outer: Edit) -> bool:
+    """Whether ``edit`` lies within what ``outer`` replaces (an insertion at either end of it does not)."""
+    if edit is outer:
+        return False
+    if edit.start == edit.end:
+        return outer.start < edit.start < outer.end
+    return outer.start <= edit.start and edit.end <= outer.end
+
+
+def _without_todos(comments: List[str]) -> List[str]:
+    """``comments`` without ``TODO(ampcompat)`` comments and their continuation lines."""
+    kept: List[str] = []
+    in_todo = False
+    for comment in comments:
+        in_todo = comment.startswith(TODO_PREFIX) or (in_todo and comment.startswith(_CONTINUATION))
+        if not in_todo:
+            kept.append(comment)
+    return kept
 
 
 def todo_lines(message: str, indent: str = "") -> List[str]:

@@ -54,6 +54,9 @@ class Report:
         dry_run: ``--diff``: changes are shown, not written.
         not_scanned: folders not entered by default (virtual environments, installed packages).
         failed: files a rewrite was planned for but could not be written (they are in ``skipped`` too).
+        convert_with_level: ``--to-native`` without ``--opt-level``: files whose amp calls stayed on
+            ampcompat only because their opt level is chosen at run time, and that ``--opt-level O1``
+            would leave with neither Apex nor ampcompat.
     """
 
     mode: str
@@ -65,6 +68,7 @@ class Report:
     dry_run: bool = False
     not_scanned: List[NotScanned] = field(default_factory=list)
     failed: List[str] = field(default_factory=list)
+    convert_with_level: List[str] = field(default_factory=list)
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for use in self.uses if use.verdict is verdict)
@@ -94,6 +98,7 @@ class Report:
         if self.mode == "to-native":
             counts["on_ampcompat"] = sum(1 for change in self.changes if change.on_ampcompat)
             counts["imports_apex"] = sum(1 for change in self.changes if change.imports_apex)
+            counts["convert_with_opt_level"] = len(self.convert_with_level)
         return counts
 
 
@@ -133,6 +138,9 @@ def summary_line(report: Report) -> str:
         if counts["on_ampcompat"]:
             line += f" {_plural(counts['on_ampcompat'], 'file')} still {_verb(counts['on_ampcompat'], 'use')} " \
                     "ampcompat."
+        if counts["convert_with_opt_level"]:
+            line += f" {_plural(counts['convert_with_opt_level'], 'file')} would convert fully with --opt-level O1 " \
+                    "(the opt_level is only known at run time)."
     if counts.get("failed"):
         line += f" {_plural(counts['failed'], 'file')} could not be rewritten (see above)."
     return line

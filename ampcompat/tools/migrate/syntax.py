@@ -102,3 +102,12 @@ def dotted_name(node: ast.AST) -> Optional[List[str]]:
         return None
     parts.append(node.id)
     return parts[::-1]
+
+
+def root_name(node: ast.AST) -> ast.AST:
+    """``amp`` in ``amp.initialize(...)`` / ``apex.parallel.X``: the node a use's chain starts from."""
+    if isinstance(node, ast.Call):
+        node = node.func
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node

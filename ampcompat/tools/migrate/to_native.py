@@ -25,6 +25,8 @@ from . import guards
 from .alias_line import ALIAS_STATEMENTS, alias_line_removal, alias_line_text, top_of_module
 from .native_amp import convert_amp
 from .native_calls import convert_calls
+from .native_fp16_optimizer import convert_fp16_optimizers
+from .native_levels import LevelChoice
 from .native_imports import ImportOutcome, align_imports
 from .plan import RewritePlan
 from .rewrite_imports import Note, apex_imports_are_optional
@@ -48,6 +50,8 @@ class NativeRewrite:
         failed: why the file could not be rewritten (``""`` when it could).
         on_ampcompat: the new text still needs ampcompat.
         imports_apex: the new text still imports ``apex`` (or one of its compiled modules).
+        level_unknown: the amp calls stayed on ampcompat at an ``opt_level`` only known at run time, with no
+            ``--opt-level`` given.
     """
 
     text: str
@@ -56,14 +60,17 @@ class NativeRewrite:
     failed: str = ""
     on_ampcompat: bool = False
     imports_apex: bool = False
+    level_unknown: bool = False
 
 
-def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> NativeRewrite:
+def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset(),
+              choice: Optional[LevelChoice] = None) -> NativeRewrite:
     """Rewrite a scanned file's Apex uses to plain PyTorch where that is mechanical.
 
     Args:
         result: the scan of the file.
         exported: names other files of the scanned tree import from this one (kept bound).
+        choice: what ``--opt-level`` said about opt levels only known at run time (``None``: not given).
 
     Returns:
         The new text, the notes, and the number of uses converted.
@@ -71,7 +78,8 @@ def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> N
     if not result.uses and not result.alias_statements:
         return NativeRewrite(result.source.text, (), 0)
     plan = RewritePlan(result)
-    convert_amp(plan)
+    amp = convert_amp(plan, choice)
+    convert_fp16_optimizers(plan)
     convert_calls(plan)
     outcome = align_imports(plan, exported)
     alias = _keep_checks_answering(plan, outcome)
@@ -86,7 +94,7 @@ def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset()) -> N
                                                                  for u in result.uses))
     notes = sorted(plan.todo_notes() + plan.notes, key=lambda note: (note.line, note.col))
     return NativeRewrite(text, tuple(notes), len(plan.converted) + outcome.rebound, "",
-                         outcome.on_ampcompat or bool(alias), outcome.imports_apex)
+                         outcome.on_ampcompat or bool(alias), outcome.imports_apex, amp.level_unknown)
 
 
 # --- checks for Apex by name and the alias line --------------------------------------------------------
@@ -115,7 +123,8 @@ def _keep_checks_answering(plan: RewritePlan, outcome: ImportOutcome) -> str:
         plan.notes.append(Note(result.alias_statements[0].lineno, 1, f"removed `{ALIAS_STATEMENTS}`: nothing in "
                                                                       "this file uses Apex or ampcompat any more"))
     for check in checks:
-        _answer_check(plan, check)
+        if not plan.is_superseded(check.node):  # gone with the code it guarded
+            _answer_check(plan, check)
     return ""
 
 
