@@ -157,7 +157,7 @@ def _cuda_only() -> List[str]:
 
 
 _fused_devices = _private(torch, "utils._foreach_utils._get_fused_kernels_supported_devices", _cuda_only)
-_capturable_devices = _private(torch, "optim.optimizer._get_capturable_supported_devices", _cuda_only)
+_capturable_devices = _private(torch_optimizer_module, "_get_capturable_supported_devices", _cuda_only)
 
 # --- torch.amp.GradScaler's internals, for Apex's FusedAdam(step(grad_scaler=...)) ---------------------
 # A GradScaler hands itself to a fused optimizer's step; the optimizer reads the scaler's per-device

@@ -155,6 +155,18 @@ def test_optimizer_device_lists_name_cuda():
     assert "cuda" in set(compat.capturable_optimizer_devices())
 
 
+def test_optimizer_device_lists_are_torchs_own_where_it_has_them():
+    """The CUDA-only fallback is for a torch without the lookup, not for a lookup spelled wrong."""
+    import torch.optim.optimizer as optimizer_module
+    import torch.utils._foreach_utils as foreach_utils
+    torch_capturable = getattr(optimizer_module, "_get_capturable_supported_devices", None)
+    torch_fused = getattr(foreach_utils, "_get_fused_kernels_supported_devices", None)
+    if torch_capturable is not None:
+        assert list(compat.capturable_optimizer_devices()) == list(torch_capturable())
+    if torch_fused is not None:
+        assert list(compat.fused_optimizer_devices()) == list(torch_fused())
+
+
 def test_optimizer_attribute_protocols_are_the_ones_torch_uses():
     param = nn.Parameter(torch.ones(2))
     fused = torch.optim.AdamW([param], fused=True) if "cpu" in set(compat.fused_optimizer_devices()) else None
