@@ -407,8 +407,8 @@ def test_the_default_sample_meets_every_level_with_every_fault_kind() -> None:
 def _skip_broken_torch_kernel(level: str, optimizer: str, device: str) -> None:
     if device == "cpu" and level == "O3" and optimizer == "sgd_momentum_fused":
         # O3 steps the FP16 params themselves, and torch 2.13's CPU fused SGD kernel leaves FP16/BF16
-        # params unchanged (plain SGD, lr=0.05, grad 1.02: the param stays 0.0). A torch bug: the
-        # plain-PyTorch reference cannot run either.
+        # tensors of 16 or more elements unchanged (its vectorised path; shorter ones update). A torch
+        # bug, seen with plain torch.optim.SGD(fused=True) alone: the plain-PyTorch reference cannot run.
         pytest.skip("torch's CPU fused SGD kernel does not update FP16 parameters")
 
 
