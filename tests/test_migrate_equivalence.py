@@ -244,7 +244,7 @@ def loops_matrix(tmp_path_factory):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("program", TRAINING_LOOPS.programs, ids=lambda p: " ".join((p.script,) + p.args))
 def test_training_loops_train_the_same_after_every_mode(loops_matrix, program, mode):
-    """Issue 26: each real training-loop shape, converted with --to-native --opt-level O1 (and after --write), trains
+    """Each real training-loop shape, converted with --to-native --opt-level O1 (and after --write), trains
     under plain PyTorch -- with Apex and ampcompat impossible to import where the conversion left neither -- to the
     original's losses (O1: float rounding; O2/FP16_Optimizer: the documented O1 recipe)."""
     outputs, _ = loops_matrix

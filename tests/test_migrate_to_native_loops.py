@@ -1,4 +1,4 @@
-"""``migrate --to-native`` on real training loops (issue 26): the level option, checkpoints, runtime levels, the
+"""``migrate --to-native`` on real training loops: the level option, checkpoints, runtime levels, the
 GradScaler's unscaling and skip-aware schedulers, and what stays on ampcompat.
 
 The shapes themselves train like the originals in ``test_migrate_equivalence.py`` (``TRAINING_LOOPS``); here are the
