@@ -179,7 +179,9 @@ def _mp_lists(sizes, grad_dtype, master, device, seed, scale=256.0):
     state_dtype = torch.float32 if master else grad_dtype
     grads = randn(sizes, grad_dtype, device, seed, scale=scale)
     exp_avgs = [t.abs().to(state_dtype) * 0.1 for t in randn(sizes, torch.float32, device, seed + 2)]
-    exp_avg_sqs = [t.abs().to(state_dtype) * 0.01 for t in randn(sizes, torch.float32, device, seed + 3)]
+    # A floor under the second moments: with ~10^7 draws some |randn| * 0.01 come so close to 0 that the
+    # update overflows an FP16 gradient, which (as in Apex) skips the whole step by design.
+    exp_avg_sqs = [(t.abs() * 0.01 + 1e-4).to(state_dtype) for t in randn(sizes, torch.float32, device, seed + 3)]
     return grads, params, exp_avgs, exp_avg_sqs, (model if master else None)
 
 

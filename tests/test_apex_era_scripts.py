@@ -220,7 +220,9 @@ def _check_sentiment_lm_run(result, initial, twin, opt_level):
     for key in normed:  # the restored weight is the trained g * v / ||v||, in the model's dtype
         g, v = result["weight_norm_state"][key], result["weight_norm_state"][key[:-2] + "_v"]
         expected = (v * (g / v.norm(dim=1, keepdim=True))).to(getattr(torch, model_dtype.split(".")[1]))
-        torch.testing.assert_close(result["state"][key[:-2]], expected.float(), rtol=1e-6, atol=1e-6)
+        # one rounding of the model's dtype apart at most: CUDA reduces ||v|| in another order than the CPU
+        rtol = 2.0 ** -10 if model_dtype == "torch.float16" else 1e-6
+        torch.testing.assert_close(result["state"][key[:-2]], expected.float(), rtol=rtol, atol=1e-6)
     # Training matched the hand-written FP32 twin: the whole update within 5% of the twin's (FP16 rounding).
     update = torch.cat([(result["state"][key] - initial[key].cpu()).flatten() for key in twin])
     twin_update = torch.cat([(want - initial[key]).cpu().flatten() for key, want in twin.items()])

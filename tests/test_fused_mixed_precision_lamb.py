@@ -142,16 +142,28 @@ def test_grad_scaler_steps_match_the_reference_and_an_inf_step_changes_nothing(d
     assert [g["step"].item() for g in optimizer.param_groups] == [3, 3]
 
 
+def _torch_unscales(dtype: torch.dtype, device: str) -> bool:
+    """Whether torch's own unscale-and-check kernel (behind ``GradScaler.unscale_``) takes ``dtype`` here."""
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_([torch.ones(2, dtype=dtype, device=device)],
+                                                         torch.zeros(1, device=device), torch.ones(1, device=device))
+        return True
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
 def test_torchs_newer_protocol_and_an_unscaled_step_give_the_same_result(device):
     """``GradScaler`` may set ``grad_scale``/``found_inf`` on the optimizer instead of passing itself; and a
     plain ``step()`` on gradients already unscaled is the same step. (BF16: ``GradScaler.unscale_`` refuses
-    FP16 gradients.)"""
+    FP16 gradients; where torch's unscale kernel has no BF16 version either, CUDA, FP32 parameters.)"""
+    dtype = torch.bfloat16 if _torch_unscales(torch.bfloat16, device) else torch.float32
+    reduced = dtype if dtype != torch.float32 else None
     results = []
     for protocol in ("attributes", "unscaled", "scaler_unscaled_first"):
-        model = make_model(torch.bfloat16, device)
-        optimizer = FusedMixedPrecisionLamb(model.parameters(), lr=1e-2, reduced_precision_dtype=torch.bfloat16)
+        model = make_model(dtype, device)
+        optimizer = FusedMixedPrecisionLamb(model.parameters(), lr=1e-2, reduced_precision_dtype=reduced)
         scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 4)
-        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=torch.bfloat16)
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
         loss = model(x).float().square().mean()
         if protocol == "attributes":
             scaler.scale(loss).backward()
@@ -168,7 +180,7 @@ def test_torchs_newer_protocol_and_an_unscaled_step_give_the_same_result(device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 scaler.step(optimizer)
-        results.append([optimizer.state[p]["master_param"] for p in model.parameters()])
+        results.append([optimizer.state[p].get("master_param", p) for p in model.parameters()])
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-4)  # power-of-two scale: BF16 rounding only
@@ -288,3 +300,41 @@ def test_a_step_dispatches_a_fixed_number_of_ops_not_a_loop_over_tensors():
     assert _aten_ops_per_step(4, torch.float32) == _aten_ops_per_step(16, torch.float32)
     half = dict(reduced_precision_dtype=torch.float16)
     assert _aten_ops_per_step(16, torch.float16, **half) - _aten_ops_per_step(4, torch.float16, **half) == 32 - 8
+
+
+def _bf16_run_with_grad_scaler(device):
+    model = make_model(torch.bfloat16, device)
+    optimizer = FusedMixedPrecisionLamb(groups_of(model), lr=1e-2, reduced_precision_dtype=torch.bfloat16)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 10, growth_interval=1000)
+    data = torch.Generator().manual_seed(1)
+    skipped_unchanged = None
+    for step in range(3):
+        x = torch.randn(16, 6, generator=data).to(device=device, dtype=torch.bfloat16)
+        scaler.scale(model(x).float().square().mean()).backward()
+        if step == 1:
+            model[2].weight.grad[0, 0] = math.inf
+        scale, before = scaler.get_scale(), snapshot(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scaler.step(optimizer)
+        scaler.update()
+        if step == 1:
+            skipped_unchanged = same(snapshot(model, optimizer), before) and scaler.get_scale() == scale / 2
+        optimizer.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], skipped_unchanged
+
+
+def test_bf16_gradients_where_torchs_check_kernel_refuses_them(device, monkeypatch):
+    """torch's CUDA inf/NaN check kernel has no BF16 version, so ``GradScaler`` cannot check BF16 gradients
+    there: the optimizer checks them itself and records the flags where ``GradScaler.update`` reads them.
+    Forced here by making the kernel refuse; the same run without refusal (where torch can) must agree."""
+    reference, _ = _bf16_run_with_grad_scaler(device)
+
+    def refuse(self, optimizer):
+        raise NotImplementedError('"_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for \'BFloat16\'')
+
+    monkeypatch.setattr(torch.amp.GradScaler, "_check_inf_per_device", refuse)
+    weights, skipped_unchanged = _bf16_run_with_grad_scaler(device)
+    assert skipped_unchanged, "the inf step must change nothing and halve the scale"
+    for got, want in zip(weights, reference):
+        assert torch.equal(got, want)

@@ -50,7 +50,7 @@ def leaves(out):
 
 def scalar(out):
     """A loss touching every output tensor with different weights."""
-    return sum(((t.float() * torch.linspace(-1, 2, t.numel()).view_as(t)).sum() for t in leaves(out)))
+    return sum(((t.float() * torch.linspace(-1, 2, t.numel(), device=t.device).view_as(t)).sum() for t in leaves(out)))
 
 
 class Twin:
