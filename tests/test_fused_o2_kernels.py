@@ -25,9 +25,18 @@ import torch
 import _fused_o2_twins as twins
 from _fused_o2_twins import ADAMW_GROUPS, MIXED_SHAPES, SGD_GROUPS, Param, Twin, run_twin
 from ampcompat.amp import fused_o2
-from ampcompat.amp.fused_o2 import AdamTensors, FusedPlan, SGDTensors
+from ampcompat.amp.fused_o2 import AdamTensors, FusedPlan, SGDTensors, coverage
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+def _triton_the_kernels_accept() -> bool:
+    """Triton importable and not older than the fused kernels' verified floor (``coverage.MIN_TRITON``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+    from packaging.version import Version
+    return Version(triton.__version__) >= Version(coverage.MIN_TRITON)
+
+
+HAS_TRITON = _triton_the_kernels_accept()
 TESTS = Path(__file__).resolve().parent
 
 
@@ -247,7 +256,7 @@ def test_sgd_first_step_needs_the_verdict_on_the_host_and_momentum_must_match_th
 
 # --- Triton's interpreter (CPU) -----------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton >= 3.2: pip install triton")
 def test_twins_under_tritons_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
     out = subprocess.run([sys.executable, str(TESTS / "_fused_o2_twins.py")], capture_output=True, text=True,

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -35,8 +36,17 @@ from ampcompat.amp.fused_o2 import coverage
 from ampcompat.amp.master_weights import MasterWeights
 from ampcompat.optimizers import FusedAdam, FusedLAMB, FusedSGD
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton: pip install triton")
+def _triton_the_kernels_accept() -> bool:
+    """Triton importable and not older than the fused kernels' verified floor (``coverage.MIN_TRITON``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+    from packaging.version import Version
+    return Version(triton.__version__) >= Version(coverage.MIN_TRITON)
+
+
+HAS_TRITON = _triton_the_kernels_accept()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton >= 3.2: pip install triton")
 TESTS = Path(__file__).resolve().parent
 
 # Triton's interpreter rounds float32 to bfloat16 by truncation (CUDA rounds to nearest): O5 on CUDA only.
@@ -506,3 +516,16 @@ def test_cuda_speed_benchmark_reports_the_optimizer_phase(tmp_path):
         # the unfused path's FP32 master gradients (4 B/param) are allocated in the phase, the fused path's are not
         assert (unfused["optimizer_peak_bytes"] - o2["optimizer_peak_bytes"]) / params >= 3.0  # tiny: small blocks
     assert "Optimizer phase (end of backward to end of `step()`" in proc.stdout
+
+
+def test_a_triton_older_than_the_verified_floor_turns_the_fused_step_off_naming_both_versions(monkeypatch):
+    """Triton 3.0 (torch 2.4's) computes wrong updates under its interpreter: below the floor, unfused O2."""
+    fake = types.ModuleType("triton")
+    fake.__version__ = "3.0.0"
+    monkeypatch.setitem(sys.modules, "triton", fake)
+    reason = coverage.triton_version_error()
+    assert reason is not None and "3.0.0" in reason and coverage.MIN_TRITON in reason
+    fake.__version__ = coverage.MIN_TRITON
+    assert coverage.triton_version_error() is None
+    fake.__version__ = "3.6.0+git1234"
+    assert coverage.triton_version_error() is None

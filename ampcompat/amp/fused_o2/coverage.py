@@ -27,6 +27,10 @@ _failure: Optional[str] = None  # why a kernel could not run in this process; th
 _triton_error: Optional[str] = None
 _triton_checked = False
 
+#: The oldest Triton the fused kernels are verified with (their twin tests: Triton 3.2 and 3.8 under the
+#: interpreter, 3.6 on an H200). Triton 3.0 (torch 2.4's) computes wrong updates under its interpreter.
+MIN_TRITON = "3.2"
+
 
 def _triton_import_error() -> Optional[str]:
     global _triton_checked, _triton_error
@@ -38,7 +42,24 @@ def _triton_import_error() -> Optional[str]:
             kernels()
         except Exception as error:  # ImportError, or a Triton that does not match this torch
             _triton_error = f"Triton could not be imported ({type(error).__name__}: {error})"
+        else:
+            _triton_error = triton_version_error()
     return _triton_error
+
+
+def triton_version_error() -> Optional[str]:
+    """Why the importable Triton is too old for the fused kernels (None when it is recent enough)."""
+    import triton  # noqa: PLC0415 - only after the kernels imported it
+    from packaging.version import InvalidVersion, Version  # noqa: PLC0415
+
+    try:
+        too_old = Version(triton.__version__) < Version(MIN_TRITON)
+    except InvalidVersion:
+        return None
+    if too_old:
+        return (f"Triton {triton.__version__} is older than {MIN_TRITON}, the oldest the fused O2 kernels are "
+                f"verified with; upgrade torch (its Triton comes with it) for the fused step")
+    return None
 
 
 def set_enabled(enabled: Optional[bool]) -> None:
@@ -131,7 +152,9 @@ def adam_not_covered(optimizer: Any) -> Optional[str]:
     ``capturable``, ``differentiable``, hyper-parameters given as device tensors, subclasses that replace
     ``step``, and any other optimizer class.
     """
-    if not isinstance(optimizer, torch.optim.Adam) or not _own_step(optimizer, torch.optim.Adam):
+    # AdamW subclasses Adam in recent torch releases; in older ones it is a class with its own step.
+    if not any(isinstance(optimizer, cls) and _own_step(optimizer, cls)
+               for cls in (torch.optim.Adam, torch.optim.AdamW)):
         return f"{type(optimizer).__name__} is not torch.optim.Adam or AdamW"
     return _group_options(optimizer, _ADAM_FLAGS, ("lr", "betas", "eps", "weight_decay"))
 
@@ -192,7 +215,7 @@ def update_rule(optimizer: Any) -> Union[UpdateRule, str]:
     own = getattr(optimizer, RULE_METHOD, None)
     if own is not None:
         return own()
-    if isinstance(optimizer, torch.optim.Adam):
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         reason = adam_not_covered(optimizer)
         if reason is not None:
             return reason
