@@ -74,17 +74,39 @@ for line in sys.stdin:
 """
 
 
-def run_all(requests: List[dict]) -> List[dict]:
-    """Run every request (script, args, env) in its own fork of one warm interpreter."""
+def _driver_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("AMPCOMPAT_APEX_ALIAS", "WORLD_SIZE", "RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def run_all(requests: List[dict]) -> List[dict]:
+    """Run every request (script, args, env) in its own fork of one warm interpreter."""
     stdin = "".join(json.dumps(request) + "\n" for request in requests)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=stdin, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=stdin, env=_driver_env(), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     replies = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(replies) == len(requests), proc.stderr[-3000:]
     return replies
+
+
+class WarmRunner:
+    """The same driver kept open between requests, for tests that run scripts one at a time (a module fixture):
+    :meth:`run` sends one request and returns its reply (``code``, ``output``)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", _DRIVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=_driver_env())
+
+    def run(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def run_migrate(args: List[str]) -> Tuple[int, str]:

@@ -27,6 +27,8 @@ from ampcompat.tools.migrate.scanner import scan
 from ampcompat.tools.migrate.sources import SkippedFile, load_source
 from ampcompat.tools.migrate.to_native import to_native
 
+from _migrate_runs import WarmRunner
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "legacy_scripts"
 BAD_FILES = {
@@ -99,48 +101,6 @@ def require(modules):
         importlib.import_module(module)  # a rewritten import that names a missing module fails here
 
 
-_DRIVER = r"""
-import json, os, runpy, sys, traceback
-import torch, ampcompat  # imported once here; every script then runs in a forked child
-
-# Creating the first optimizer imports much of torch lazily (seconds): do it once, before forking.
-_warm = torch.nn.Parameter(torch.zeros(1))
-_warm.grad = torch.zeros(1)
-torch.optim.SGD([_warm], lr=0.1).step()
-
-for line in sys.stdin:
-    request = json.loads(line)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        os.dup2(write_end, 1)
-        os.dup2(write_end, 2)
-        code = 0
-        try:
-            for name in [m for m in sys.modules if m.split(".")[0] in request["forget"]]:
-                del sys.modules[name]
-            script = request["script"]
-            sys.path[:0] = request["path_prefix"] + [os.path.dirname(script)]
-            os.chdir(os.path.dirname(script))
-            sys.argv = [script] + request["args"]
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, errors="replace") as pipe:
-        output = pipe.read()
-    status = os.waitpid(pid, 0)[1]
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "output": output}), flush=True)
-"""
-
-
 class ScriptRunner:
     """Runs scripts like ``python script.py --steps N``, each in a fresh fork of a warm interpreter.
 
@@ -150,26 +110,18 @@ class ScriptRunner:
     """
 
     def __init__(self):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        env.pop("WORLD_SIZE", None)
-        self.process = subprocess.Popen([sys.executable, "-c", _DRIVER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.runner = WarmRunner()
 
-    def run(self, path, steps, block=()):
-        """The LOSS rows the script prints; ``block``: folders put first on sys.path, with
-        ``apex``/``ampcompat`` forgotten, so a script importing either fails."""
-        forget = ["apex", "ampcompat", "amp_C"] if block else []
-        request = {"script": str(path), "args": ["--steps", str(steps)], "path_prefix": [str(p) for p in block],
-                   "forget": forget}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        reply = json.loads(self.process.stdout.readline())
+    def run(self, path, steps, absent=False):
+        """The LOSS rows the script prints; ``absent``: ``apex`` and ``ampcompat`` cannot be imported, so a
+        script importing either fails."""
+        reply = self.runner.run({"script": str(path), "args": ["--steps", str(steps)],
+                                 "env": "absent" if absent else "plain"})
         assert reply["code"] == 0, reply["output"]
         return [line.split()[2:] for line in reply["output"].splitlines() if line.startswith("LOSS ")]
 
     def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        self.runner.close()
 
 
 @pytest.fixture(scope="module")
@@ -548,14 +500,6 @@ def test_written_scripts_train_three_steps(tmp_path, capsys, scripts, name):
 
 
 # --- --to-native ---------------------------------------------------------------------------------------
-def _blocker_package(root):
-    """A folder whose ``apex`` and ``ampcompat`` packages fail on import: proves a script uses neither."""
-    for name in ("apex", "ampcompat"):
-        (root / name).mkdir(parents=True)
-        (root / name / "__init__.py").write_text(f"raise ImportError('the native script imported {name}')\n")
-    return root
-
-
 @pytest.mark.parametrize("name", O1_TWINS)
 def test_to_native_o1_matches_the_ampcompat_run(tmp_path, capsys, scripts, name):
     """Acceptance 2: the native rewrite imports neither apex nor ampcompat and trains identically.
@@ -576,7 +520,7 @@ def test_to_native_o1_matches_the_ampcompat_run(tmp_path, capsys, scripts, name)
     assert "torch.amp.GradScaler(amp_device_type, init_scale=2.0**16, growth_interval=2000)" in text
     assert "with torch.autocast(amp_device_type, dtype=torch.float16):" in text
 
-    native_losses = scripts.run(native / name, steps=10, block=[_blocker_package(tmp_path / "block")])
+    native_losses = scripts.run(native / name, steps=10, absent=True)
     ampcompat_losses = scripts.run(written / name, steps=10)
     assert len(native_losses) == 10
     torch.testing.assert_close(torch.tensor([float(r[0]) for r in native_losses]),
