@@ -337,16 +337,7 @@ class _AmpConversion:
                                        "function; put its calls under torch.autocast by hand")
         if self.blockers:
             return
-        placement = place(self.init_statement, self.init.node, self.model_calls, parents,  # type: ignore[arg-type]
-                          self.model_ref, self.enabled, lambda test: None,
-                          [argument(self.init.node, "opt_level", 3)]  # type: ignore[arg-type]
-                          if self.recipe is not None and self.recipe.at_run_time else [])
-        self.blockers.extend(placement.blockers)
-        self.placement = placement
-        if placement.conditions or (self.recipe is not None and self.recipe.at_run_time):
-            self.flag = self.plan.fresh_name("amp_enabled")
-        if self.recipe is not None and self.recipe.at_run_time:
-            self.dtype_name = self.plan.fresh_name("amp_dtype")
+        self._place_nodes(self.model_calls, [])
 
     def _check_bindings(self) -> None:
         """A use that another binding of its name reaches is converted only when that binding is an
@@ -671,16 +662,21 @@ class _AmpConversion:
         for group in self.groups:
             nodes.extend(group.steps)
         nodes.extend(use.node for use in self.masters + self.states + self.disables)
-        extra = [node for node in (self.loss_scale_check,) if node is not None]
-        if self.recipe is not None and self.recipe.at_run_time:
-            extra.append(argument(self.init.node, "opt_level", 3))  # type: ignore[arg-type]
+        self._place_nodes(nodes, [node for node in (self.loss_scale_check,) if node is not None])
+
+    def _place_nodes(self, nodes: List[ast.AST], extra: List[ast.AST]) -> None:
+        """Where the GradScaler and the autocast flag go so that ``nodes`` (and the expressions in ``extra``) see
+        them, and the names a condition or a level chosen at run time needs."""
+        at_run_time = self.recipe is not None and self.recipe.at_run_time
+        if at_run_time:
+            extra = extra + [argument(self.init.node, "opt_level", 3)]  # type: ignore[union-attr,list-item]
         placement = place(self.init_statement, self.init.node, nodes, self.plan.parents,  # type: ignore[arg-type]
                           self.model_ref, self.enabled, lambda test: None, extra)
         self.blockers.extend(placement.blockers)
         self.placement = placement
-        if placement.conditions or (self.recipe is not None and self.recipe.at_run_time):
+        if placement.conditions or at_run_time:
             self.flag = self.plan.fresh_name("amp_enabled")
-        if self.recipe is not None and self.recipe.at_run_time:
+        if at_run_time:
             self.dtype_name = self.plan.fresh_name("amp_dtype")
 
     def _loop(self) -> None:
