@@ -167,28 +167,16 @@ _capturable_devices = _private(torch_optimizer_module, "_get_capturable_supporte
 def grad_scaler_found_inf_per_device(grad_scaler: Any, optimizer: Any) -> Dict[Any, torch.Tensor]:
     """``{device: found_inf}`` of ``optimizer``'s gradients (``GradScaler._check_inf_per_device``).
 
-    torch's CUDA check kernel has no bfloat16 version (``GradScaler`` itself cannot check bfloat16
-    gradients there): where it refuses, the gradients are checked here and the flags recorded in the
-    scaler's per-optimizer state, as its own check does, so ``GradScaler.update`` sees them.
+    Raises ``NotImplementedError`` where torch's check kernel has no version for the gradients' dtype
+    (BFloat16 on CUDA); the check runs with an inverse scale of 1, so no gradient was changed by then.
     """
-    try:
-        return grad_scaler._check_inf_per_device(optimizer)
-    except NotImplementedError:  # the check runs with an inverse scale of 1: no gradient was changed
-        found = _found_inf_per_device(optimizer)
-        grad_scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
-        return found
+    return grad_scaler._check_inf_per_device(optimizer)
 
 
-def _found_inf_per_device(optimizer: Any) -> Dict[Any, torch.Tensor]:
-    values_per_device: Dict[Any, List[torch.Tensor]] = {}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            grad = param.grad
-            if grad is not None:
-                values = grad.coalesce()._values() if grad.is_sparse else grad
-                values_per_device.setdefault(values.device, []).append(values)
-    return {device: torch.stack([v.isfinite().all() for v in values]).logical_not().any().float()
-            for device, values in values_per_device.items()}
+def grad_scaler_record_found_inf(grad_scaler: Any, optimizer: Any, found_per_device: Dict[Any, torch.Tensor]) -> None:
+    """Store ``{device: found_inf}`` where ``GradScaler.update`` reads it (``_per_optimizer_states``), as
+    ``_check_inf_per_device`` does."""
+    grad_scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found_per_device
 
 
 def grad_scaler_unscaled(grad_scaler: Any, optimizer: Any) -> bool:

@@ -21,8 +21,8 @@ import torch
 from . import _torch_compat
 
 from ._multi_tensor import lamb_math, update_rules
-from ._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, pick,
-                                       stack_scalars)
+from ._multi_tensor.tensor_lists import (LOW_PRECISION, Fp32Work, as_fp32, flag_where, group_indices, non_finite,
+                                       pick, stack_scalars)
 
 TensorLists = Sequence[Sequence[torch.Tensor]]
 
@@ -55,11 +55,6 @@ def _as_c_float(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def _non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One-element bool tensor: does any of ``tensors`` (one device) hold inf or NaN? Reads only."""
-    device = tensors[0].device
-    max_abs = stack_scalars(_torch_compat.foreach_norm(list(tensors), math.inf), device)
-    return ~torch.isfinite(max_abs).all()
 
 
 def _accumulation_dtype(tensor: torch.Tensor) -> Optional[torch.dtype]:
@@ -130,7 +125,7 @@ def multi_tensor_axpby(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: T
         x, y, out = pick(xs, indices), pick(ys, indices), pick(outs, indices)
         checked = {-1: x + y, 0: x, 1: y}.get(arg_to_check, [])
         if checked:
-            flag_where(noop_flag, _non_finite(checked))
+            flag_where(noop_flag, non_finite(checked))
         result = _torch_compat.foreach_mul(as_fp32(x), a)
         _torch_compat.foreach_add_(result, as_fp32(y), alpha=b)
         _torch_compat.foreach_copy_(out, result)

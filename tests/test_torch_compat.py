@@ -194,6 +194,16 @@ def test_grad_scaler_internals_read_what_a_fused_step_needs():
     assert [flag.item() for flag in flags.values()] == [1.0]
 
 
+def test_a_recorded_overflow_flag_is_the_one_grad_scaler_update_reads():
+    param = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(param.sum()).backward()  # finite: torch's own check would let the scale stand
+    compat.grad_scaler_record_found_inf(scaler, opt, {param.device: torch.ones(())})
+    scaler.update()
+    assert scaler.get_scale() == 4.0  # the recorded overflow backed the scale off
+
+
 def test_optimizer_step_hooks_registered_sees_every_public_way_to_register_one():
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 

@@ -6,6 +6,7 @@ grouping is pure bookkeeping, and up/down casts are one ``torch._foreach_copy_``
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
@@ -98,6 +99,14 @@ def capturable_supported(tensors: Sequence[torch.Tensor]) -> bool:
 def stack_scalars(scalars: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One 1-D FP32 tensor on ``device`` from 0-dim tensors (e.g. ``torch._foreach_norm`` results)."""
     return torch.stack([s.to(device=device, dtype=torch.float32) for s in scalars]).reshape(-1)
+
+
+def non_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One-element bool tensor: does any of ``tensors`` (one device) hold inf or NaN? Reads only: one
+    ``foreach_norm(inf)`` per dtype, no host read."""
+    device = tensors[0].device
+    max_abs = stack_scalars(_torch_compat.foreach_norm(list(tensors), math.inf), device)
+    return ~torch.isfinite(max_abs).all()
 
 
 def flag_where(flag: torch.Tensor, condition: torch.Tensor) -> None:

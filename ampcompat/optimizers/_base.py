@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from .. import _torch_compat
-from .._multi_tensor.tensor_lists import LOW_PRECISION
+from .._multi_tensor.tensor_lists import LOW_PRECISION, group_indices, non_finite, pick
 
 
 class FusedOptimizerBase(torch.optim.Optimizer):
@@ -132,6 +132,14 @@ def place_steps(states: List[Dict[str, torch.Tensor]], devices: List[torch.devic
     return steps
 
 
+def _found_inf_per_device(optimizer: torch.optim.Optimizer) -> Dict[torch.device, torch.Tensor]:
+    """``{device: found_inf}`` (0-dim float32, 1.0 where a gradient holds inf/NaN), as ``GradScaler`` keeps it."""
+    grads = [g.coalesce().values() if g.is_sparse else g
+             for group in optimizer.param_groups for g in (p.grad for p in group["params"]) if g is not None]
+    return {device: non_finite(pick(grads, indices)).float()
+            for device, indices in group_indices(grads, key=lambda g: g.device).items()}
+
+
 def scaler_tensors(optimizer: torch.optim.Optimizer,
                    grad_scaler: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(grad_scale, found_inf)`` from a ``GradScaler`` handing itself to ``step`` (its older protocol).
@@ -139,7 +147,11 @@ def scaler_tensors(optimizer: torch.optim.Optimizer,
     ``grad_scale`` is None when the scaler already unscaled this optimizer's gradients (``unscale_``);
     ``found_inf`` sums the scaler's inf/NaN findings over devices (checking the gradients if it has not).
     """
-    found_per_device = _torch_compat.grad_scaler_found_inf_per_device(grad_scaler, optimizer)
+    try:
+        found_per_device = _torch_compat.grad_scaler_found_inf_per_device(grad_scaler, optimizer)
+    except NotImplementedError:  # torch's CUDA check kernel has no BF16 version: check those gradients here
+        found_per_device = _found_inf_per_device(optimizer)
+        _torch_compat.grad_scaler_record_found_inf(grad_scaler, optimizer, found_per_device)
     device = next(iter(found_per_device.values())).device if found_per_device else None
     found_inf = sum(v.to(device) for v in found_per_device.values()) if found_per_device else None
     if _torch_compat.grad_scaler_unscaled(grad_scaler, optimizer):
