@@ -27,16 +27,8 @@ from _fused_o2_twins import ADAMW_GROUPS, MIXED_SHAPES, SGD_GROUPS, Param, Twin,
 from ampcompat.amp import fused_o2
 from ampcompat.amp.fused_o2 import AdamTensors, FusedPlan, SGDTensors, coverage
 
-def _triton_the_kernels_accept() -> bool:
-    """Triton importable and not older than the fused kernels' verified floor (``coverage.MIN_TRITON``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import triton
-    from packaging.version import Version
-    return Version(triton.__version__) >= Version(coverage.MIN_TRITON)
-
-
-HAS_TRITON = _triton_the_kernels_accept()
+# Triton importable and not older than the kernels' verified floor (coverage.MIN_TRITON)
+HAS_TRITON = importlib.util.find_spec("triton") is not None and coverage.triton_version_error() is None
 TESTS = Path(__file__).resolve().parent
 
 

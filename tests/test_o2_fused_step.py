@@ -36,16 +36,8 @@ from ampcompat.amp.fused_o2 import coverage
 from ampcompat.amp.master_weights import MasterWeights
 from ampcompat.optimizers import FusedAdam, FusedLAMB, FusedSGD
 
-def _triton_the_kernels_accept() -> bool:
-    """Triton importable and not older than the fused kernels' verified floor (``coverage.MIN_TRITON``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import triton
-    from packaging.version import Version
-    return Version(triton.__version__) >= Version(coverage.MIN_TRITON)
-
-
-HAS_TRITON = _triton_the_kernels_accept()
+# Triton importable and not older than the kernels' verified floor (coverage.MIN_TRITON)
+HAS_TRITON = importlib.util.find_spec("triton") is not None and coverage.triton_version_error() is None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton >= 3.2: pip install triton")
 TESTS = Path(__file__).resolve().parent
 
