@@ -92,6 +92,8 @@ TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
     Program("t09_checkpoint.py"),
     Program("t11_second_backward.py"),
     Program("t12_inference.py"),
+    Program("t13_clip_every_micro_batch.py", ("--fp16",)),
+    Program("t13_clip_every_micro_batch.py", ("--fp16", "--gradient_accumulation_steps", "3")),
     Program("k01_library_runs_apex.py"),
     Program("k02_contrib_kernel.py"),
     Program("k03_norm_subclass.py"),

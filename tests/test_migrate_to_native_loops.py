@@ -73,13 +73,13 @@ def test_opt_level_is_a_usage_error_without_to_native(tmp_path, capsys):
 
 def test_without_the_option_the_summary_counts_the_files_it_would_convert(tmp_path):
     """Runtime levels stay on ampcompat without --opt-level, each with the advice at its line, and the summary line
-    says how many files --opt-level O1 would leave with neither Apex nor ampcompat (t01, t02, t06, t10)."""
+    says how many files --opt-level O1 would leave with neither Apex nor ampcompat (t01, t02, t06, t10, t13)."""
     names = [path.name for path in LOOPS.glob("t*.py")]
     folder = tmp_path / "loops"
     shutil.copytree(LOOPS, folder)
     code, out = run_migrate([folder, "--to-native"])
     assert code == 0, out
-    assert out.splitlines()[-1].endswith("4 files would convert fully with --opt-level O1 (the opt_level is only "
+    assert out.splitlines()[-1].endswith("5 files would convert fully with --opt-level O1 (the opt_level is only "
                                          "known at run time).")
     assert "t01_hf_fp16_flag.py:20:9: TODO(ampcompat): opt_level is only known at run time (it is not a literal); " \
            "rerun with --opt-level O1" in out
@@ -222,21 +222,31 @@ def todos(tmp_path, source, *flags):
                          if "TODO(ampcompat): " in note.message]
 
 
-def test_clipping_after_every_micro_batch_stays_on_ampcompat(tmp_path):
-    """Swin's accumulation branch clipped the partial sums after every backward pass: a GradScaler unscales once per
-    step, so there is no faithful native rewrite and the amp calls stay, with the reason at the clipping line."""
-    text, found = todos(tmp_path, """\
+def test_clipping_after_every_micro_batch_clips_the_scaled_sums_and_other_reads_stay(tmp_path):
+    """Swin's accumulation branch clipped the partial sums after every backward pass. A GradScaler unscales once per
+    step, but clipping commutes with the scale: the scaled sums are clipped at the threshold times the scale, and a
+    kept norm is divided by it (t13 trains like the original). Any other read of those partial sums has no faithful
+    native form and keeps the amp calls on ampcompat, with the reason at the line."""
+    loop = """\
         from apex import amp
         model, optimizer = amp.initialize(model, optimizer, opt_level="O1")
         for idx, (x, y) in enumerate(data):
             loss = criterion(model(x), y) / steps
             with amp.scale_loss(loss, optimizer) as scaled_loss:
                 scaled_loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(amp.master_params(optimizer), 5.0)
+            {read}
             if (idx + 1) % steps == 0:
                 optimizer.step()
                 optimizer.zero_grad()
-    """)
+    """
+    text, found = todos(tmp_path, loop.format(read="norm = torch.nn.utils.clip_grad_norm_(amp.master_params(optimizer), "
+                                                   "args.max_norm + 1)"))
+    assert found == [] and "ampcompat" not in text
+    assert '    norm = torch.nn.utils.clip_grad_norm_((p for group in optimizer.param_groups for p in group["params"]), ' \
+           '(args.max_norm + 1) * scaler.get_scale()) / scaler.get_scale()\n' in text
+    text, found = todos(tmp_path, loop.format(read="torch.nn.utils.clip_grad_value_(model.parameters(), clip_value=0.5)"))
+    assert found == [] and "clip_value=0.5 * scaler.get_scale())\n" in text
+    text, found = todos(tmp_path, loop.format(read="log(sum(p.grad.norm() for p in model.parameters()))"))
     assert any(message.startswith("this reads gradients after a backward pass that is not always followed by "
                                   "optimizer.step() (gradient accumulation)") for message in found), found
     assert "from ampcompat import amp" in text
@@ -332,3 +342,31 @@ def test_registering_a_function_native_autocast_already_casts_goes_with_its_chec
     """)
     assert found == ["registers a function for O1's casts; natively, cast its inputs and run it under "
                      "torch.autocast(device_type, enabled=False) (torch.amp.custom_fwd for an autograd.Function)"]
+
+
+def test_a_block_two_rewrites_empty_together_keeps_a_pass(tmp_path):
+    """pytorch-transformers' SQuAD scripts: one rewrite removes `import apex`, another the einsum registration after
+    it; each alone leaves a statement behind, together they would leave `try:` empty (a file that no longer
+    parses, which --to-native then refused to write)."""
+    source = """\
+        import sys
+        import torch
+
+        fp16 = len(sys.argv) > 1
+        if fp16:
+            try:
+                import apex
+
+                apex.amp.register_half_function(torch, "einsum")
+            except ImportError:
+                raise ImportError("Please install apex to use fp16 training.")
+        print("EINSUM", torch.einsum("ii", torch.ones(2, 2)).item())
+    """
+    text, found = todos(tmp_path, source)
+    assert found == [] and "apex" not in text.replace("Please install apex", "")
+    assert "    try:\n        pass\n" in text and "import apex" not in text
+    path = tmp_path / "converted.py"
+    path.write_text(text)
+    for args in ([], ["--fp16"]):
+        outcome = run(path, *args)
+        assert outcome["code"] == 0 and lines(outcome["output"], "EINSUM") == ["EINSUM 2.0"], outcome

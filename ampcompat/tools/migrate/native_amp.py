@@ -40,7 +40,8 @@ from . import native_checkpoint
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
 from .native_levels import LevelChoice, Recipe, recipe_for
-from .native_loop import might_read_grads, path_to_step, plan_unscaling, scheduler_steps, unscaled_backwards
+from .native_loop import (ScaledClip, might_read_grads, path_to_step, plan_unscaling, scheduler_steps,
+                          unscaled_backwards)
 from .native_placement import Placement, place
 from .native_regions import Region, forward_region, overlapping
 from .plan import RewritePlan
@@ -49,6 +50,11 @@ from .syntax import block_of, is_plain_reference, root_name, same_expression, sc
 
 _GROWTH_INTERVAL = 2000
 _ORIGINAL_MAX_SCALE = 2.0**24
+
+_SCALED_CLIP_NOTE = ("this clips after every backward pass of gradient accumulation, where Apex had unscaled the "
+                     "partial sums and a GradScaler has not: it now clips the scaled gradients at the threshold times "
+                     "scaler.get_scale() (the same clipping; a returned norm is divided by the scale), which reads "
+                     "the scale on the host at each call")
 
 _OTHER_API_BLOCKERS = {
     "apex.amp": "uses the amp module itself as a value; plain PyTorch has no counterpart, rewrite this by hand",
@@ -211,6 +217,8 @@ class _AmpConversion:
         """Backward passes, and the calls of functions that run one and return, each with its group."""
         self.placement: Optional[Placement] = None
         self.unscale_before: Dict[int, Tuple[ast.stmt, str]] = {}
+        self.scaled_clips: List[Tuple[ScaledClip, str]] = []
+        """Clipping on the scaled partial sums of gradient accumulation, with the scale's expression."""
         self.schedulers: List[Tuple[ast.stmt, str, ast.stmt]] = []
         self.masters: List[Use] = []
         self.plain: List[Tuple[ast.Expr, ast.Call, Optional[Region]]] = []
@@ -695,6 +703,9 @@ class _AmpConversion:
             for key, (statement, step) in unscaling.before.items():
                 optimizer = self.segment(step.value.func.value)  # type: ignore[attr-defined]
                 self.unscale_before[key] = (statement, f"{self._name(group.scaler, statement)}.unscale_({optimizer})")
+            for clip in unscaling.scaled_clips:
+                self.scaled_clips.append((clip, f"{self._name(group.scaler, clip.call)}.get_scale()"))
+                self.notes.append((clip.call, _SCALED_CLIP_NOTE))
             for step in group.steps:
                 for scheduler in scheduler_steps(step, parents, self.segment):
                     if self.plan.text.owns_lines(scheduler):
@@ -740,7 +751,7 @@ class _AmpConversion:
             steps = {id(step) for step in self.groups[index].steps}
             path = path_to_step(point, lambda statement: id(statement) in steps, self.plan.parents,
                                 self.placement.conditions)  # type: ignore[union-attr]
-            for statement in path.every_time + path.before_step if path.step is not None else []:
+            for statement in path.repeated + path.every_time + path.before_step if path.step is not None else []:
                 covered.update(id(node) for node in ast.walk(statement))
         for use in self.masters:
             call = use.node
@@ -803,6 +814,8 @@ class _AmpConversion:
             self._apply_steps(group)
         for statement, line in self.unscale_before.values():
             self.plan.insert_lines_before(statement, [line])
+        for clip, scale in self.scaled_clips:
+            self._apply_scaled_clip(clip, scale)
         self._apply_schedulers()
         for use in self.masters:
             optimizer = self.segment(argument(use.node, "optimizer", 0))  # type: ignore[arg-type]
@@ -813,6 +826,17 @@ class _AmpConversion:
         if self.presence:
             # ``amp is not None`` keeps asking whether the import got that far: ``amp`` now names torch.amp.
             self.plan.stand_ins["apex.amp"] = "torch.amp"
+
+    def _apply_scaled_clip(self, clip: ScaledClip, scale: str) -> None:
+        """Clip the scaled gradients at the threshold times ``scale``; a kept norm is divided by it."""
+        threshold = clip.threshold
+        simple = isinstance(threshold, (ast.Name, ast.Attribute, ast.Constant, ast.Subscript))
+        start, end = self.plan.text.span(threshold)
+        if not simple:
+            self.plan.insert_at(start, "(")
+        self.plan.insert_at(end, ("" if simple else ")") + f" * {scale}")
+        if clip.returns_norm:
+            self.plan.insert_at(self.plan.text.span(clip.call)[1], f" / {scale}")
 
     def apply_registrations(self) -> None:
         """Remove the registrations of functions native autocast already runs in FP16."""

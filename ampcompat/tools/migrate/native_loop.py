@@ -11,7 +11,9 @@ runs after it is followed, statement by statement, to the optimizer step:
 * when it does not (gradient accumulation: the step runs on some iterations only), statements that run
   on every iteration must not read gradients -- Apex gave them unscaled partial sums, which a GradScaler
   cannot -- and ``unscale_`` goes before the first reader among the statements that run only just
-  before the step.
+  before the step. One reader is the exception: clipping (``clip_grad_norm_``, ``clip_grad_value_``)
+  commutes with the scale, so clipping the scaled partial sums at the threshold times the scale clips
+  them as Apex clipped the unscaled ones (and the norm it returns, divided by the scale, is Apex's).
 
 "May read gradients" is decided from the text: a ``.grad`` attribute, ``amp.master_params(...)``, or a
 call whose name mentions clipping, norms or gradients (``clip_grad_norm_``, ``get_grad_norm``). Other
@@ -154,12 +156,63 @@ def _descend(container: ast.stmt, step: ast.stmt, parents: Parents,
     return before, conditional
 
 
+_CLIPS = {"clip_grad_norm_": ("max_norm", "total_norm"), "clip_grad_norm": ("max_norm", "total_norm"),
+          "clip_grad_value_": ("clip_value", None)}
+"""Clipping functions (by name): the threshold's keyword, and whether they return a norm."""
+
+
+@dataclass(frozen=True)
+class ScaledClip:
+    """A clipping call that may run on scaled gradients: clip at ``threshold`` times the scale instead.
+
+    Attributes:
+        call: the clipping call.
+        threshold: its threshold argument (``max_norm``, ``clip_value``).
+        returns_norm: the statement keeps the norm the call returns (divide it by the scale).
+    """
+
+    call: ast.Call
+    threshold: ast.expr
+    returns_norm: bool
+
+
+def scaled_clip(statement: ast.stmt) -> Optional[ScaledClip]:
+    """``statement`` as a clipping call that can run on scaled gradients, or ``None`` if it is anything else.
+
+    Only a statement that is the call alone (``clip_grad_norm_(params, 1.0)``, ``norm = clip_grad_norm_(...)``)
+    qualifies, so nothing else in it reads the gradients.
+    """
+    if isinstance(statement, ast.Expr):
+        call, keeps = statement.value, False
+    elif isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
+            and isinstance(statement.targets[0], ast.Name):
+        call, keeps = statement.value, True
+    else:
+        return None
+    if not isinstance(call, ast.Call):
+        return None
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name not in _CLIPS or any(isinstance(item, ast.Starred) for item in call.args) \
+            or any(keyword.arg is None for keyword in call.keywords):
+        return None
+    keyword_name, norm = _CLIPS[name]
+    threshold = call.args[1] if len(call.args) > 1 else \
+        next((keyword.value for keyword in call.keywords if keyword.arg == keyword_name), None)
+    if threshold is None or any(isinstance(node, ast.Attribute) and node.attr == "grad"
+                                for node in ast.walk(call)):
+        return None
+    return ScaledClip(call, threshold, keeps and norm is not None)
+
+
 @dataclass
 class Unscaling:
-    """Where ``unscale_`` calls go (``before[id(statement)]``: the statement and the step it serves) and
-    what cannot be made to read true gradients."""
+    """Where ``unscale_`` calls go (``before[id(statement)]``: the statement and the step it serves), the
+    clipping that runs on scaled gradients instead (``scaled_clips``), and what cannot be made to read true
+    gradients."""
 
     before: Dict[int, Tuple[ast.stmt, ast.stmt]] = field(default_factory=dict)
+    scaled_clips: List[ScaledClip] = field(default_factory=list)
     blockers: List[Tuple[ast.AST, str]] = field(default_factory=list)
 
 
@@ -175,6 +228,14 @@ def plan_unscaling(backwards: Sequence[ast.stmt], is_step: Callable[[ast.stmt], 
         every_time = [item for item in path.every_time if might_read_grads(item, reads)]
         before_step = [item for item in path.before_step if might_read_grads(item, reads)]
         repeated = [item for item in path.repeated if might_read_grads(item, reads)]
+        if repeated or (every_time and not (path.step is not None and path.always)):
+            # Reads that run before every step is certain: clipping can run on the scaled partial sums.
+            early = repeated + every_time
+            clips = [scaled_clip(item) for item in early]
+            if path.step is not None and all(clip is not None for clip in clips):
+                result.scaled_clips += [clip for clip in clips if clip is not None and
+                                        all(clip.call is not known.call for known in result.scaled_clips)]
+                repeated, every_time = [], []
         if repeated:
             result.blockers.append((repeated[0], "this reads gradients after each backward pass of a loop of micro-"
                                                  "batches: Apex had unscaled them, a GradScaler unscales once per "

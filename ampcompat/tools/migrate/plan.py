@@ -189,7 +189,7 @@ class RewritePlan:
                 comments.append(Edit(position, position, text))
         edits_now = [headers.get(id(edit), edit) for edit in self.edits]
         kept = [edit for edit in edits_now if not any(_inside(edit, outer) for outer in self._superseding)]
-        edits = comments + kept
+        edits = comments + kept + self._passes_for_emptied_blocks(kept)
         if top is not None:
             offset, insertion = top
             covering = [edit.start for edit in self.edits if edit.start < offset < edit.end]
@@ -200,6 +200,36 @@ class RewritePlan:
             edits.insert(0, Edit(offset, offset, insertion))
         # Comments first: at a shared offset they then land above whatever else is inserted there.
         return apply_edits(self.text.text, edits)
+
+    def _passes_for_emptied_blocks(self, edits: List[Edit]) -> List[Edit]:
+        """A ``pass`` for each block whose every statement ``edits`` remove without putting code back.
+
+        Rewriters decide on their own statements: one removes ``import apex`` and another the
+        ``apex.amp.register_half_function(...)`` after it, and together they would leave ``try:`` empty.
+        """
+        removals = [edit for edit in edits if edit.start < edit.end and _code_free(edit.replacement)]
+        if not removals:
+            return []
+
+        def removal_of(node: ast.AST) -> Optional[Edit]:
+            start, end = self.text.span(node)
+            return next((edit for edit in removals if edit.start <= start and end <= edit.end), None)
+
+        passes = []
+        for node in self.result.nodes:
+            if not hasattr(node, "end_lineno") or removal_of(node) is not None:  # the module, or gone whole
+                continue
+            for name in ("body", "orelse", "finalbody"):
+                block = getattr(node, name, None)
+                if not isinstance(block, list) or not block or not isinstance(block[0], ast.stmt):
+                    continue
+                covering = [removal_of(statement) for statement in block]
+                if all(edit is not None for edit in covering):
+                    first = block[0]
+                    indent, newline = self.text.indentation(first.lineno), self.text.newline(first.lineno)
+                    start = min(edit.start for edit in covering)  # type: ignore[union-attr]
+                    passes.append(Edit(start, start, indent + "pass" + newline))
+        return passes
 
     def _comment_above(self, position: int, lines: List[str]) -> bool:
         """Whether ``lines`` already stand, in order, in the comment lines just above ``position``."""
@@ -267,6 +297,11 @@ def _inside(edit: Edit, outer: Edit) -> bool:
     if edit.start == edit.end:
         return outer.start < edit.start < outer.end
     return outer.start <= edit.start and edit.end <= outer.end
+
+
+def _code_free(replacement: str) -> bool:
+    """Whether ``replacement`` holds nothing but blank lines and comments."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in replacement.splitlines())
 
 
 def _without_todos(comments: List[str]) -> List[str]:
