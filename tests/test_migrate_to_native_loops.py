@@ -367,6 +367,6 @@ def test_a_block_two_rewrites_empty_together_keeps_a_pass(tmp_path):
     assert "    try:\n        pass\n" in text and "import apex" not in text
     path = tmp_path / "converted.py"
     path.write_text(text)
-    for args in ([], ["--fp16"]):
-        outcome = run(path, *args)
+    outcomes = run_all([{"script": str(path), "args": args, "env": "absent"} for args in ([], ["--fp16"])])
+    for outcome in outcomes:
         assert outcome["code"] == 0 and lines(outcome["output"], "EINSUM") == ["EINSUM 2.0"], outcome
