@@ -492,6 +492,7 @@ def test_hand_written_o2_baseline_trains_exactly_like_ampcompat_o2(fused):
 E2E_RECIPE = REPO / "tests" / "fixtures" / "to_native_e2e" / "imagenet_recipe.py"
 
 
+@pytest.mark.slow
 def test_to_native_e2e_driver_runs_both_and_agrees_on_a_cpu_recipe(tmp_path):
     """The GPU driver, on a CPU stand-in with main_amp.py's command line: it converts the copy, runs the original
     under ampcompat and the conversion with Apex and ampcompat blocked, and compares the printed losses."""

@@ -115,6 +115,7 @@ def test_the_inserted_loader_passes_a_grad_scalers_own_state_through():
     assert fresh.get_scale() == 256.0 and fresh.state_dict()["_growth_tracker"] == 4
 
 
+@pytest.mark.slow
 def test_an_old_apex_checkpoint_loads_into_the_converted_program(tmp_path):
     """Acceptance 3: a checkpoint written under Apex (amp.state_dict() with a scale it had reached) resumes the
     converted program exactly as it resumes the original, and the state each saves afterwards is the same."""

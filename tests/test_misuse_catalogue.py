@@ -327,6 +327,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "not under_python_O"
 """
 
 
+@pytest.mark.slow
 def test_catalogues_pass_under_python_O():
     """``python -O`` strips ``assert`` statements: every check above must survive it (one subprocess)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])))
