@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from .edits import Edit, apply_edits
 from .rewrite_imports import Note
 from .scanner import ScanResult, Use
-from .syntax import statement_of
+from .syntax import BLOCK_FIELDS, statement_of
 
 TODO_PREFIX = "# TODO(ampcompat): "
 _CONTINUATION = "#   "
@@ -217,12 +217,11 @@ class RewritePlan:
 
         passes = []
         for node in self.result.nodes:
-            if not hasattr(node, "end_lineno") or removal_of(node) is not None:  # the module, or gone whole
+            blocks = [getattr(node, name, None) for name in BLOCK_FIELDS]
+            blocks = [block for block in blocks if isinstance(block, list) and block and isinstance(block[0], ast.stmt)]
+            if not blocks or not hasattr(node, "end_lineno") or removal_of(node) is not None:  # module, or gone whole
                 continue
-            for name in ("body", "orelse", "finalbody"):
-                block = getattr(node, name, None)
-                if not isinstance(block, list) or not block or not isinstance(block[0], ast.stmt):
-                    continue
+            for block in blocks:
                 covering = [removal_of(statement) for statement in block]
                 if all(edit is not None for edit in covering):
                     first = block[0]

@@ -7,7 +7,8 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 Parents = Dict[ast.AST, ast.AST]
 
 _SCOPES = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
-_BLOCK_FIELDS = ("body", "orelse", "finalbody")
+BLOCK_FIELDS = ("body", "orelse", "finalbody")
+"""The fields of a node that hold a block of statements."""
 
 
 def statement_of(node: ast.AST, parents: Parents) -> ast.stmt:
@@ -29,7 +30,7 @@ def scope_of(node: ast.AST, parents: Parents) -> ast.AST:
 def block_of(statement: ast.stmt, parents: Parents) -> Tuple[List[ast.stmt], int]:
     """The statement list holding ``statement`` and its index there."""
     parent = parents[statement]
-    for field in _BLOCK_FIELDS:
+    for field in BLOCK_FIELDS:
         block = getattr(parent, field, None)
         if isinstance(block, list) and any(item is statement for item in block):
             return block, next(i for i, item in enumerate(block) if item is statement)
