@@ -110,12 +110,13 @@ def _classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.float(), targets)
 
 
-def gpt_workload(size: str) -> Workload:
+def gpt_workload(size: str, batch_size: Optional[int] = None) -> Workload:
     config, batch = {
         "full": (GPT2_124M, 8),
         "small": (GPTConfig(vocab_size=256, seq_len=64, n_layer=2, n_head=4, d_model=64), 4),
         "tiny": (GPTConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=32), 2),
     }[size]
+    batch = batch_size or batch
 
     def make_batch(device, generator):
         tokens = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), generator=generator)
@@ -187,6 +188,13 @@ def overhead_workload(size: str) -> Workload:
 
 _WORKLOAD_BUILDERS = {"gpt": gpt_workload, "resnet": resnet_workload, "mlp": mlp_workload,
                       "cifar_resnet18": cifar_resnet18_workload, "overhead": overhead_workload}
+
+
+def _build_workload(name: str, size: str, args) -> Workload:
+    """The workload ``name`` at ``size``, with the GPT batch of ``--gpt-batch`` where one was given."""
+    if name == "gpt":
+        return gpt_workload(size, args.gpt_batch)
+    return _WORKLOAD_BUILDERS[name](size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,7 +507,8 @@ class BaselineWorker:
 
     def __init__(self, path: str, args) -> None:
         command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--package-path", str(path),
-                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+                   "--device", args.device] + (["--tiny"] if args.tiny else []) \
+            + (["--gpt-batch", str(args.gpt_batch)] if args.gpt_batch else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.package = self._reply()["ampcompat"]
@@ -537,7 +546,7 @@ def serve(args) -> int:
     print(_REPLY + json.dumps({"ampcompat": str(Path(ampcompat.__file__).parent)}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        workload = _WORKLOAD_BUILDERS[request.pop("workload")](size)
+        workload = _build_workload(request.pop("workload"), size, args)
         try:
             record = measure_training(workload, device=device, **request)
         except Exception as error:
@@ -792,6 +801,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a baseline worker
     parser.add_argument("--package-path", help=argparse.SUPPRESS)  # read at import time (see the top)
     parser.add_argument("--tiny", action="store_true", help="minimal sizes and step counts (CPU tests)")
+    parser.add_argument("--gpt-batch", type=int, default=None,
+                        help="GPT batch size instead of the workload's (8 at full size); e.g. 1, where the optimizer "
+                             "phase rather than the forward's activations sets the step's peak memory")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--markdown", help="write the tables (for docs/benchmarks.md) here")
     args = parser.parse_args(argv)
@@ -804,7 +816,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("count_steps", "phase_steps"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must not be negative")
-    for flag in ("steps", "sync_steps"):
+    for flag in ("steps", "sync_steps", "gpt_batch"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup is not None and args.warmup < 0:
@@ -837,7 +849,7 @@ def main(argv=None) -> int:
     report["meta"]["copy_bandwidth_Bps"] = args.copy_bw
     if args.copy_bw:
         print(f"device-to-device copy bandwidth: {args.copy_bw / 1e9:.0f} GB/s (read + write)")
-    workloads = {name: _WORKLOAD_BUILDERS[name](size) for name in args.workloads}
+    workloads = {name: _build_workload(name, size, args) for name in args.workloads}
     baseline = BaselineWorker(args.baseline_path, args) if args.baseline_path else None
     if baseline is not None:
         report["meta"]["baseline_package"] = baseline.package
