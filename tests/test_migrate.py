@@ -636,6 +636,27 @@ def test_fused_adam_becomes_adamw_with_apex_defaults(tmp_path):
     assert len(todos) == 2
 
 
+def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_stays_on_ampcompat(tmp_path):
+    """Apex's 2019 FusedAdam clipped inside step() and could put eps under the root: torch's AdamW takes neither
+    keyword (it would raise TypeError), so the call keeps ampcompat's FusedAdam, which still runs."""
+    text, todos = native(tmp_path, """\
+        import torch
+        from apex.optimizers import FusedAdam
+        params = [torch.nn.Parameter(torch.ones(2))]
+        a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)
+        b = FusedAdam(params, lr=1e-3, eps_inside_sqrt=True)
+        c = FusedAdam(params, lr=1e-3, weight_decay=0.01)
+    """, alias=True)
+    assert len(todos) == 2, todos
+    assert "`max_grad_norm`" in todos[0] and "clip_grad_norm_" in todos[0]
+    assert "`eps_inside_sqrt`" in todos[1]
+    assert "a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)" in text.splitlines()
+    assert "c = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)" in text.splitlines()
+    namespace: dict = {}
+    exec(text, namespace)  # the kept calls build ampcompat's FusedAdam
+    assert type(namespace["a"]).__name__ == "FusedAdam" and type(namespace["b"]).__name__ == "FusedAdam"
+
+
 def test_fused_adam_rewrite_trains_like_ampcompat_fused_adam(tmp_path):
     optimizers = importlib.import_module("ampcompat.optimizers")
     text, _ = native(tmp_path, "from apex.optimizers import FusedAdam\nopt = FusedAdam(params, lr=1e-2)\n")

@@ -54,6 +54,13 @@ def _no_rewrite(use: Use) -> str:
     return f"no mechanical rewrite of `{use.api}` to plain PyTorch{native}; it stays on ampcompat"
 
 
+_LEGACY_KEYWORDS = {
+    "max_grad_norm": " (Apex's 2019 FusedAdam clipped each parameter group's gradient norm inside step(); with torch, "
+                     "call torch.nn.utils.clip_grad_norm_ on each group's parameters after unscaling, before the step)",
+    "eps_inside_sqrt": " (Apex's 2019 FusedAdam could add eps under the square root; torch's Adam adds it outside)",
+}
+
+
 class _Call:
     """One call being rewritten: reads its arguments by Apex's signature and builds the torch call."""
 
@@ -85,6 +92,11 @@ class _Call:
         if len(self.call.args) > shared_positional:
             return (f"more than {shared_positional} positional argument(s): Apex's order differs from torch's "
                     "after that; pass them by keyword first")
+        unknown = [keyword.arg for keyword in self.call.keywords if keyword.arg not in self.signature]
+        if unknown:
+            return (f"`{unknown[0]}` is not an argument this rewrite knows for `{self.use.api}` (an older Apex "
+                    f"release's, or a misspelling): torch's counterpart may not take it or may mean something else"
+                    f"{_LEGACY_KEYWORDS.get(unknown[0], '')}; keep ampcompat or rewrite by hand")
         return None
 
     def rewrite(self, func: str, drop: Sequence[str] = (), add: Optional[Dict[str, str]] = None) -> None:
