@@ -215,6 +215,118 @@ def test_a_scheduler_after_the_step_advances_only_when_the_optimizer_stepped(tmp
     assert lines(after["output"], "LR") == ["LR 0 1.0", "LR 1 0.5", "LR 2 0.25"], after["output"]
 
 
+# --- FP16_Optimizer's loss-scale flag: a dynamic and a static branch -------------------------------------------------
+def test_a_static_loss_scale_is_pinned_and_skips_an_inf_step_where_dynamic_backs_off(tmp_path):
+    """t14 builds FP16_Optimizer dynamic for --loss_scale 0 and static otherwise: converted, each branch has its own
+    GradScaler and the step sets the static scale back. Under plain PyTorch a step with inf gradients is skipped in
+    both (the weights stay), the static scale stays at 128 throughout while the dynamic one halves there."""
+    script = "t14_fp16_optimizer_loss_scale_flag.py"
+    folder = converted(tmp_path, [script])
+    text = (folder / script).read_text()
+    assert "apex" not in text and "ampcompat" not in text
+    assert "    static_loss_scale = float(args.loss_scale)\n" in text and "    static_loss_scale = None\n" in text
+    assert "scaler.update(static_loss_scale)\n" in text
+    static, dynamic = run_all([{"script": str(folder / script), "args": ["--loss_scale", scale, "--inf_at", "1"],
+                                "env": "absent"} for scale in ("128", "0")])
+    for outcome in (static, dynamic):
+        assert outcome["code"] == 0, outcome["output"]
+        weights = lines(outcome["output"], "WEIGHTS")
+        assert len(weights) == 4 and weights[0] == weights[1] != weights[2], outcome["output"]  # step 1 skipped
+        assert lines(outcome["output"], "LOSS")[1] == "LOSS 1 inf"
+    assert [float(line.split()[2]) for line in lines(static["output"], "SCALE")] == [128.0] * 4
+    scales = [float(line.split()[2]) for line in lines(dynamic["output"], "SCALE")]
+    assert scales[1] == scales[0] / 2 and scales[2:] == [scales[1]] * 2, scales
+
+
+COUNTED_SCALE = """\
+import torch
+from apex.fp16_utils import FP16_Optimizer
+
+calls = []
+
+
+def loss_scale_from_config():
+    calls.append(1)
+    return 64
+
+
+model = torch.nn.Linear(4, 2)
+optimizer = FP16_Optimizer(torch.optim.SGD(model.parameters(), lr=0.1), static_loss_scale=loss_scale_from_config())
+for step in range(3):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    optimizer.zero_grad()
+    optimizer.backward(loss)
+    optimizer.step()
+    print("SCALE", step, optimizer.loss_scale)
+print("CALLS", len(calls))
+"""
+
+
+def test_a_static_loss_scale_expression_is_evaluated_once_where_the_optimizer_was_built(tmp_path):
+    text, found = todos(tmp_path, COUNTED_SCALE)
+    assert found == [] and "apex" not in text
+    assert text.count("loss_scale_from_config()") == COUNTED_SCALE.count("loss_scale_from_config()")  # def + 1 call
+    assert "static_loss_scale = float(loss_scale_from_config())\n" in text
+    assert "scaler = torch.amp.GradScaler(amp_device_type, init_scale=static_loss_scale)\n" in text
+    path = tmp_path / "counted.py"
+    path.write_text(text)
+    outcome = run(path)
+    assert outcome["code"] == 0, outcome["output"]
+    assert lines(outcome["output"], "SCALE", "CALLS") == ["SCALE 0 64.0", "SCALE 1 64.0", "SCALE 2 64.0", "CALLS 1"]
+
+
+REBUILT = """\
+import torch
+from apex.fp16_utils import FP16_Optimizer
+model = torch.nn.Linear(4, 2)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+other = torch.optim.Adam(model.parameters())
+if scale == 0:
+    optimizer = FP16_Optimizer({first}, dynamic_loss_scale=True)
+else:
+    {target} = FP16_Optimizer({second}, static_loss_scale=scale)
+loss = model(torch.randn(8, 4)).sum()
+optimizer.backward(loss)
+optimizer.step()
+"""
+
+
+@pytest.mark.parametrize("first, target, second", [
+    ("optimizer", "optimizer", "other"),      # two different optimizers
+    ("optimizer", "wrapped", "optimizer"),    # into two names
+])
+def test_fp16_optimizer_built_from_two_optimizers_or_into_two_names_stays(tmp_path, first, target, second):
+    text, found = todos(tmp_path, REBUILT.format(first=first, target=target, second=second))
+    assert found == ["FP16_Optimizer is built more than once in this file, and not as one build of the same optimizer "
+                     "into the same name in each branch of one if/else; rewrite by hand"] * 2
+    assert "optimizer.backward(loss)" in text and "GradScaler" not in text
+
+
+def test_fp16_optimizer_in_an_if_without_else_or_twice_in_a_row_stays(tmp_path):
+    without_else = REBUILT.format(first="optimizer", target="optimizer", second="optimizer").replace(
+        "else:\n    optimizer = FP16_Optimizer", "elif scale > 0:\n    optimizer = FP16_Optimizer")
+    in_a_row = REBUILT.format(first="optimizer", target="optimizer", second="optimizer").replace(
+        "else:\n    optimizer = FP16_Optimizer", "optimizer = FP16_Optimizer")
+    for source in (without_else, in_a_row):
+        _, found = todos(tmp_path, source)
+        assert len(found) == 2 and all(message.startswith("FP16_Optimizer is built more than once") for message in found)
+
+
+def test_fp16_optimizer_under_a_flag_needs_a_model_read_before_the_flag(tmp_path):
+    """Under `if args.fp16:` (t15, ERNIE) the GradScaler and the device are created before the `if`, the device from
+    the model whose parameters the optimizer got; with no such read before it there is no device to name."""
+    source = (LOOPS / "t15_fp16_flag_and_loss_scale_flag.py").read_text()
+    text, found = todos(tmp_path, source)
+    assert found == [] and "amp_enabled = bool(args.fp16)\namp_device_type = next(model.parameters()).device.type\n" \
+        in text
+    late = source.replace("torch.optim.SGD(param_groups,", "torch.optim.SGD(params(model),").replace(
+        'param_groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n], "weight_decay": 0.01},\n'
+        '                {"params": [p for n, p in model.named_parameters() if "bias" in n], "weight_decay": 0.0}]\n', "")
+    _, found = todos(tmp_path, late)
+    assert found == ["FP16_Optimizer is built under a condition and the loop also runs without it, and no single model "
+                     "whose parameters are read before that `if` gives the device; rewrite by hand"]
+
+
 def todos(tmp_path, source, *flags):
     path = tmp_path / "snippet.py"
     path.write_text(textwrap.dedent(source))

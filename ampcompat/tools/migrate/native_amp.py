@@ -865,7 +865,7 @@ class _AmpConversion:
             lines.append(f"{name(self.dtype_name)} = {lookup}")
             conditions.append(f"{name(self.dtype_name)} is not None")
         if self.flag:
-            lines.append(f"{name(self.flag)} = {_all_of(self.placement.conditions, conditions)}")
+            lines.append(f"{name(self.flag)} = {all_of(self.placement.conditions, conditions)}")
         for group in self.groups:
             enabled = ""
             if self.recipe.at_run_time:
@@ -991,7 +991,7 @@ def parameters_of(optimizer: str, at: ast.AST, plan: RewritePlan) -> str:
     return f"(p for group in {optimizer}.param_groups for p in group[{quote}params{quote}])"
 
 
-def _all_of(conditions: Sequence, texts: List[str]) -> str:
+def all_of(conditions: Sequence, texts: List[str]) -> str:
     """The conjunction of ``texts`` as a bool (``bool(args.fp16)`` where a condition may not be one)."""
     boolean = [_is_boolean(condition.node) or not condition.holds for condition in conditions]
     boolean += [True] * (len(texts) - len(boolean))

@@ -16,23 +16,35 @@ scaling::
                                                          torch.nn.utils.clip_grad_norm_(<its parameters>, 1.0)
     optimizer.step()                                     scaler.step(optimizer); scaler.update()
 
+A static loss scale becomes a GradScaler whose scale is pinned: ``init_scale=S`` and
+``scaler.update(S)`` at each step, which sets the scale instead of growing or backing it off. An
+expression for ``S`` is evaluated once, where ``FP16_Optimizer`` was built. Apex's static
+``LossScaler`` never checked for overflow and applied steps with inf/NaN gradients; the GradScaler
+skips them (noted at the call and in migration_guide.md).
+
+The 2019 BERT scripts build the wrapper in each branch of one ``if``/``else`` (``if args.loss_scale
+== 0: dynamic, else: static``): builds of the same optimizer into the same name, one in each branch of
+one chain, are converted together -- each branch creates its own GradScaler with its own options and
+sets ``static_loss_scale`` (``None`` where dynamic), and the step calls ``scaler.update(static_loss_scale)``.
+
 The wrapper's methods are recognised on the name it was assigned to, in the function that builds it
-and in the functions that call its ``backward(loss)``. A static loss scale, ``update_master_grads``,
-the wrapper's ``overflow`` flag and a wrapper used as a value stay on ampcompat, with the reason.
+and in the functions that call its ``backward(loss)``. ``update_master_grads``, the wrapper's
+``overflow`` flag, a wrapper used as a value and other repeated builds stay on ampcompat, with the reason.
 """
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .callargs import NOT_LITERAL, has_starred, literal_value
-from .native_amp import parameters_of
+from .native_amp import all_of, parameters_of
 from .native_loop import plan_unscaling, scheduler_steps, unscaled_backwards
 from .native_placement import place
 from .native_regions import forward_region, overlapping
 from .plan import RewritePlan
 from .scanner import Use
-from .syntax import block_of, scope_of, walk_local
+from .syntax import block_of, comes_before, scope_of, walk_local
 
 WRAPPERS = ("apex.fp16_utils.FP16_Optimizer", "apex.fp16_utils.fp16_optimizer.FP16_Optimizer",
             "apex.optimizers.FP16_Optimizer", "apex.contrib.optimizers.FP16_Optimizer")
@@ -49,16 +61,31 @@ _CHECKPOINT = (
 )
 
 
+_STATIC = (
+    "the static loss scale becomes a GradScaler pinned at it (init_scale=, and scaler.update() sets it back at every "
+    "step, so it never grows or backs off)"
+)
+_STATIC_SKIPS = (
+    "; one difference: apex.fp16_utils' static scaler never checked for overflow and applied steps with inf/NaN "
+    "gradients, the GradScaler skips them (as ampcompat does; see migration_guide.md, What --to-native converts)"
+)
+_REBUILT = ("FP16_Optimizer is built more than once in this file, and not as one build of the same optimizer into the "
+            "same name in each branch of one if/else; rewrite by hand")
+
+
 def convert_fp16_optimizers(plan: RewritePlan) -> None:
     """Convert the file's ``FP16_Optimizer`` loops (with their model halving), or leave TODOs."""
     wrappers = [use for use in plan.result.uses if use.api in WRAPPERS and use.kind == "call"]
     if not wrappers:
         return
+    site: Optional[ast.AST] = plan.parents.get(wrappers[0].node)
     if len(wrappers) > 1:
-        for use in wrappers:
-            plan.todo(use.node, "FP16_Optimizer is built more than once in this file; rewrite by hand")
-        return
-    conversion = _Conversion(plan, wrappers[0])
+        site = branch_chain(plan, wrappers)
+        if site is None:
+            for use in wrappers:
+                plan.todo(use.node, _REBUILT)
+            return
+    conversion = _Conversion(plan, wrappers, site)  # type: ignore[arg-type]
     conversion.analyse()
     if conversion.blockers:
         for node, message in conversion.blockers:
@@ -67,15 +94,80 @@ def convert_fp16_optimizers(plan: RewritePlan) -> None:
     conversion.apply()
 
 
+def branch_chain(plan: RewritePlan, uses: List[Use]) -> Optional[ast.If]:
+    """The ``if`` whose branches (``elif``s and a final ``else`` included) each build the wrapper once, or ``None``.
+
+    Each build must be an assignment of its own directly in its branch, and all of them must assign the
+    same name from the same optimizer, so that after the ``if`` that name is the wrapper on every path
+    and the loop can read one GradScaler whichever branch ran.
+    """
+    statements = [plan.parents.get(use.node) for use in uses]
+    if not all(isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(use.node, ast.Call)
+               and use.node.args and not has_starred(use.node) for statement, use in zip(statements, uses)):
+        return None
+    if len({ast.unparse(statement.targets[0]) for statement in statements}) != 1 \
+            or len({ast.unparse(use.node.args[0]) for use in uses}) != 1:  # type: ignore[attr-defined]
+        return None
+    candidate = plan.parents.get(statements[0])
+    while isinstance(candidate, ast.If):
+        branches = _branches(candidate)
+        if branches is not None and all(sum(any(item is statement for item in block) for statement in statements) == 1
+                                        for block in branches) and len(branches) == len(statements):
+            return candidate
+        parent = plan.parents.get(candidate)
+        if not (isinstance(parent, ast.If) and len(parent.orelse) == 1 and parent.orelse[0] is candidate):
+            return None
+        candidate = parent  # the `if` of this `elif`
+    return None
+
+
+def _branches(chain: ast.If) -> Optional[List[List[ast.stmt]]]:
+    """The blocks of an ``if``/``elif``/``else`` chain, or ``None`` when it has no final ``else``."""
+    blocks = []
+    current = chain
+    while True:
+        blocks.append(current.body)
+        if len(current.orelse) == 1 and isinstance(current.orelse[0], ast.If):
+            current = current.orelse[0]
+            continue
+        if not current.orelse:
+            return None
+        blocks.append(current.orelse)
+        return blocks
+
+
+@dataclass
+class _Build:
+    """One ``FP16_Optimizer(...)`` build and the GradScaler it becomes.
+
+    Attributes:
+        use: the call.
+        statement: the assignment holding it.
+        options: the GradScaler's keyword arguments after the device (dynamic scaling, ``enabled=False``).
+        static: a pinned loss scale: a float literal, or ``float(expression)`` evaluated once at the build.
+    """
+
+    use: Use
+    statement: ast.Assign
+    options: str = ""
+    static: Optional[str] = None
+
+    @property
+    def static_is_literal(self) -> bool:
+        return self.static is not None and not self.static.startswith("float(")
+
+
 class _Conversion:
-    def __init__(self, plan: RewritePlan, use: Use) -> None:
+    def __init__(self, plan: RewritePlan, uses: List[Use], site: ast.stmt) -> None:
         self.plan = plan
-        self.use = use
+        self.use = uses[0]
+        self.uses = uses
+        self.site = site
+        """The build's statement, or the ``if`` whose branches hold the builds."""
         self.blockers: List[Tuple[ast.AST, str]] = []
         self.name = ""
-        self.statement: Optional[ast.Assign] = None
+        self.builds: List[_Build] = []
         self.inner: Optional[ast.expr] = None
-        self.scaler_options = ""
         self.backwards: List[Tuple[ast.Expr, str, str, Tuple[ast.stmt, ast.stmt]]] = []
         self.clips: List[ast.Call] = []
         self.steps: List[ast.Expr] = []
@@ -89,6 +181,11 @@ class _Conversion:
         self.inner_reads: List[ast.Attribute] = []
         self.device = plan.fresh_name("amp_device_type")
         self.scaler = plan.fresh_name("scaler")
+        self.flag = ""
+        """Where the wrapper is built under ``if args.fp16:`` and the loop also runs without it: the name of that
+        condition's value, which switches autocast (the GradScaler is a pass-through unless a build ran)."""
+        self.model: Optional[str] = None
+        """Then also the model whose device the GradScaler and autocast need before that ``if``."""
 
     def block(self, node: ast.AST, message: str) -> None:
         self.blockers.append((node, message))
@@ -97,34 +194,42 @@ class _Conversion:
         return self.plan.text.segment(node)
 
     def analyse(self) -> None:
-        call = self.use.node
-        statement = self.plan.parents.get(call)
-        if not (isinstance(call, ast.Call) and isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                and isinstance(statement.targets[0], (ast.Name, ast.Attribute))
-                and self.plan.text.owns_lines(statement)) or has_starred(call) or not call.args:
-            self.block(call, "FP16_Optimizer(...) is not assigned to a name on a line of its own; rewrite by hand")
-            return
-        self.statement, self.inner = statement, call.args[0]
-        self.name = self.segment(statement.targets[0])
-        self._options(call)
+        for use in self.uses:
+            call = use.node
+            statement = self.plan.parents.get(call)
+            if not (isinstance(call, ast.Call) and isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                    and isinstance(statement.targets[0], (ast.Name, ast.Attribute))
+                    and self.plan.text.owns_lines(statement)) or has_starred(call) or not call.args:
+                self.block(call, "FP16_Optimizer(...) is not assigned to a name on a line of its own; rewrite by hand")
+                return
+            self.builds.append(_Build(use, statement))
+        self.inner = self.use.node.args[0]  # type: ignore[attr-defined]
+        self.name = self.segment(self.builds[0].statement.targets[0])
+        for build in self.builds:
+            self._options(build)
         self._methods()
         self._halving()
         if self.blockers:
             return
         if not self.backwards:
-            self.block(call, "the FP16_Optimizer's backward(loss) is not called in this file; rewrite by hand")
+            self.block(self.use.node, "the FP16_Optimizer's backward(loss) is not called in this file; rewrite by hand")
             return
         self._place()
         if self.blockers:
             return
         self._loop()
 
-    def _options(self, call: ast.Call) -> None:
-        values = {keyword.arg: literal_value(keyword.value) for keyword in call.keywords}
+    def _options(self, build: _Build) -> None:
+        """The GradScaler options of one build: dynamic scaling as Apex's, a pinned static scale, or none."""
+        call = build.use.node
+        assert isinstance(call, ast.Call)
+        given = {keyword.arg: keyword.value for keyword in call.keywords}
         for position, name in enumerate(("static_loss_scale", "dynamic_loss_scale", "dynamic_loss_args"), start=1):
             if position < len(call.args):
-                values[name] = literal_value(call.args[position])
-        if any(value is NOT_LITERAL for key, value in values.items() if key != "verbose"):
+                given[name] = call.args[position]
+        values = {name: literal_value(node) for name, node in given.items()}
+        at_run_time = sorted(name for name, value in values.items() if value is NOT_LITERAL and name != "verbose")
+        if at_run_time and (at_run_time != ["static_loss_scale"] or values.get("dynamic_loss_scale")):
             self.block(call, "FP16_Optimizer's loss-scale options are only known at run time; rewrite by hand")
             return
         if values.get("dynamic_loss_scale"):
@@ -138,17 +243,21 @@ class _Conversion:
             options += f", growth_interval={int(args.get('scale_window', 2000))}"
             if factor != 2.0:
                 options += f", growth_factor={factor!r}, backoff_factor={1 / factor!r}"
-            self.scaler_options = options
-        elif values.get("static_loss_scale", 1.0) == 1.0:
-            self.scaler_options = ", enabled=False"  # FP16_Optimizer's default: no loss scaling at all
+            build.options = options
+            return
+        static = values.get("static_loss_scale", 1.0)
+        if static is NOT_LITERAL:
+            build.static = f"float({self.segment(given['static_loss_scale'])})"
+        elif isinstance(static, bool) or not isinstance(static, (int, float)):
+            self.block(call, "FP16_Optimizer's static_loss_scale is not a number; rewrite by hand")
+        elif static == 1.0:
+            build.options = ", enabled=False"  # FP16_Optimizer's default: no loss scaling at all
         else:
-            self.block(call, "a static loss scale: torch.amp.GradScaler always scales dynamically (and skips steps "
-                             "with inf/NaN gradients); rewrite by hand")
+            build.static = repr(float(static))
 
     def _methods(self) -> None:
         """Every use of the wrapper's name where it is the wrapper."""
-        assert self.statement is not None
-        scopes = [scope_of(self.statement, self.plan.parents)]
+        scopes = [scope_of(self.site, self.plan.parents)]
         for node in self.plan.result.nodes:
             if self._is_call_of(node, "backward"):
                 scope = scope_of(node, self.plan.parents)
@@ -157,8 +266,19 @@ class _Conversion:
         for scope in scopes:
             for node in walk_local(scope):
                 if isinstance(node, (ast.Name, ast.Attribute)) and self._is_wrapper(node) \
-                        and node.lineno > self.statement.end_lineno:  # type: ignore[operator]
+                        and node.lineno > self.site.end_lineno:  # type: ignore[attr-defined,operator]
                     self._method(node)
+        if len(self.builds) > 1:
+            self._chain_reads()
+
+    def _chain_reads(self) -> None:
+        """Inside the ``if`` whose branches build the wrapper, the name may hold the plain optimizer or the
+        wrapper: only the builds may read it."""
+        inside_builds = {id(node) for build in self.builds for node in ast.walk(build.statement)}
+        for node in walk_local(self.site):
+            if self._is_wrapper(node) and id(node) not in inside_builds:
+                self.block(node, f"`{self.name}` is read inside the if/else that builds the FP16_Optimizer; rewrite "
+                                 "by hand")
 
     def _is_wrapper(self, node: ast.AST) -> bool:
         return isinstance(node, (ast.Name, ast.Attribute)) and self.segment(node) == self.name \
@@ -201,7 +321,7 @@ class _Conversion:
             self.block(attribute, f"uses FP16_Optimizer's `{name}`, which a plain optimizer with a GradScaler does not "
                                   "have; rewrite by hand")
             return
-        if self.statement is not None and any(node is target for target in self.statement.targets):
+        if any(node is target for build in self.builds for target in build.statement.targets):
             return
         self.block(node, f"the FP16_Optimizer `{self.name}` is used as a value here; rewrite by hand")
 
@@ -259,23 +379,45 @@ class _Conversion:
         self.models = sorted(models)
 
     def _place(self) -> None:
-        assert self.statement is not None
         nodes: List[ast.AST] = [item[0] for item in self.backwards] + [item[3][0] for item in self.backwards]
         nodes += self.steps + [self.plan.statement(call) for call in self.clips]
-        placement = place(self.statement, self.use.node, nodes, self.plan.parents,  # type: ignore[arg-type]
-                          self.statement.targets[0], None, lambda test: None)
-        self.blockers.extend(placement.blockers)
+        placement = place(self.site, self.use.node, nodes, self.plan.parents,  # type: ignore[arg-type]
+                          self.builds[0].statement.targets[0], None, lambda test: None)
         if placement.conditions:
-            self.block(self.use.node, "FP16_Optimizer is built under a condition and the loop also runs without it; "
-                                      "rewrite by hand")
+            # Created before the `if`: the optimizer may not exist there yet, so the device comes from the model.
+            model = self._model_read_before(placement.anchor)
+            if model is None:
+                self.block(self.use.node, "FP16_Optimizer is built under a condition and the loop also runs without "
+                                          "it, and no single model whose parameters are read before that `if` gives "
+                                          "the device; rewrite by hand")
+                return
+            self.model = self.segment(model)
+            placement = place(self.site, self.use.node, nodes, self.plan.parents,  # type: ignore[arg-type]
+                              model, None, lambda test: None)
+            self.flag = self.plan.fresh_name("amp_enabled")
+        self.blockers.extend(placement.blockers)
         self.placement = placement
+
+    def _model_read_before(self, anchor: ast.stmt) -> Optional[ast.expr]:
+        """The model (``model`` of ``model.parameters()``) when the file reads one model's parameters, and reads them
+        before ``anchor`` on every path to it -- so it exists there."""
+        if len(self.models) != 1:
+            return None
+        for node in self.plan.result.nodes:
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("parameters", "named_parameters") \
+                    and self.segment(node.func.value) == self.models[0] \
+                    and comes_before(self.plan.statement(node), anchor, self.plan.parents):
+                return node.func.value
+        return None
 
     def _loop(self) -> None:
         parents = self.plan.parents
         steps = {id(step) for step in self.steps}
         clips = {id(call) for call in self.clips}
+        conditions = self.placement.conditions  # type: ignore[union-attr]
         unscaling = plan_unscaling([item[0] for item in self.backwards], lambda statement: id(statement) in steps,
-                                   parents, lambda node: id(node) in clips)
+                                   parents, lambda node: id(node) in clips, conditions)
         self.blockers.extend(unscaling.blockers)
         self.unscale = {key: statement for key, (statement, _) in unscaling.before.items()}
         for step in self.steps:
@@ -287,8 +429,8 @@ class _Conversion:
             if not any(scope is known for known in scopes):
                 scopes.append(scope)
         scaled = {id(item[0].value) for item in self.backwards}
-        if ", enabled=False" not in self.scaler_options:
-            for call in unscaled_backwards(scopes, scaled, [], parents):
+        if not all(build.options == ", enabled=False" for build in self.builds):
+            for call in unscaled_backwards(scopes, scaled, conditions, parents):
                 self.block(call, f"`{self.segment(call)}` also reaches the FP16_Optimizer's step with gradients it did "
                                  "not scale; rewrite by hand")
 
@@ -299,20 +441,17 @@ class _Conversion:
 
     def apply(self) -> None:
         plan = self.plan
-        assert self.statement is not None and self.inner is not None and self.placement is not None
-        at = self.statement
-        lines = self.placement.declaration([self.device, self.scaler])
-        if self.segment(self.inner) != self.name:
-            lines.append(f"{self.name} = {self.segment(self.inner)}")
-        lines.append(f'{self._access(self.device, at)} = {self.name}.param_groups[0]["params"][0].device.type')
-        lines.append(f"{self._access(self.scaler, at)} = torch.amp.GradScaler({self._access(self.device, at)}"
-                     f"{self.scaler_options})")
-        plan.replace_statement(at, lines)
-        plan.note(self.use.node, _SUBSTITUTED)
+        assert self.inner is not None and self.placement is not None
+        static = plan.fresh_name("static_loss_scale") if self._static_in_a_variable() else ""
+        if self.flag:
+            self._apply_pass_through(static)
+        for index, build in enumerate(self.builds):
+            self._apply_build(build, static, declare=index == 0 and not self.flag)
         for statement, loss, kept, region in self.backwards:
             plan.replace_statement(statement, [f"{self._access(self.scaler, statement)}.scale({loss}).backward({kept})"])
             device = self._access(self.device, region[0])
-            plan.wrap_in_block(region[0], region[1], f"with torch.autocast({device}, dtype=torch.float16):")
+            enabled = f", enabled={self._access(self.flag, region[0])}" if self.flag else ""
+            plan.wrap_in_block(region[0], region[1], f"with torch.autocast({device}, dtype=torch.float16{enabled}):")
         for call in self.clips:
             rest = [self.segment(arg) for arg in call.args] + [f"{k.arg}={self.segment(k.value)}" for k in call.keywords]
             params = parameters_of(self.name, call, plan)
@@ -324,13 +463,18 @@ class _Conversion:
             plan.insert_lines_before(statement, [f"{self._access(self.scaler, statement)}.unscale_({self.name})"])
         gated = {id(step) for _, step in self.schedulers}
         before = plan.fresh_name("scale_before")
+        pinned = any(build.static is not None for build in self.builds)
         for step in self.steps:
             scaler = self._access(self.scaler, step)
             lines = [f"{before} = {scaler}.get_scale()"] if id(step) in gated else []
-            plan.replace_statement(step, lines + [f"{scaler}.step({self.name})", f"{scaler}.update()"])
+            new_scale = self._access(static, step) if static else next(
+                (build.static for build in self.builds if build.static is not None), "")
+            plan.replace_statement(step, lines + [f"{scaler}.step({self.name})", f"{scaler}.update({new_scale})"])
+        # A pinned scale never drops, so there the test holds on every step, as Apex's static scaler stepped on all.
+        stepped = "the optimizer stepped, or the scale is static" if pinned else "the optimizer stepped"
         for scheduler, step in self.schedulers:
             scaler = self._access(self.scaler, scheduler)
-            plan.replace_statement(scheduler, [f"if {scaler}.get_scale() >= {before}:  # the optimizer stepped",
+            plan.replace_statement(scheduler, [f"if {scaler}.get_scale() >= {before}:  # {stepped}",
                                                "    " + self.segment(scheduler)])
         for attribute in self.scale_reads:
             plan.replace(attribute, f"{self._access(self.scaler, attribute)}.get_scale()")
@@ -349,5 +493,52 @@ class _Conversion:
             plan.note(node, "the model stays FP32 under the native recipe: this FP16 conversion is gone"
                             + (" (network_to_half's state_dict keys had a `1.` prefix; the model's keys no longer do)"
                                if use is not None and use.api.endswith("network_to_half") else ""))
-        plan.mark_converted(self.use)
+        for use in self.uses:
+            plan.mark_converted(use)
         plan.uses_torch = True
+
+    def _static_in_a_variable(self) -> bool:
+        """Whether the step reads the pinned scale from a variable: an expression (evaluated once, at the build),
+        or builds in several branches of which some pin a scale (``None`` in the others)."""
+        statics = [build.static for build in self.builds if build.static is not None]
+        return any(not build.static_is_literal for build in self.builds if build.static is not None) \
+            or (len(self.builds) > 1 and bool(statics))
+
+    def _apply_pass_through(self, static: str) -> None:
+        """Before the ``if`` the wrapper is built under: the condition's value, the device, and a disabled GradScaler
+        (its ``step`` is the optimizer's) for the runs that skip the builds; a build replaces it."""
+        assert self.placement is not None
+        at = self.placement.anchor
+        names = [self.flag, self.device, self.scaler] + ([static] if static else [])
+        lines = self.placement.declaration(names)
+        spelled = [condition.spelled() for condition in self.placement.conditions]
+        lines.append(f"{self._access(self.flag, at)} = {all_of(self.placement.conditions, spelled)}")
+        lines.append(f"{self._access(self.device, at)} = next({self.model}.parameters()).device.type")
+        if static:
+            lines.append(f"{self._access(static, at)} = None")
+        lines.append(f"{self._access(self.scaler, at)} = torch.amp.GradScaler({self._access(self.device, at)}, "
+                     "enabled=False)  # replaced where FP16_Optimizer was built")
+        self.plan.insert_lines_before(at, lines)
+
+    def _apply_build(self, build: _Build, static: str, declare: bool) -> None:
+        """The build becomes the plain optimizer, the device type and a GradScaler with the build's options;
+        ``static`` names the variable holding the pinned scale (empty when the step needs none)."""
+        at = build.statement
+        names = [self.device, self.scaler] + ([static] if static else [])
+        lines = self.placement.declaration(names) if declare else []  # type: ignore[union-attr]
+        if self.segment(self.inner) != self.name:  # type: ignore[arg-type]
+            lines.append(f"{self.name} = {self.segment(self.inner)}")  # type: ignore[arg-type]
+        if static:
+            lines.append(f"{self._access(static, at)} = {build.static or 'None'}")
+        options = build.options
+        if build.static is not None:
+            options = f", init_scale={self._access(static, at) if static else build.static}"
+        if not self.flag:  # else known before the `if`
+            lines.append(f'{self._access(self.device, at)} = {self.name}.param_groups[0]["params"][0].device.type')
+        lines.append(f"{self._access(self.scaler, at)} = torch.amp.GradScaler({self._access(self.device, at)}"
+                     f"{options})")
+        self.plan.replace_statement(at, lines)
+        self.plan.note(build.use.node, _SUBSTITUTED)
+        if build.static is not None:
+            skipped_already = not build.use.api.startswith("apex.fp16_utils")  # the fused flavour skipped them too
+            self.plan.note(build.use.node, _STATIC + ("" if skipped_already else _STATIC_SKIPS))
