@@ -273,6 +273,19 @@ def test_speed_baseline_package_is_timed_in_the_same_run(tmp_path):
 
 
 @RUNS_A_BENCHMARK
+def test_speed_gpt_batch_sets_the_batch_in_the_parent_and_the_baseline_worker(tmp_path):
+    """--gpt-batch: the GPT workload (and the baseline worker's copy of it) runs that many sequences a step."""
+    _run("speed.py", ["--device", "cpu", "--tiny", "--workloads", "gpt", "--modes", "O2", "--rounds", "1",
+                      "--gpt-batch", "3", "--baseline-path", str(REPO), "--baseline-workloads", "gpt",
+                      "--json", str(tmp_path / "g.json")], tmp_path)
+    gpt = json.loads((tmp_path / "g.json").read_text())["workloads"]["gpt"]
+    assert gpt["config"]["batch_size"] == 3 and gpt["items_per_step"] == 3 * gpt["config"]["model"]["seq_len"]
+    assert gpt["modes"]["O2"]["error"] is None and gpt["modes"]["O2@base"]["error"] is None
+    # the worker timed the same model and batch: the same first-step loss
+    assert gpt["modes"]["O2@base"]["final_loss"] == gpt["modes"]["O2"]["final_loss"]
+
+
+@RUNS_A_BENCHMARK
 def test_speed_overhead_records(speed):
     section = speed["report"]["workloads"]["overhead"]
     for mode, r in section["modes"].items():
