@@ -158,6 +158,7 @@ def test_2019_bert_fp16_loop_through_the_alias_matches_an_fp32_master_twin(tmp_p
         torch.testing.assert_close(param, master.half(), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # a training subprocess; the alias answering `import apex` probes is tested by default elsewhere
 def test_try_block_probing_apex_finds_it_through_the_alias_and_trains_fp16(tmp_path):
     """A try-block probe for Apex: ``import apex_C`` and the rest of a protein trainer's probe succeed."""
     out = tmp_path / "trainer.pt"

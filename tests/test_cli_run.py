@@ -268,6 +268,7 @@ def test_torchrun_workers_import_apex():
 
 # --- unchanged legacy Apex scripts ------------------------------------------------------------------
 
+@pytest.mark.slow  # two training subprocesses; CI runs the README main job itself
 def test_legacy_training_script_matches_the_same_script_on_ampcompat(tmp_path):
     """Twin run: via the alias (``from apex import amp``) and directly (``from ampcompat import amp``)."""
     through_alias = json.loads(succeeded(ampcompat_cli("run", "apex_style_train.py", str(tmp_path / "a.pt"))))
