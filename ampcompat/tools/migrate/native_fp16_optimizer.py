@@ -174,6 +174,8 @@ class _Conversion:
         self.scale_reads: List[ast.Attribute] = []
         self.halvings: List[Tuple[ast.AST, str, Use]] = []
         self.models: List[str] = []
+        self.parameter_reads: List[ast.Call] = []
+        """The file's ``m.parameters()`` / ``m.named_parameters()`` calls: they name its models."""
         self.placement = None
         self.unscale: Dict[int, ast.stmt] = {}
         self.schedulers: List[Tuple[ast.stmt, ast.stmt]] = []
@@ -353,9 +355,10 @@ class _Conversion:
     def _halving(self) -> None:
         """The model halving FP16_Optimizer came with: ``network_to_half(m)``, ``FP16Model(m)``,
         ``convert_network(m, torch.half)`` and ``m.half()`` of a model whose parameters the file reads."""
-        models = {self.segment(node.func.value) for node in self.plan.result.nodes
-                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in ("parameters", "named_parameters")}
+        self.parameter_reads = [node for node in self.plan.result.nodes
+                                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                                and node.func.attr in ("parameters", "named_parameters")]
+        models = {self.segment(node.func.value) for node in self.parameter_reads}  # type: ignore[attr-defined]
         for use in self.plan.result.uses:
             if use.api not in HALVING or use.kind == "import":
                 continue
@@ -403,12 +406,11 @@ class _Conversion:
         before ``anchor`` on every path to it -- so it exists there."""
         if len(self.models) != 1:
             return None
-        for node in self.plan.result.nodes:
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr in ("parameters", "named_parameters") \
-                    and self.segment(node.func.value) == self.models[0] \
-                    and comes_before(self.plan.statement(node), anchor, self.plan.parents):
-                return node.func.value
+        for node in self.parameter_reads:
+            model = node.func.value  # type: ignore[attr-defined]
+            if self.segment(model) == self.models[0] and comes_before(self.plan.statement(node), anchor,
+                                                                      self.plan.parents):
+                return model
         return None
 
     def _loop(self) -> None:
