@@ -140,7 +140,7 @@ def convert_amp(plan: RewritePlan, choice: Optional[LevelChoice] = None) -> AmpO
         plan: the file's rewrite plan.
         choice: what ``--opt-level`` said about levels only known at run time.
     """
-    uses = [use for use in plan.result.uses if is_amp_use(use)]
+    uses = [use for use in plan.result.uses if is_amp_use(use) and not plan.is_converted(use)]  # not a wrapper's
     if not uses:
         return AmpOutcome()
     conversion = _AmpConversion(plan, uses, choice)
