@@ -51,6 +51,8 @@ def forward_region(text: SourceText, parents: Parents, statement: ast.stmt, loss
                     "function), so the forward pass to put under torch.autocast is not known; rewrite by hand")
         current = owner  # type: ignore[assignment]
     needed = loaded_names(block[loss_index])
+    if isinstance(block[loss_index], ast.AugAssign):  # `loss /= n` reads the loss computed before it
+        needed |= stored_names(block[loss_index])
     first_index = loss_index
     barrier = next((j for j in range(loss_index - 1, -1, -1) if _is_backward_or_amp(block[j], amp_nodes)), -1)
     for j in range(loss_index - 1, barrier, -1):  # an earlier backward pass ends the search: its tensors are made
