@@ -194,3 +194,97 @@ def test_a_checkpoint_the_original_wrote_loads_into_the_converted_program(tmp_pa
     assert scales[0] == written  # the Apex entry, read by the converted wrapper
     assert again["code"] == 0, again["output"]
     assert [line for line in again["output"].splitlines() if line.startswith("SCALE")][0] == scales[-1]
+
+
+# --- known library wrappers (the partner is an installed package) -----------------------------------------------------
+_TIMM_CALLER = """\
+from contextlib import suppress
+
+import torch
+from apex import amp
+from timm.utils import ApexScaler, NativeScaler
+
+
+def train_one_epoch(model, data, optimizer, amp_autocast=suppress, loss_scaler=None, clip_grad=None):
+    for x, y in data:
+        with amp_autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss_scaler(loss, optimizer, clip_grad=clip_grad{parameters})
+
+
+def main(model, optimizer, data, use_amp):
+    amp_autocast = suppress
+    loss_scaler = None
+    if use_amp == "apex":
+        model, optimizer = amp.initialize(model, optimizer, opt_level="O1")
+        loss_scaler = ApexScaler()
+    elif use_amp == "native":
+        amp_autocast = torch.cuda.amp.autocast
+        loss_scaler = NativeScaler()
+    train_one_epoch(model, data, optimizer, amp_autocast=amp_autocast, loss_scaler=loss_scaler)
+"""
+
+
+def _alone(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(text)
+    to_native(path)
+    return path
+
+
+def test_timms_apex_scaler_becomes_its_native_scaler(tmp_path):
+    path = _alone(tmp_path, _TIMM_CALLER.format(parameters=", parameters=model.parameters()"))
+    text = path.read_text()
+    assert not on_ampcompat(path) and "ApexScaler()" not in text
+    apex_branch = text[text.index('if use_amp == "apex":'):text.index("elif use_amp")]
+    assert "loss_scaler = NativeScaler()" in apex_branch
+    assert "amp_autocast = functools.partial(torch.autocast" in apex_branch
+    code, out = run_migrate([path, "--to-native", "--opt-level", "O1"])
+    assert code == 0 and path.read_text() == text  # a second run changes nothing
+
+
+def test_timms_native_scaler_is_not_used_where_it_would_assert(tmp_path):
+    """NativeScaler asserts parameters= when it clips; a caller that clips without them keeps its TODO."""
+    path = _alone(tmp_path, _TIMM_CALLER.format(parameters=""))
+    assert on_ampcompat(path) and ALONE_CALLER in path.read_text() and "ApexScaler()" in path.read_text()
+
+
+_LR_FINDER = """\
+import torch
+from apex import amp
+from torch_lr_finder import LRFinder
+
+
+def run_apex(model, optimizer, criterion, loader):
+    model, optimizer = amp.initialize(model, optimizer, opt_level="O1")
+    finder = LRFinder(model, optimizer, criterion, device="cuda", amp_backend="apex")
+    finder.range_test(loader, end_lr=10, num_iter=10)
+{torch_run}"""
+_TORCH_RUN = """
+
+def run_torch(model, optimizer, criterion, loader):
+    finder = LRFinder(model, optimizer, criterion, device="cuda", amp_backend="torch",
+                      amp_config={"device_type": "cuda", "dtype": torch.float16},
+                      grad_scaler=torch.cuda.amp.GradScaler())
+    finder.range_test(loader, end_lr=10, num_iter=10)
+"""
+
+
+def test_lr_finder_takes_its_torch_backend_where_the_file_shows_it_has_one(tmp_path):
+    path = _alone(tmp_path, _LR_FINDER.format(torch_run=_TORCH_RUN))
+    text = path.read_text()
+    assert not on_ampcompat(path) and "amp.initialize" not in text
+    call = next(node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "LRFinder")
+    keywords = {keyword.arg: ast.unparse(keyword.value) for keyword in call.keywords}
+    assert keywords["amp_backend"] == "'torch'"
+    assert keywords["amp_config"] == "{'device_type': amp_device_type, 'dtype': torch.float16}"
+    assert keywords["grad_scaler"].startswith("torch.amp.GradScaler(amp_device_type")
+    assert "amp_device_type = next(model.parameters()).device.type" in text
+
+
+def test_lr_finder_without_evidence_of_a_torch_backend_keeps_its_todo(tmp_path):
+    """An older torch-lr-finder has no 'torch' backend: without a torch run in the file, the API is not certain."""
+    path = _alone(tmp_path, _LR_FINDER.format(torch_run=""))
+    assert on_ampcompat(path) and ALONE_CALLER in path.read_text()

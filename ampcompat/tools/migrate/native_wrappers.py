@@ -60,10 +60,11 @@ _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 _WRAPPER_NOTE = ("{name} now owns a torch.amp.GradScaler (start scale {start}, growth window {window}) in place of "
                  "Apex's loss scaler; its callers in the scanned tree put the forward pass under torch.autocast")
-_CALLER_NOTE = ("amp.initialize is gone: {wrappers} (converted in {files}) now scales the loss with its own "
-                "torch.amp.GradScaler, and the forward pass runs under torch.autocast here")
+_CALLER_NOTE = ("amp.initialize is gone: {scaling} now scales the loss with its own torch GradScaler, and the forward "
+                "pass runs under torch.autocast here")
 _SLOT_NOTE = ("amp.initialize is gone: `{slot}` now enters torch.autocast (FP16) on this path, around the forward "
-              "passes the training loop runs under `with {slot}():`; {wrappers} (converted in {files}) scales the loss")
+              "passes the training loop runs under `with {slot}():`; {scaling} scales the loss")
+_LIBRARY_NOTE = "amp.initialize is gone: {scaling} runs the forward pass under autocast and scales the loss"
 
 
 @dataclass(frozen=True)
@@ -407,10 +408,14 @@ def convert_wrappers(plan: RewritePlan, context: WrapperContext) -> None:
 
 # --- the caller --------------------------------------------------------------------------------------------
 def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional[LevelChoice]) -> bool:
-    """Convert ``amp.initialize`` where it builds a converted wrapper (``context.partners``); whether it did."""
+    """Convert ``amp.initialize`` where it builds a converted wrapper (``context.partners``) or a library's
+    (:data:`LIBRARY_WRAPPERS`); whether it did."""
     from .native_amp import _AmpConversion, is_amp_use
 
-    if not context.partners:
+    library = {name: adapter for name, adapter in _library_imports(plan).items() if name not in context.partners}
+    partners: Dict[str, Tuple[Tuple[str, int], ...]] = dict(context.partners)
+    partners.update((name, adapter.loss_methods) for name, adapter in library.items())
+    if not partners:
         return False
     uses = [use for use in plan.result.uses if is_amp_use(use) and not plan.is_converted(use)]
     inits = [use for use in uses if use.api == "apex.amp.initialize"]
@@ -426,23 +431,34 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
             or conversion.enabled is not None:
         return False
     statement = conversion.init_statement
-    built = _built_wrappers(plan, statement, context)
+    built = _built_wrappers(plan, statement, partners)
     if not built:
         return False
-    wrappers = ", ".join(sorted({name for _, name in built}))
-    files = ", ".join(sorted({context.files[name] for _, name in built}))
+    adapters = []
+    for target, name in built:
+        if name in library:
+            adapter = library[name].adapt(plan, target, conversion)
+            if adapter is None:
+                return False
+            adapters.append(adapter)
+    scaling = ", ".join(sorted({f"{name} (converted in {context.files[name]})" if name not in library
+                                else library[name].spelled for _, name in built}))
+    model = plan.text.segment(conversion.model_ref)
+    kept = conversion._returned_assignment()
+    device = plan.fresh_name("amp_device_type")
     slot = _autocast_slot(plan, statement)
-    if slot is not None:
-        model = plan.text.segment(conversion.model_ref)
-        kept = conversion._returned_assignment()
+    if not any(partners[name] for _, name in built):  # the library runs the forward pass itself
+        plan.replace_statement(statement, kept + [f"{device} = next({model}.parameters()).device.type"])
+        plan.note(init.node, _LIBRARY_NOTE.format(scaling=scaling))
+    elif slot is not None:
         plan.replace_statement(statement, kept + [
             f"{slot} = functools.partial(torch.autocast, next({model}.parameters()).device.type, dtype=torch.float16)"])
         plan.modules.add("functools")
-        plan.note(init.node, _SLOT_NOTE.format(slot=slot, wrappers=wrappers, files=files))
+        plan.note(init.node, _SLOT_NOTE.format(slot=slot, scaling=scaling))
     else:
         regions = []
         for target, name in built:
-            for site in _loss_sites(plan, target, context.partners[name]):
+            for site in _loss_sites(plan, target, partners[name]):
                 region = forward_region(plan.text, plan.parents, site[0], site[1], {id(init.node)})
                 if isinstance(region, str):
                     return False
@@ -453,20 +469,124 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
         conversion._place_nodes([region[0] for region in regions], [])
         if conversion.blockers:
             return False
-        for node, note in conversion.notes:
-            plan.note(node, note)
         conversion._apply_initialize()
         for region in regions:
             conversion._wrap(region)
-        plan.note(init.node, _CALLER_NOTE.format(wrappers=wrappers, files=files))
-    for node, note in conversion.notes if slot is not None else []:
+        plan.note(init.node, _CALLER_NOTE.format(scaling=scaling))
+    for apply in adapters:
+        apply(device)
+    for node, note in conversion.notes:
         plan.note(node, note)
     plan.mark_converted(init)
     plan.uses_torch = True
     return True
 
 
-def _built_wrappers(plan: RewritePlan, statement: ast.stmt, context: WrapperContext) -> List[Tuple[ast.expr, str]]:
+# --- known library wrappers ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LibraryWrapper:
+    """A wrapper class an installed library provides, and its native counterpart in the same library.
+
+    Attributes:
+        name: the class (imported by this name).
+        modules: the modules it is imported from.
+        loss_methods: the methods the caller hands the loss to (empty: the library runs the training step itself).
+        spelled: how the notes name what scales the loss now.
+        adapt: checks one ``target = name(...)`` and returns the edit that converts it (given the name of the autocast
+            device type, where one is created), or ``None`` when the native counterpart cannot stand in.
+    """
+
+    name: str
+    modules: Tuple[str, ...]
+    loss_methods: Tuple[Tuple[str, int], ...]
+    spelled: str
+    adapter: object
+
+    def adapt(self, plan: RewritePlan, target: ast.expr, conversion):
+        return self.adapter(plan, target, conversion)  # type: ignore[operator]
+
+
+_NATIVE_SCALER_NOTE = (
+    "timm's ApexScaler becomes timm's NativeScaler (a torch GradScaler, Apex's start scale and growth window): its "
+    "state_dict_key is \"amp_scaler\", not \"amp\", so resuming from a checkpoint written before the migration "
+    "leaves the loss scale to start over at 2**16 (the old \"amp\" entry is not read); it clips the parameters= "
+    "passed (ApexScaler clipped the optimizer's)")
+_LR_FINDER_NOTE = (
+    "amp_backend='apex' becomes torch-lr-finder's 'torch' backend (as this file's own torch run uses it): autocast "
+    "FP16 from amp_config and a torch.amp.GradScaler with Apex's start scale and growth window")
+
+
+def _timm_native_scaler(plan: RewritePlan, target: ast.expr, conversion):
+    """``scaler = ApexScaler()`` -> ``NativeScaler()``; every call of the scaler that clips passes ``parameters=``
+    (NativeScaler asserts it)."""
+    build = plan.statement(target)
+    call = build.value  # type: ignore[attr-defined]
+    if call.args or call.keywords:
+        return None
+    spelled = ast.unparse(target)
+    for node in plan.result.nodes:
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) \
+                and ast.unparse(node.func) == spelled:
+            names = {keyword.arg for keyword in node.keywords}
+            if len(node.args) > 2 or None in names or ("clip_grad" in names and "parameters" not in names):
+                return None
+    bound = any(isinstance(node, ast.ImportFrom) and node.module in ("timm.utils", "timm.utils.cuda")
+                and any(alias.name == "NativeScaler" and alias.asname is None for alias in node.names)
+                for node in plan.result.nodes)
+
+    def apply(device: str) -> None:
+        if not bound:
+            plan.modules.add("timm.utils")
+        plan.replace(call.func, "NativeScaler" if bound else "timm.utils.NativeScaler")
+        plan.note(call, _NATIVE_SCALER_NOTE)
+
+    return apply
+
+
+def _lr_finder_torch_backend(plan: RewritePlan, target: ast.expr, conversion):
+    """``LRFinder(..., amp_backend="apex")`` -> ``amp_backend="torch", amp_config=..., grad_scaler=...``, where the
+    file already builds an LRFinder with ``amp_backend="torch"`` (so the installed version has that backend)."""
+    call = plan.statement(target).value  # type: ignore[attr-defined]
+    backend = next((keyword for keyword in call.keywords if keyword.arg == "amp_backend"), None)
+    names = {keyword.arg for keyword in call.keywords}
+    if backend is None or not isinstance(backend.value, ast.Constant) or backend.value.value != "apex" \
+            or names & {"amp_config", "grad_scaler", None}:
+        return None
+    torch_runs = [node for node in plan.result.nodes if isinstance(node, ast.keyword) and node.arg == "amp_backend"
+                  and isinstance(node.value, ast.Constant) and node.value.value == "torch"]
+    if not torch_runs:
+        return None
+
+    def apply(device: str) -> None:
+        plan.replace(backend, f'amp_backend="torch", amp_config={{"device_type": {device}, "dtype": torch.float16}}, '
+                              f"grad_scaler=torch.amp.GradScaler({device}, init_scale=2.0**16, growth_interval=2000)")
+        plan.note(call, _LR_FINDER_NOTE)
+
+    return apply
+
+
+LIBRARY_WRAPPERS = {
+    "ApexScaler": LibraryWrapper("ApexScaler", ("timm.utils", "timm.utils.cuda"), (("__call__", 0),),
+                                 "timm's NativeScaler (in place of ApexScaler)", _timm_native_scaler),
+    "LRFinder": LibraryWrapper("LRFinder", ("torch_lr_finder", "torch_lr_finder.lr_finder"), (),
+                               "torch-lr-finder's torch backend", _lr_finder_torch_backend),
+}
+"""Wrappers of installed libraries whose native counterpart's API is known (see each adapter's conditions)."""
+
+
+def _library_imports(plan: RewritePlan) -> Dict[str, LibraryWrapper]:
+    found = {}
+    for node in plan.result.nodes:
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            for alias in node.names:
+                adapter = LIBRARY_WRAPPERS.get(alias.name)
+                if adapter is not None and alias.asname is None and node.module in adapter.modules:
+                    found[alias.name] = adapter
+    return found
+
+
+def _built_wrappers(plan: RewritePlan, statement: ast.stmt,
+                    partners: Mapping[str, object]) -> List[Tuple[ast.expr, str]]:
     """``(target, class name)`` for each ``target = Wrapper(...)`` after ``statement`` in its block."""
     block, index = block_of(statement, plan.parents)
     found = []
@@ -474,7 +594,7 @@ def _built_wrappers(plan: RewritePlan, statement: ast.stmt, context: WrapperCont
         if isinstance(item, ast.Assign) and len(item.targets) == 1 and is_plain_reference(item.targets[0]) \
                 and isinstance(item.value, ast.Call) and isinstance(item.value.func, (ast.Name, ast.Attribute)):
             name = item.value.func.id if isinstance(item.value.func, ast.Name) else item.value.func.attr
-            if name in context.partners:
+            if name in partners:
                 found.append((item.targets[0], name))
     return found
 
