@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from . import native_checkpoint
-from .callargs import argument, has_starred
+from .callargs import has_starred
 from .exports import imports_by_module, module_name_of
+from .native_amp import _AmpConversion, _arguments_text, _single_backward_call, is_amp_use, parameters_of
 from .native_levels import LevelChoice
-from .native_loop import might_read_grads, path_to_step, plan_unscaling
+from .native_loop import path_to_step, plan_unscaling
 from .native_regions import forward_region
 from .plan import RewritePlan
 from .scanner import ScanResult, Use
@@ -59,7 +60,8 @@ _NULL_CONTEXTS = {"suppress", "contextlib.suppress", "nullcontext", "contextlib.
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 _WRAPPER_NOTE = ("{name} now owns a torch.amp.GradScaler (start scale {start}, growth window {window}) in place of "
-                 "Apex's loss scaler; its callers in the scanned tree put the forward pass under torch.autocast")
+                 "Apex's loss scaler, on CUDA where there is a GPU (Apex's scaling was CUDA-only), else on the CPU; "
+                 "its callers in the scanned tree put the forward pass under torch.autocast")
 _CALLER_NOTE = ("amp.initialize is gone: {scaling} now scales the loss with its own torch GradScaler, and the forward "
                 "pass runs under torch.autocast here")
 _SLOT_NOTE = ("amp.initialize is gone: `{slot}` now enters torch.autocast (FP16) on this path, around the forward "
@@ -106,8 +108,6 @@ def wrapper_classes(plan: RewritePlan) -> Dict[str, _Wrapper]:
 
     Empty unless the file has no ``amp.initialize`` and every amp use in it lies in such a class.
     """
-    from .native_amp import is_amp_use  # native_amp imports this module's hooks lazily too
-
     uses = [use for use in plan.result.uses if is_amp_use(use)]
     if not uses or any(use.api == "apex.amp.initialize" for use in uses):
         return {}
@@ -131,8 +131,6 @@ def wrapper_classes(plan: RewritePlan) -> Dict[str, _Wrapper]:
 
 def _shared_bindings(plan: RewritePlan, uses: List[Use]) -> bool:
     """Whether another binding of ``amp`` (not an ``except ImportError`` fallback) may reach a use."""
-    from .native_amp import _AmpConversion
-
     conversion = _AmpConversion(plan, uses, None)
     conversion._check_bindings()
     return bool(conversion.blockers)
@@ -174,8 +172,6 @@ def _analyse(plan: RewritePlan, wrapper: _Wrapper) -> None:
 def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, use: Use) -> set:
     """``with amp.scale_loss(loss, optimizer) as s: s.backward(...)`` followed in the same method by
     ``optimizer.step()``; returns the ids of the ``amp.master_params`` calls this covers."""
-    from .native_amp import _single_backward_call, _arguments_text, parameters_of
-
     call, parents = use.node, plan.parents
     withitem = parents.get(call)
     statement = parents.get(withitem) if isinstance(withitem, ast.withitem) else None
@@ -410,8 +406,6 @@ def convert_wrappers(plan: RewritePlan, context: WrapperContext) -> None:
 def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional[LevelChoice]) -> bool:
     """Convert ``amp.initialize`` where it builds a converted wrapper (``context.partners``) or a library's
     (:data:`LIBRARY_WRAPPERS`); whether it did."""
-    from .native_amp import _AmpConversion, is_amp_use
-
     library = {name: adapter for name, adapter in _library_imports(plan).items() if name not in context.partners}
     partners: Dict[str, Tuple[Tuple[str, int], ...]] = dict(context.partners)
     partners.update((name, adapter.loss_methods) for name, adapter in library.items())
@@ -634,13 +628,14 @@ def _autocast_slot(plan: RewritePlan, statement: ast.stmt) -> Optional[str]:
                 if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
                         and ast.unparse(item.value) in _NULL_CONTEXTS:
                     slot = item.targets[0].id
-                    if slot in _stored_in_branch(parent, statement, parents):
+                    if slot in _stored_in_branch(statement, parents):
                         return None
                     return slot if _entered(plan, slot) else None
         current = parent
 
 
-def _stored_in_branch(guard: ast.If, statement: ast.stmt, parents) -> set:
+def _stored_in_branch(statement: ast.stmt, parents) -> set:
+    """The names assigned in the block of ``statement`` (the branch that calls ``amp.initialize``)."""
     block, _ = block_of(statement, parents)
     return {target.id for item in block for node in ast.walk(item) if isinstance(node, ast.Assign)
             for target in node.targets if isinstance(target, ast.Name)}
