@@ -62,6 +62,9 @@ _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _WRAPPER_NOTE = ("{name} now owns a torch.amp.GradScaler (start scale {start}, growth window {window}) in place of "
                  "Apex's loss scaler, on CUDA where there is a GPU (Apex's scaling was CUDA-only), else on the CPU; "
                  "its callers in the scanned tree put the forward pass under torch.autocast")
+_BLOCKED_WRAPPER = ("{name} scales the loss for code that calls amp.initialize elsewhere, but cannot own a "
+                    "torch.amp.GradScaler in Apex's place: {reason}; rewrite it by hand (see migration_guide.md, What "
+                    "`--to-native` converts)")
 _CALLER_NOTE = ("amp.initialize is gone: {scaling} now scales the loss with its own torch GradScaler, and the forward "
                 "pass runs under torch.autocast here")
 _SLOT_NOTE = ("amp.initialize is gone: `{slot}` now enters torch.autocast (FP16) on this path, around the forward "
@@ -108,25 +111,39 @@ def wrapper_classes(plan: RewritePlan) -> Dict[str, _Wrapper]:
 
     Empty unless the file has no ``amp.initialize`` and every amp use in it lies in such a class.
     """
+    found, blocked = _classify(plan)
+    return {} if blocked else found
+
+
+def wrapper_problems(plan: RewritePlan) -> List[Tuple[ast.ClassDef, ast.AST, str]]:
+    """For each class that scales a loss with amp (in a file without ``amp.initialize``) but cannot become a
+    GradScaler wrapper: the class, the first node in the way, and why."""
+    _, blocked = _classify(plan)
+    return [(wrapper.node, *wrapper.blockers[0]) for wrapper in blocked if wrapper.blockers]
+
+
+def _classify(plan: RewritePlan) -> Tuple[Dict[str, _Wrapper], List[_Wrapper]]:
+    """The file's amp-using classes: those that qualify as scaler wrappers (by name), and those that do not."""
     uses = [use for use in plan.result.uses if is_amp_use(use)]
     if not uses or any(use.api == "apex.amp.initialize" for use in uses):
-        return {}
+        return {}, []
     parents = plan.parents
     by_class: Dict[int, _Wrapper] = {}
     for use in uses:
         owner = _enclosing(use.node, (ast.ClassDef,), parents)
         if not isinstance(owner, ast.ClassDef):
-            return {}
+            return {}, []
         by_class.setdefault(id(owner), _Wrapper(owner)).uses.append(use)
     if _shared_bindings(plan, uses):
-        return {}
-    found = {}
+        return {}, []
+    found, blocked = {}, []
     for wrapper in by_class.values():
         _analyse(plan, wrapper)
         if wrapper.blockers or not wrapper.loss_methods:
-            return {}
-        found[wrapper.node.name] = wrapper
-    return found
+            blocked.append(wrapper)
+        else:
+            found[wrapper.node.name] = wrapper
+    return found, blocked
 
 
 def _shared_bindings(plan: RewritePlan, uses: List[Use]) -> bool:
@@ -148,7 +165,7 @@ def _analyse(plan: RewritePlan, wrapper: _Wrapper) -> None:
             continue
         method = _enclosing(use.node, _FUNCTIONS, parents)
         if method is None or parents.get(method) is not wrapper.node or not _self_name(method):
-            wrapper.blockers.append((use.node, "not in a method of the class"))
+            wrapper.blockers.append((use.node, "an amp call outside the methods of the class"))
             continue
         if use.api == "apex.amp.scale_loss":
             handled |= _scale_loss(plan, wrapper, method, use)
@@ -157,10 +174,10 @@ def _analyse(plan: RewritePlan, wrapper: _Wrapper) -> None:
         elif use.api == "apex.amp._amp_state":
             _loss_scaler_pokes(plan, wrapper, method, use, pokes)
         elif use.api != "apex.amp.master_params":  # master_params: handled with its scale_loss
-            wrapper.blockers.append((use.node, f"`{use.api}` has no place in a scaler wrapper"))
+            wrapper.blockers.append((use.node, f"`{use.api}` has no GradScaler counterpart"))
     masters = [use for use in wrapper.uses if use.api == "apex.amp.master_params"]
     if any(id(use.node) not in handled for use in masters):
-        wrapper.blockers.append((masters[0].node, "amp.master_params outside the method that scales the loss"))
+        wrapper.blockers.append((masters[0].node, "amp.master_params is read outside the method that scales the loss"))
     if pokes:
         wrapper.start = plan.text.segment(pokes["_loss_scale"]) if "_loss_scale" in pokes else _APEX_START_SCALE
         wrapper.window = plan.text.segment(pokes["_scale_seq_len"]) if "_scale_seq_len" in pokes \
@@ -178,15 +195,15 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
     if not (isinstance(call, ast.Call) and isinstance(statement, ast.With) and len(statement.items) == 1
             and isinstance(withitem.optional_vars, ast.Name) and not has_starred(call) and len(call.args) == 2
             and not call.keywords and plan.text.owns_lines(statement)):
-        wrapper.blockers.append((call, "not `with amp.scale_loss(loss, optimizer) as scaled:`"))
+        wrapper.blockers.append((call, "amp.scale_loss is not `with amp.scale_loss(loss, optimizer) as scaled_loss:` with two positional arguments"))
         return set()
     loss, optimizer = call.args
     backward = _single_backward_call(statement, withitem.optional_vars.id)
     arguments = [a.arg for a in method.args.posonlyargs + method.args.args][1:]
     if backward is None or not isinstance(loss, ast.Name) or loss.id not in arguments \
             or not is_plain_reference(optimizer) or any(l for l in wrapper.loss_methods if l[0] == method.name):
-        wrapper.blockers.append((call, "the scaled loss is not a parameter of the method, or the block does more "
-                                       "than backward()"))
+        wrapper.blockers.append((call, "the scaled loss is not a parameter of the method, the block does more than "
+                                       "scaled_loss.backward(), or a second method scales a loss the same way"))
         return set()
 
     def is_step(node: ast.stmt) -> bool:
@@ -203,14 +220,14 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
     others = [node for node in walk_local(method) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr == "backward" and node is not backward]
     if len(steps) != 1 or path.step is not steps[0] or others or not plan.text.owns_lines(steps[0]):
-        wrapper.blockers.append((call, "no single optimizer.step() after the backward pass in this method"))
+        wrapper.blockers.append((call, "the method does not end the backward pass with exactly one `optimizer.step()` of the same optimizer (and no other backward pass)"))
         return set()
     unscaling = plan_unscaling([statement], is_step, parents, lambda node: id(node) in master_ids)
     reach = {id(n) for item in path.every_time + path.before_step for n in ast.walk(item)}
     if unscaling.blockers or unscaling.scaled_clips or any(
             id(u.node) not in reach or not isinstance(u.node, ast.Call) or len(u.node.args) != 1
             or not same_expression(u.node.args[0], optimizer) for u in masters):
-        wrapper.blockers.append((call, "gradients are read where a GradScaler cannot unscale them once per step"))
+        wrapper.blockers.append((call, "gradients are read after a backward pass that does not always reach the step (a GradScaler unscales only once per step), or amp.master_params gets another optimizer"))
         return set()
     wrapper.loss_methods.append((method.name, arguments.index(loss.id)))
     self_name, step = _self_name(method), steps[0]
@@ -235,7 +252,7 @@ def _state(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, use: U
     loading = use.api.endswith("load_state_dict")
     if not isinstance(call, ast.Call) or has_starred(call) or call.keywords \
             or len(call.args) != (1 if loading else 0):
-        wrapper.blockers.append((call, "amp.state_dict/load_state_dict with other arguments"))
+        wrapper.blockers.append((call, "amp.state_dict()/amp.load_state_dict(state) is called with other arguments"))
         return
     self_name = _self_name(method)
 
@@ -273,12 +290,12 @@ def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
             and isinstance(guard, ast.If) and guard.test is compare and not guard.orelse and len(guard.body) == 1
             and plan.text.owns_lines(guard) and guard.body[0].lineno == guard.body[0].end_lineno
             and guard.body[0].lineno > guard.lineno):
-        wrapper.blockers.append((use.node, "uses the amp module itself as a value"))
+        wrapper.blockers.append((use.node, "the amp module is used as a value, other than `if 'state_dict' in amp.__dict__:` around one statement"))
         return set()
     body = guard.body[0]
     inner = [u for u in wrapper.uses if u.kind == "call" and _within(u.node, body, parents)]
     if len(inner) != 1 or inner[0].api != f"apex.amp.{compare.left.value}":
-        wrapper.blockers.append((use.node, "uses the amp module itself as a value"))
+        wrapper.blockers.append((use.node, "the amp module is used as a value, other than `if 'state_dict' in amp.__dict__:` around one statement"))
         return set()
     call = inner[0].node
     method = _enclosing(call, _FUNCTIONS, parents)
@@ -317,7 +334,7 @@ def _loss_scaler_pokes(plan: RewritePlan, wrapper: _Wrapper, method: ast.Functio
     if not (method.name == "__init__" and isinstance(target, ast.Name) and isinstance(subscript, ast.Subscript)
             and statement.value is subscript and ast.unparse(subscript.slice) == "0"
             and plan.text.owns_lines(statement)):
-        wrapper.blockers.append((use.node, "touches amp's private state"))
+        wrapper.blockers.append((use.node, "amp's private state is touched other than `s = apex.amp._amp_state.loss_scalers[0]` followed by `s._loss_scale = ...` / `s._scale_seq_len = ...` in __init__"))
         return
     following: List[ast.stmt] = []
     for item in block[index + 1:]:
@@ -332,7 +349,7 @@ def _loss_scaler_pokes(plan: RewritePlan, wrapper: _Wrapper, method: ast.Functio
     later = [n for n in walk_local(method) if isinstance(n, ast.Name) and n.id == target.id
              and not any(_within(n, item, plan.parents) for item in [statement] + following)]
     if not following or later:
-        wrapper.blockers.append((use.node, "touches amp's private state"))
+        wrapper.blockers.append((use.node, "amp's private state is touched other than `s = apex.amp._amp_state.loss_scalers[0]` followed by `s._loss_scale = ...` / `s._scale_seq_len = ...` in __init__"))
         return
     self_name = _self_name(method)
 
@@ -388,6 +405,11 @@ def _is_docstring(statement: ast.stmt) -> bool:
 def convert_wrappers(plan: RewritePlan, context: WrapperContext) -> None:
     """Convert the file's wrapper classes that the tree pass found partners for (``context.own``)."""
     if not context.own:
+        if any(use.api == "apex.amp.scale_loss" for use in plan.result.uses):
+            for owner, node, reason in wrapper_problems(plan):
+                if any(use.api == "apex.amp.scale_loss" and _within(use.node, owner, plan.parents)
+                       for use in plan.result.uses):
+                    plan.todo(node, _BLOCKED_WRAPPER.format(name=owner.name, reason=reason))
         return
     wrappers = wrapper_classes(plan)
     if not wrappers or set(wrappers) - set(context.own):
