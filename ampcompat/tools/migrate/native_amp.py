@@ -1087,3 +1087,10 @@ def _enclosing(node: ast.AST, kind: type, parents) -> Optional[ast.AST]:
 
 def _block(statement: ast.stmt, parents) -> List[ast.stmt]:
     return block_of(statement, parents)[0]
+
+
+# What native_wrappers reuses: the analysis of amp.initialize and the placement of the names it becomes (for the file
+# that builds a scaler wrapper of another file), and the reading of a `with amp.scale_loss(...)` block (for the wrapper).
+AmpConversion = _AmpConversion
+single_backward_call = _single_backward_call
+arguments_text = _arguments_text

@@ -43,7 +43,7 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 from . import native_checkpoint
 from .callargs import has_starred
 from .exports import imports_by_module, module_name_of
-from .native_amp import _AmpConversion, _arguments_text, _single_backward_call, is_amp_use, parameters_of
+from .native_amp import AmpConversion, arguments_text, is_amp_use, parameters_of, single_backward_call
 from .native_levels import LevelChoice
 from .native_loop import path_to_step, plan_unscaling
 from .native_regions import forward_region
@@ -148,7 +148,7 @@ def _classify(plan: RewritePlan) -> Tuple[Dict[str, _Wrapper], List[_Wrapper]]:
 
 def _shared_bindings(plan: RewritePlan, uses: List[Use]) -> bool:
     """Whether another binding of ``amp`` (not an ``except ImportError`` fallback) may reach a use."""
-    conversion = _AmpConversion(plan, uses, None)
+    conversion = AmpConversion(plan, uses, None)
     conversion._check_bindings()
     return bool(conversion.blockers)
 
@@ -198,7 +198,7 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
         wrapper.blockers.append((call, "amp.scale_loss is not `with amp.scale_loss(loss, optimizer) as scaled_loss:` with two positional arguments"))
         return set()
     loss, optimizer = call.args
-    backward = _single_backward_call(statement, withitem.optional_vars.id)
+    backward = single_backward_call(statement, withitem.optional_vars.id)
     arguments = [a.arg for a in method.args.posonlyargs + method.args.args][1:]
     if backward is None or not isinstance(loss, ast.Name) or loss.id not in arguments \
             or not is_plain_reference(optimizer) or any(l for l in wrapper.loss_methods if l[0] == method.name):
@@ -232,7 +232,7 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
     wrapper.loss_methods.append((method.name, arguments.index(loss.id)))
     self_name, step = _self_name(method), steps[0]
     loss_text, optimizer_text = loss.id, plan.text.segment(optimizer)
-    args_text = _arguments_text(plan, backward)
+    args_text = arguments_text(plan, backward)
 
     def edit(plan: RewritePlan, scaler: str) -> None:
         access = f"{self_name}.{scaler}"
@@ -438,7 +438,7 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
     if len(inits) != 1 or len(uses) != 1:
         return False
     init = inits[0]
-    conversion = _AmpConversion(plan, uses, choice)
+    conversion = AmpConversion(plan, uses, choice)
     conversion.init = init
     conversion._check_bindings()
     conversion._initialize(init)
