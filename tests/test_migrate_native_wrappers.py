@@ -300,3 +300,20 @@ def test_lr_finder_without_evidence_of_a_torch_backend_keeps_its_todo(tmp_path):
     """An older torch-lr-finder has no 'torch' backend: without a torch run in the file, the API is not certain."""
     path = _alone(tmp_path, _LR_FINDER.format(torch_run=""))
     assert on_ampcompat(path) and ALONE_CALLER in path.read_text()
+
+
+def test_one_caller_that_cannot_convert_holds_back_the_wrapper_and_every_other_caller(tmp_path):
+    """Two scripts build the same wrapper; one passes a static loss scale. The wrapper must keep Apex's scaling for
+    that one, so it stays, and then the other script cannot drop amp.initialize either."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "helpers.py").write_text(_WRAPPER.format(extra="pass"))
+    (folder / "train_a.py").write_text(_CALLER.format(options=""))
+    (folder / "train_b.py").write_text(_CALLER.format(options=", loss_scale=128.0"))
+    to_native(folder)
+    for name in ("helpers.py", "train_a.py", "train_b.py"):
+        assert on_ampcompat(folder / name), name
+    assert ALONE_CALLER in (folder / "train_a.py").read_text()
+    (folder / "train_b.py").unlink()  # the twin: without the static scale's script, the pair converts
+    to_native(folder)
+    assert not on_ampcompat(folder / "helpers.py") and not on_ampcompat(folder / "train_a.py")
