@@ -180,7 +180,7 @@ def test_the_gnmt_flag_keeps_autocast_off_on_the_other_paths(pairs):
     assert "enabled=self.amp_enabled" in trainer
 
 
-# --- checkpoints -------------------------------------------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------------------------------
 def test_a_checkpoint_the_original_wrote_loads_into_the_converted_program(tmp_path):
     """The original saves amp.state_dict() (Apex's layout) under the wrapper's key; the converted wrapper's
     load_state_dict reads it through grad_scaler_state and starts from the same scale and step count, and a

@@ -65,6 +65,16 @@ _WRAPPER_NOTE = ("{name} now owns a torch.amp.GradScaler (start scale {start}, g
 _BLOCKED_WRAPPER = ("{name} scales the loss for code that calls amp.initialize elsewhere, but cannot own a "
                     "torch.amp.GradScaler in Apex's place: {reason}; rewrite it by hand (see migration_guide.md, What "
                     "`--to-native` converts)")
+_NOT_A_WITH = ("amp.scale_loss is not `with amp.scale_loss(loss, optimizer) as scaled_loss:` with two positional "
+               "arguments")
+_NO_SINGLE_STEP = ("the method does not end the backward pass with exactly one `optimizer.step()` of the same "
+                   "optimizer (and no other backward pass)")
+_UNSCALED_READ = ("gradients are read after a backward pass that does not always reach the step (a GradScaler unscales "
+                  "only once per step), or amp.master_params gets another optimizer")
+_AMP_AS_VALUE = ("the amp module is used as a value, other than `if 'state_dict' in amp.__dict__:` around one "
+                 "statement")
+_PRIVATE_STATE = ("amp's private state is touched other than `s = apex.amp._amp_state.loss_scalers[0]` followed by "
+                  "`s._loss_scale = ...` / `s._scale_seq_len = ...` in __init__")
 _CALLER_NOTE = ("amp.initialize is gone: {scaling} now scales the loss with its own torch GradScaler, and the forward "
                 "pass runs under torch.autocast here")
 _SLOT_NOTE = ("amp.initialize is gone: `{slot}` now enters torch.autocast (FP16) on this path, around the forward "
@@ -195,7 +205,7 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
     if not (isinstance(call, ast.Call) and isinstance(statement, ast.With) and len(statement.items) == 1
             and isinstance(withitem.optional_vars, ast.Name) and not has_starred(call) and len(call.args) == 2
             and not call.keywords and plan.text.owns_lines(statement)):
-        wrapper.blockers.append((call, "amp.scale_loss is not `with amp.scale_loss(loss, optimizer) as scaled_loss:` with two positional arguments"))
+        wrapper.blockers.append((call, _NOT_A_WITH))
         return set()
     loss, optimizer = call.args
     backward = single_backward_call(statement, withitem.optional_vars.id)
@@ -220,14 +230,14 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
     others = [node for node in walk_local(method) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr == "backward" and node is not backward]
     if len(steps) != 1 or path.step is not steps[0] or others or not plan.text.owns_lines(steps[0]):
-        wrapper.blockers.append((call, "the method does not end the backward pass with exactly one `optimizer.step()` of the same optimizer (and no other backward pass)"))
+        wrapper.blockers.append((call, _NO_SINGLE_STEP))
         return set()
     unscaling = plan_unscaling([statement], is_step, parents, lambda node: id(node) in master_ids)
     reach = {id(n) for item in path.every_time + path.before_step for n in ast.walk(item)}
     if unscaling.blockers or unscaling.scaled_clips or any(
             id(u.node) not in reach or not isinstance(u.node, ast.Call) or len(u.node.args) != 1
             or not same_expression(u.node.args[0], optimizer) for u in masters):
-        wrapper.blockers.append((call, "gradients are read after a backward pass that does not always reach the step (a GradScaler unscales only once per step), or amp.master_params gets another optimizer"))
+        wrapper.blockers.append((call, _UNSCALED_READ))
         return set()
     wrapper.loss_methods.append((method.name, arguments.index(loss.id)))
     self_name, step = _self_name(method), steps[0]
@@ -290,12 +300,12 @@ def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
             and isinstance(guard, ast.If) and guard.test is compare and not guard.orelse and len(guard.body) == 1
             and plan.text.owns_lines(guard) and guard.body[0].lineno == guard.body[0].end_lineno
             and guard.body[0].lineno > guard.lineno):
-        wrapper.blockers.append((use.node, "the amp module is used as a value, other than `if 'state_dict' in amp.__dict__:` around one statement"))
+        wrapper.blockers.append((use.node, _AMP_AS_VALUE))
         return set()
     body = guard.body[0]
     inner = [u for u in wrapper.uses if u.kind == "call" and _within(u.node, body, parents)]
     if len(inner) != 1 or inner[0].api != f"apex.amp.{compare.left.value}":
-        wrapper.blockers.append((use.node, "the amp module is used as a value, other than `if 'state_dict' in amp.__dict__:` around one statement"))
+        wrapper.blockers.append((use.node, _AMP_AS_VALUE))
         return set()
     call = inner[0].node
     method = _enclosing(call, _FUNCTIONS, parents)
@@ -334,7 +344,7 @@ def _loss_scaler_pokes(plan: RewritePlan, wrapper: _Wrapper, method: ast.Functio
     if not (method.name == "__init__" and isinstance(target, ast.Name) and isinstance(subscript, ast.Subscript)
             and statement.value is subscript and ast.unparse(subscript.slice) == "0"
             and plan.text.owns_lines(statement)):
-        wrapper.blockers.append((use.node, "amp's private state is touched other than `s = apex.amp._amp_state.loss_scalers[0]` followed by `s._loss_scale = ...` / `s._scale_seq_len = ...` in __init__"))
+        wrapper.blockers.append((use.node, _PRIVATE_STATE))
         return
     following: List[ast.stmt] = []
     for item in block[index + 1:]:
@@ -349,7 +359,7 @@ def _loss_scaler_pokes(plan: RewritePlan, wrapper: _Wrapper, method: ast.Functio
     later = [n for n in walk_local(method) if isinstance(n, ast.Name) and n.id == target.id
              and not any(_within(n, item, plan.parents) for item in [statement] + following)]
     if not following or later:
-        wrapper.blockers.append((use.node, "amp's private state is touched other than `s = apex.amp._amp_state.loss_scalers[0]` followed by `s._loss_scale = ...` / `s._scale_seq_len = ...` in __init__"))
+        wrapper.blockers.append((use.node, _PRIVATE_STATE))
         return
     self_name = _self_name(method)
 
