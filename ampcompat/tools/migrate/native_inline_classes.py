@@ -83,7 +83,8 @@ class __CLASS__(torch.optim.Optimizer):
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
                 if any(p.grad.is_sparse for p in params):
-                    raise RuntimeError("FusedAdam does not support sparse gradients, please consider SparseAdam instead")
+                    raise RuntimeError("FusedAdam does not support sparse gradients, please consider "
+                                       "SparseAdam instead")
                 divisor = self._clip_divisor(group, params)
                 for p in params:
                     self._update(group, p, divisor)
@@ -355,12 +356,12 @@ def inline_fused_adam(call: Any) -> Optional[str]:
     legacy = {name: call.value(name, default) for name, default in (("eps_inside_sqrt", False), ("max_grad_norm", 0))}
     legacy_on = any(value is not NOT_LITERAL and bool(value) for value in legacy.values())
     legacy_unknown = [name for name, value in legacy.items() if value is NOT_LITERAL]
-    if bias_correction is NOT_LITERAL:
+    if bias_correction is NOT_LITERAL and not legacy_on:
         return "bias_correction is only known at run time, and torch's Adam always corrects" + _KEEP
-    corrects = bool(bias_correction)
+    corrects = bias_correction is NOT_LITERAL or bool(bias_correction)
     if corrects and not legacy_on and not legacy_unknown:
         return None  # torch.optim.Adam/AdamW
-    if legacy_unknown and corrects:
+    if legacy_unknown and corrects and not legacy_on:
         return (f"{legacy_unknown[0]} is only known at run time: with bias_correction=True, Apex's 2019 arithmetic "
                 "(with it) and today's (without) differ" + _KEEP)
     if (legacy_on or legacy_unknown) and not call.is_default("adam_w_mode", True):
@@ -371,7 +372,7 @@ def inline_fused_adam(call: Any) -> Optional[str]:
     name = add_class(call.plan, FUSED_ADAM, call.call)
     if name is None:
         return "no place for a plain-PyTorch FusedAdam class before this module-level call" + _KEEP
-    call.rewrite(name, drop=("amsgrad", "capturable", "master_weights"))
+    _construct(call, name, drop=("amsgrad", "capturable", "master_weights"))
     why = ("torch's Adam/AdamW cannot clip inside step() (max_grad_norm) or place eps and weight decay as Apex's "
            "2019 FusedAdam did" if legacy_on or legacy_unknown else "torch's Adam/AdamW always bias-correct")
     call.plan.note(call.use.node, added_note(FUSED_ADAM, name, why))
@@ -387,6 +388,15 @@ def inline_larc(call: Any) -> Optional[str]:
     name = add_class(call.plan, LARC, call.call)
     if name is None:
         return "no place for a plain-PyTorch LARC class before this module-level call; keep ampcompat's LARC"
-    call.rewrite(name)
+    _construct(call, name)
     call.plan.note(call.use.node, added_note(LARC, name, "torch has no LARC wrapper"))
     return None
+
+
+def _construct(call: Any, name: str, drop: Tuple[str, ...] = ()) -> None:
+    """Make ``call`` construct ``name``: only the callee changes (the arguments keep their layout) unless
+    arguments the class does not take (``drop``, all of them at their defaults) must go."""
+    if any(call.arg(argument) is not None for argument in drop):
+        call.rewrite(name, drop=drop)
+    else:
+        call.plan.replace(call.call.func, name)
