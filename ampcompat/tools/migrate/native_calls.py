@@ -55,11 +55,8 @@ def _no_rewrite(use: Use) -> str:
     return f"no mechanical rewrite of `{use.api}` to plain PyTorch{native}; it stays on ampcompat"
 
 
-_LEGACY_KEYWORDS = {
-    "max_grad_norm": " (Apex's 2019 FusedAdam clipped each parameter group's gradient norm inside step(); with torch, "
-                     "call torch.nn.utils.clip_grad_norm_ on each group's parameters after unscaling, before the step)",
-    "eps_inside_sqrt": " (Apex's 2019 FusedAdam could add eps under the square root; torch's Adam adds it outside)",
-}
+_LEGACY_KEYWORDS = ("eps_inside_sqrt", "max_grad_norm")
+"""Apex's 2019 FusedAdam keywords: a call using them gets the class of :mod:`native_inline_classes`."""
 
 
 class _Call:
@@ -97,7 +94,7 @@ class _Call:
         if unknown:
             return (f"`{unknown[0]}` is not an argument this rewrite knows for `{self.use.api}` (an older Apex "
                     f"release's, or a misspelling): torch's counterpart may not take it or may mean something else"
-                    f"{_LEGACY_KEYWORDS.get(unknown[0], '')}; keep ampcompat or rewrite by hand")
+                    "; keep ampcompat or rewrite by hand")
         return None
 
     def rewrite(self, func: str, drop: Sequence[str] = (), add: Optional[Dict[str, str]] = None) -> None:
@@ -123,7 +120,7 @@ class _Call:
 
 def _fused_adam(plan: RewritePlan, use: Use) -> Optional[str]:
     call = _Call(plan, use, ("params", "lr", "bias_correction", "betas", "eps", "adam_w_mode", "weight_decay",
-                             "amsgrad", "set_grad_none", "capturable", "master_weights") + tuple(_LEGACY_KEYWORDS))
+                             "amsgrad", "set_grad_none", "capturable", "master_weights") + _LEGACY_KEYWORDS)
     problem = call.problem(shared_positional=2)
     if problem:
         return problem
@@ -142,7 +139,7 @@ def _fused_adam(plan: RewritePlan, use: Use) -> Optional[str]:
     add = {"weight_decay": "0.0", "fused": "True"} if adam_w else {"fused": "True"}
     call.rewrite("torch.optim.AdamW" if adam_w else "torch.optim.Adam",
                  drop=("bias_correction", "adam_w_mode", "amsgrad", "set_grad_none", "master_weights")
-                 + tuple(_LEGACY_KEYWORDS), add=add)
+                 + _LEGACY_KEYWORDS, add=add)
     return None
 
 
