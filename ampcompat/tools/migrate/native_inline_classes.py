@@ -8,7 +8,8 @@ constructs that class with the same arguments. The class goes in once per file, 
 after the leading imports, under a name the file does not use (``_ApexFusedAdam``, ``_ApexLARC``).
 
 The texts below are the generated code itself: :func:`class_text` returns them for tests, which run them
-against ampcompat's implementations.
+against ampcompat's implementations. Like all code ``--to-native`` writes, they never name ``apex`` or
+``ampcompat`` (a converted file is checked for both words).
 """
 from __future__ import annotations
 
@@ -43,16 +44,16 @@ class InlineClass:
 
 FUSED_ADAM = InlineClass("FusedAdam", "_ApexFusedAdam", '''\
 class __CLASS__(torch.optim.Optimizer):
-    """Apex's ``FusedAdam`` in plain PyTorch, added by ``ampcompat migrate --to-native``.
+    """Apex's ``FusedAdam`` in plain PyTorch, written into this file by the ``--to-native`` migration.
 
-    It reproduces Apex's FusedAdam semantics (as ``ampcompat.optimizers.FusedAdam`` computes them) for what
-    torch's Adam/AdamW cannot express, so this file needs neither Apex nor ampcompat: ``bias_correction=False``,
-    ``adam_w_mode`` (decoupled weight decay; else L2 added to the gradient), and the 2019 keywords
-    ``max_grad_norm`` (each param group's gradients divided by ``(norm + 1e-6) / max_grad_norm`` where that
-    exceeds 1) and ``eps_inside_sqrt`` (``sqrt(v + eps)``). With a 2019 keyword eps is not bias-corrected and
-    the weight decay is scaled by the step size, as in that release. Gradients are used as they are: under
-    ``scaler.step(optimizer)`` they arrive unscaled, and a step with inf/NaN gradients never runs. The state
-    is ampcompat's: per parameter ``step``, ``exp_avg``, ``exp_avg_sq`` (FP32 for FP16/BF16 parameters).
+    It reproduces Apex's FusedAdam semantics for what torch's Adam/AdamW cannot express, so this file needs
+    neither Apex nor a compatibility layer for it: ``bias_correction=False``, ``adam_w_mode`` (decoupled weight
+    decay; else L2 added to the gradient), and the 2019 keywords ``max_grad_norm`` (each param group's
+    gradients divided by ``(norm + 1e-6) / max_grad_norm`` where that exceeds 1) and ``eps_inside_sqrt``
+    (``sqrt(v + eps)``). With a 2019 keyword eps is not bias-corrected and the weight decay is scaled by the
+    step size, as in that release. Gradients are used as they are: under ``scaler.step(optimizer)`` they
+    arrive unscaled, and a step with inf/NaN gradients never runs. State per parameter: ``step``,
+    ``exp_avg``, ``exp_avg_sq`` (FP32 for FP16/BF16 parameters), so earlier checkpoints load.
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
@@ -142,16 +143,16 @@ class __CLASS__(torch.optim.Optimizer):
 
 LARC = InlineClass("LARC", "_ApexLARC", '''\
 class __CLASS__:
-    """Apex's ``apex.parallel.LARC.LARC`` in plain PyTorch, added by ``ampcompat migrate --to-native``.
+    """Apex's ``LARC`` optimizer wrapper in plain PyTorch, written into this file by the ``--to-native`` migration.
 
-    It reproduces Apex's LARC semantics (as ``ampcompat.parallel.LARC`` computes them), so this file needs
-    neither Apex nor ampcompat. It wraps any optimizer; before each of its steps every gradient is rescaled
-    by its parameter's local rate ``trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)``: with
-    ``clip=True`` by ``min(local / lr, 1)``, else by ``local``, after adding ``weight_decay * p`` to it. The
-    group's weight decay is 0 during the wrapped step (it is in the gradient already). A parameter whose
-    weight or gradient norm is zero is stepped unchanged and without weight decay. ``state``,
-    ``param_groups``, ``defaults``, ``state_dict()``, ``load_state_dict()``, ``zero_grad()`` and
-    ``add_param_group()`` are the wrapped optimizer's (so ``torch.amp.GradScaler`` can unscale and step it).
+    It reproduces Apex's LARC semantics, so this file needs neither Apex nor a compatibility layer for it. It
+    wraps any optimizer; before each of its steps every gradient is rescaled by its parameter's local rate
+    ``trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)``: with ``clip=True`` by
+    ``min(local / lr, 1)``, else by ``local``, after adding ``weight_decay * p`` to it. The group's weight
+    decay is 0 during the wrapped step (it is in the gradient already). A parameter whose weight or gradient
+    norm is zero is stepped unchanged and without weight decay. ``state``, ``param_groups``, ``defaults``,
+    ``state_dict()``, ``load_state_dict()``, ``zero_grad()`` and ``add_param_group()`` are the wrapped
+    optimizer's (so ``torch.amp.GradScaler`` can unscale and step it).
     """
 
     def __init__(self, optimizer, trust_coefficient=0.02, clip=True, eps=1e-8):
