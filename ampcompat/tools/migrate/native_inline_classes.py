@@ -372,7 +372,8 @@ def inline_fused_adam(call: Any) -> Optional[str]:
         return "capturable=True with arguments torch's Adam cannot express" + _KEEP
     name = add_class(call.plan, FUSED_ADAM, call.call)
     if name is None:
-        return "no place for a plain-PyTorch FusedAdam class before this module-level call" + _KEEP
+        return ("no place for a plain-PyTorch FusedAdam class above this module-level call (it runs before the file's "
+                "imports end, or the first statement shares its line): move it below them and rerun" + _KEEP)
     _construct(call, name, drop=("amsgrad", "capturable", "master_weights"))
     why = ("torch's Adam/AdamW cannot clip inside step() (max_grad_norm) or place eps and weight decay as Apex's "
            "2019 FusedAdam did" if legacy_on or legacy_unknown else "torch's Adam/AdamW always bias-correct")
@@ -388,7 +389,9 @@ def inline_larc(call: Any) -> Optional[str]:
         return problem
     name = add_class(call.plan, LARC, call.call)
     if name is None:
-        return "no place for a plain-PyTorch LARC class before this module-level call; keep ampcompat's LARC"
+        return ("no place for a plain-PyTorch LARC class above this module-level call (it runs before the file's "
+                "imports end, or the first statement shares its line): move it below them and rerun; keep "
+                "ampcompat's LARC or rewrite by hand")
     _construct(call, name)
     call.plan.note(call.use.node, added_note(LARC, name, "torch has no LARC wrapper"))
     return None
