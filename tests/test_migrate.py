@@ -636,9 +636,10 @@ def test_fused_adam_becomes_adamw_with_apex_defaults(tmp_path):
     assert len(todos) == 2
 
 
-def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_stays_on_ampcompat(tmp_path):
+def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_gets_a_plain_torch_class(tmp_path):
     """Apex's 2019 FusedAdam clipped inside step() and could put eps under the root: torch's AdamW takes neither
-    keyword (it would raise TypeError), so the call keeps ampcompat's FusedAdam, which still runs."""
+    keyword, so the call constructs a plain-PyTorch class added to the file (tests/test_migrate_native_inline_optim.py
+    proves it trains as ampcompat's FusedAdam)."""
     text, todos = native(tmp_path, """\
         import torch
         from apex.optimizers import FusedAdam
@@ -646,15 +647,13 @@ def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_stays_on_ampco
         a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)
         b = FusedAdam(params, lr=1e-3, eps_inside_sqrt=True)
         c = FusedAdam(params, lr=1e-3, weight_decay=0.01)
-    """, alias=True)
-    assert len(todos) == 2, todos
-    assert "`max_grad_norm`" in todos[0] and "clip_grad_norm_" in todos[0]
-    assert "`eps_inside_sqrt`" in todos[1]
-    assert "a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)" in text.splitlines()
+    """, alias=False)
+    assert todos == []
+    assert "a = _ApexFusedAdam(params, lr=1e-3, max_grad_norm=1.0)" in text.splitlines()
     assert "c = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)" in text.splitlines()
     namespace: dict = {}
-    exec(text, namespace)  # the kept calls build ampcompat's FusedAdam
-    assert type(namespace["a"]).__name__ == "FusedAdam" and type(namespace["b"]).__name__ == "FusedAdam"
+    exec(text, namespace)
+    assert type(namespace["a"]).__name__ == "_ApexFusedAdam" and type(namespace["b"]).__name__ == "_ApexFusedAdam"
 
 
 def test_fused_adam_rewrite_trains_like_ampcompat_fused_adam(tmp_path):

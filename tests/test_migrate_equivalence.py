@@ -100,6 +100,12 @@ TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
     Program("t15_fp16_flag_and_loss_scale_flag.py", ("--fp16", "--gradient_accumulation_steps", "2"),
             rel_tol=O2_TOLERANCE),
     Program("t15_fp16_flag_and_loss_scale_flag.py", ("--gradient_accumulation_steps", "2")),
+    Program("t16_fp16_optimizer_2019_fused_adam.py", ("--fp16",), rel_tol=O2_TOLERANCE),
+    Program("t16_fp16_optimizer_2019_fused_adam.py", ("--fp16", "--bias_correction", "1", "--loss_scale", "128",
+                                                      "--gradient_accumulation_steps", "2"), rel_tol=O2_TOLERANCE),
+    Program("t16_fp16_optimizer_2019_fused_adam.py"),
+    Program("t17_larc_sgd_o1.py"),
+    Program("t18_fused_adam_no_bias_correction_o1.py"),
     Program("k01_library_runs_apex.py"),
     Program("k02_contrib_kernel.py"),
     Program("k03_norm_subclass.py"),
@@ -139,7 +145,8 @@ def imports_apex_or_ampcompat(path: Path) -> bool:
 
 _AMP_BANNER = re.compile(r"^(Selected optimization level |Defaults for this optimization level are:|Processing user "
                          r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$|"
-                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working)")
+                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working|"
+                         r"fp16_optimizer is designed to only work with apex.optimizers|To update, use updated optimizers)")
 """The option block ``amp.initialize`` prints (``verbosity=1``) and FP16_Optimizer's deprecation warning: Apex's log,
 gone with Apex under ``--to-native``."""
 
