@@ -36,7 +36,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import native_checkpoint
+from . import native_checkpoint, native_reads
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
 from .native_levels import LevelChoice, Recipe, recipe_for
@@ -219,6 +219,8 @@ class _AmpConversion:
         self.unscale_before: Dict[int, Tuple[ast.stmt, str]] = {}
         self.scaled_clips: List[Tuple[ScaledClip, str]] = []
         """Clipping on the scaled partial sums of gradient accumulation, with the scale's expression."""
+        self.unscaled_reads: List[Tuple[native_reads.UnscaledRead, str]] = []
+        """Other reads of those partial sums, run with them unscaled (:mod:`native_reads`), with the scaler."""
         self.schedulers: List[Tuple[ast.stmt, str, ast.stmt]] = []
         self.masters: List[Use] = []
         self.plain: List[Tuple[ast.Expr, ast.Call, Optional[Region]]] = []
@@ -698,8 +700,14 @@ class _AmpConversion:
             steps = {id(step) for step in group.steps}
             backwards = [point for point, owner in self.points if owner == index]
             unscaling = plan_unscaling(backwards, lambda statement: id(statement) in steps, parents,
-                                       lambda node: id(node) in masters, self.placement.conditions)
+                                       lambda node: id(node) in masters, self.placement.conditions,
+                                       lambda node: argument(node, "optimizer", 0) if id(node) in masters else None)
             self.blockers.extend(unscaling.blockers)
+            for read, _ in unscaling.unscaled_reads:
+                if self._group_of(read.optimizer) is not group:
+                    self.block(read.statement, "this reads the gradients of an optimizer whose loss scale differs "
+                                               "from the backward pass before it; rewrite by hand")
+                self.unscaled_reads.append((read, self._name(group.scaler, read.statement)))
             for key, (statement, step) in unscaling.before.items():
                 optimizer = self.segment(step.value.func.value)  # type: ignore[attr-defined]
                 self.unscale_before[key] = (statement, f"{self._name(group.scaler, statement)}.unscale_({optimizer})")
@@ -816,6 +824,7 @@ class _AmpConversion:
             self.plan.insert_lines_before(statement, [line])
         for clip, scale in self.scaled_clips:
             self._apply_scaled_clip(clip, scale)
+        native_reads.apply(self.plan, self.unscaled_reads)
         self._apply_schedulers()
         for use in self.masters:
             optimizer = self.segment(argument(use.node, "optimizer", 0))  # type: ignore[arg-type]
