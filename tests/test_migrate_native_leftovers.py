@@ -1,0 +1,123 @@
+"""``--to-native`` leftovers of single real files: gradient reads after every micro-batch of gradient accumulation
+(Swin's logged gradient norm, :mod:`native_reads`).
+
+The fixture programs train like their originals in ``test_migrate_equivalence.py`` (``TRAINING_LOOPS``: t30 with
+accumulation 1 and 2+, clipping on and off, O0); here are the properties behaviour alone does not show: what the added
+context manager does to gradients, and the shapes that must stay on ampcompat.
+"""
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ampcompat.tools.migrate import native_reads
+from _migrate_runs import REPO, run_migrate
+
+LOOPS = REPO / "tests" / "fixtures" / "to_native_loops"
+
+
+def _helper():
+    namespace = {}
+    exec("import contextlib\n" + "\n".join(native_reads.helper_lines("unscaled_gradients")), namespace)
+    return namespace["unscaled_gradients"]
+
+
+def _scaled_setup(scale=2.0**16):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler.scale(model(torch.randn(5, 4)).square().sum()).backward()
+    return model, optimizer, scaler
+
+
+def test_the_helper_shows_unscaled_gradients_and_puts_the_same_tensors_back():
+    model, optimizer, scaler = _scaled_setup()
+    before = [(p.grad, p.grad.clone()) for p in model.parameters()]
+    seen = []
+    with _helper()(scaler, optimizer):
+        seen = [p.grad.clone() for p in model.parameters()]
+    for (tensor, values), shown, param in zip(before, seen, model.parameters()):
+        assert param.grad is tensor and torch.equal(param.grad, values)  # bit for bit, same object
+        assert torch.equal(shown, values / scaler.get_scale())
+
+
+def test_a_block_that_changes_the_gradients_keeps_its_change_scaled_back():
+    model, optimizer, scaler = _scaled_setup()
+    originals = [p.grad for p in model.parameters()]
+    expected = [p.grad / scaler.get_scale() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
+    with _helper()(scaler, optimizer):
+        returned = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    assert torch.allclose(returned, norm)
+    for param, original, unscaled in zip(model.parameters(), originals, expected):
+        assert param.grad is original
+        assert torch.allclose(param.grad, unscaled * (0.01 / norm) * scaler.get_scale(), rtol=1e-5)
+
+
+def test_a_disabled_scaler_leaves_everything_alone():
+    model, optimizer, _ = _scaled_setup()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.grad for p in model.parameters()]
+    with _helper()(scaler, optimizer):
+        assert all(p.grad is g for p, g in zip(model.parameters(), before))
+
+
+LOOP = """
+import torch
+from apex import amp
+
+def gradient_norm(parameters):
+    return sum(p.grad.norm().item() ** 2 for p in parameters) ** 0.5
+
+def train(model, optimizer, data, accumulation):
+    model, optimizer = amp.initialize(model, optimizer, opt_level="O1")
+    for idx, (x, y) in enumerate(data):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        with amp.scale_loss(loss, optimizer) as scaled_loss:
+            scaled_loss.backward()
+        {read}
+        if (idx + 1) % accumulation == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+"""
+
+
+def _convert(tmp_path: Path, read: str) -> str:
+    path = tmp_path / "loop.py"
+    path.write_text(LOOP.replace("{read}", read))
+    code, out = run_migrate([tmp_path, "--to-native"])
+    assert code == 0, out
+    return path.read_text()
+
+
+def test_a_read_through_master_params_converts(tmp_path):
+    text = _convert(tmp_path, "norm = gradient_norm(amp.master_params(optimizer))")
+    assert "apex" not in text and "TODO(ampcompat)" not in text
+    assert "with unscaled_gradients(scaler, optimizer):\n            norm = gradient_norm(" in text
+    assert text.count("def unscaled_gradients(") == 1 and "import contextlib" in text
+    compile(text, "loop.py", "exec")
+
+
+@pytest.mark.parametrize("read", [
+    "norm = sum(p.grad.norm() for p in model.parameters())",  # .grad of parameters it did not name
+    "for p in amp.master_params(optimizer): print(p.grad.norm())",  # a block, not one statement
+    "norm = gradient_norm(model.parameters())",  # not through amp.master_params
+])
+def test_reads_the_helper_cannot_cover_stay_on_ampcompat(tmp_path, read):
+    text = _convert(tmp_path, read)
+    assert "unscaled_gradients" not in text
+    assert "TODO(ampcompat): this reads gradients after a backward pass that is not always followed" in text
+
+
+def test_a_second_run_changes_nothing(tmp_path):
+    shutil.copy(LOOPS / "_loops.py", tmp_path / "_loops.py")
+    shutil.copy(LOOPS / "t30_logged_grad_norm.py", tmp_path / "t30.py")
+    code, out = run_migrate([tmp_path, "--to-native", "--opt-level", "O1"])
+    assert code == 0, out
+    first = (tmp_path / "t30.py").read_text()
+    assert "from apex" not in first and "TODO(ampcompat)" not in first
+    code, out = run_migrate([tmp_path, "--to-native", "--opt-level", "O1"])
+    assert code == 0 and (tmp_path / "t30.py").read_text() == first
