@@ -121,3 +121,56 @@ def test_a_second_run_changes_nothing(tmp_path):
     assert "from apex" not in first and "TODO(ampcompat)" not in first
     code, out = run_migrate([tmp_path, "--to-native", "--opt-level", "O1"])
     assert code == 0 and (tmp_path / "t30.py").read_text() == first
+
+
+# --- the forward pass before the branch that computes the loss (native_forward) --------------------------------
+BRANCHED = """
+import torch
+from apex import amp
+
+def train(model, optimizer, data, accumulation):
+    model, optimizer = amp.initialize(model, optimizer, opt_level="O1")
+    {before}
+    for idx, (x, y) in enumerate(data):
+        x = x.to("cpu")
+        {forward}
+        if accumulation > 1:
+            loss = torch.nn.functional.mse_loss(outputs, y) / accumulation
+            with amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+        else:
+            loss = torch.nn.functional.mse_loss(outputs, y)
+            with amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+        optimizer.step()
+"""
+
+
+def _branched(tmp_path: Path, forward: str, before: str = "pass", report: bool = False):
+    path = tmp_path / "branched.py"
+    path.write_text(BRANCHED.replace("{forward}", forward).replace("{before}", before))
+    code, out = run_migrate([tmp_path, "--to-native"])
+    assert code == 0, out
+    return (path.read_text(), out) if report else path.read_text()
+
+
+def test_the_model_call_before_the_loss_branch_goes_under_autocast_once(tmp_path):
+    text = _branched(tmp_path, "outputs = model(x)")
+    assert "apex" not in text and "TODO(ampcompat)" not in text
+    assert text.count("        with torch.autocast(amp_device_type, dtype=torch.float16):\n"
+                      "            outputs = model(x)\n") == 1
+    assert "x = x.to(\"cpu\")\n        with" in text  # moving the input stays outside
+    compile(text, "branched.py", "exec")
+
+
+def test_a_forward_pass_sharing_its_line_stays_on_ampcompat(tmp_path):
+    text, out = _branched(tmp_path, "outputs = model(x); print(1)", report=True)
+    assert "TODO(ampcompat): a statement of the forward pass (before the branch that computes the loss) shares a " \
+           "line" in out
+    assert "amp.scale_loss(" in text and "with torch.autocast" not in text
+
+
+def test_statements_before_the_loop_are_not_wrapped(tmp_path):
+    text = _branched(tmp_path, "pass", before="outputs = model(torch.zeros(1))")
+    assert "    outputs = model(torch.zeros(1))\n" in text
+    assert text.count("torch.autocast(") == 2  # the two loss computations only

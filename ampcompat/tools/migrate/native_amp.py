@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import native_checkpoint, native_reads
+from .native_forward import outer_regions
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
 from .native_levels import LevelChoice, Recipe, recipe_for
@@ -178,6 +179,8 @@ class _Backward:
     loss_id: int
     region: Optional[Region] = None
     group: int = 0
+    outer: List[Region] = field(default_factory=list)
+    """Statements of enclosing blocks that compute what ``region`` reads (:mod:`native_forward`)."""
 
 
 @dataclass
@@ -564,13 +567,17 @@ class _AmpConversion:
         if isinstance(region, str):
             self.block(call, region)
             return
-        known = [item.region for item in self.backwards if item.region is not None]
-        if overlapping(known, region) is not None:
+        outer = outer_regions(self.plan.text, self.plan.parents, region, amp_nodes)
+        if isinstance(outer, str):
+            self.block(call, outer)
+            return
+        known = [known for item in self.backwards for known in [item.region] + item.outer if known is not None]
+        if any(overlapping(known, item) is not None for item in [region] + outer):
             self.block(call, "two amp.scale_loss calls share some statements of their forward passes; put the forward "
                              "pass under torch.autocast by hand")
             return
         self.backwards.append(_Backward(use, with_statement, loss.id, _arguments_text(self.plan, backward),
-                                        optimizers, loss_id, region))  # type: ignore[arg-type]
+                                        optimizers, loss_id, region, outer=outer))  # type: ignore[arg-type]
 
     def _group(self) -> None:
         """Union the losses and optimizers that share gradients: each group gets one GradScaler."""
@@ -669,6 +676,7 @@ class _AmpConversion:
             nodes.append(backward.statement)
             if backward.region is not None:
                 nodes.append(backward.region[0])
+            nodes.extend(item[0] for item in backward.outer)
         for group in self.groups:
             nodes.extend(group.steps)
         nodes.extend(use.node for use in self.masters + self.states + self.disables)
@@ -742,7 +750,7 @@ class _AmpConversion:
                 continue
             region = forward_region(self.plan.text, parents, statement, receiver.id, amp_nodes) \
                 if isinstance(receiver, ast.Name) else "not a name"
-            known = [item.region for item in self.backwards if item.region is not None]
+            known = [known for item in self.backwards for known in [item.region] + item.outer if known is not None]
             if isinstance(region, str) or overlapping(known, region) is not None:
                 region = None
                 self.notes.append((call, f"`{self.segment(call)}` now scales its loss with the GradScaler, as the "
@@ -936,11 +944,11 @@ class _AmpConversion:
         statement = backward.statement
         scaler = self._name(group.scaler, statement)
         self.plan.replace_statement(statement, [f"{scaler}.scale({backward.loss}).backward({backward.arguments})"])
-        region = backward.region
-        if region is None or any(done[0] is region[0] and done[1] is region[1] for done in regions_done):
-            return
-        regions_done.append(region)
-        self._wrap(region)
+        for region in [backward.region] + backward.outer:
+            if region is None or any(done[0] is region[0] and done[1] is region[1] for done in regions_done):
+                continue
+            regions_done.append(region)
+            self._wrap(region)
 
     def _wrap(self, region: Region) -> None:
         assert self.recipe is not None
