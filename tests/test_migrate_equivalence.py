@@ -105,6 +105,8 @@ TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
     Program("t30_logged_grad_norm.py", ("--accumulation_steps", "3", "--clip_grad", "0.05")),
     Program("t30_logged_grad_norm.py", ("--clip_grad", "0.05")),
     Program("t30_logged_grad_norm.py", ("--opt_level", "O0", "--accumulation_steps", "2")),
+    Program("t32_inference_handoff.py"),
+    Program("t32_inference_handoff.py", ("--precision", "fp32")),
     Program("k01_library_runs_apex.py"),
     Program("k02_contrib_kernel.py"),
     Program("k03_norm_subclass.py"),

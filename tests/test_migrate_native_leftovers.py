@@ -174,3 +174,63 @@ def test_statements_before_the_loop_are_not_wrapped(tmp_path):
     text = _branched(tmp_path, "pass", before="outputs = model(torch.zeros(1))")
     assert "    outputs = model(torch.zeros(1))\n" in text
     assert text.count("torch.autocast(") == 2  # the two loss computations only
+
+
+# --- amp.initialize without an optimizer at O2/O3: Apex's model casts (native_inference) -----------------------
+def _casts():
+    from ampcompat.tools.migrate import native_inference
+    namespace = {"torch": torch}
+    exec("import collections.abc\n" + "\n".join(native_inference.helper_lines("fp16_model_casts")), namespace)
+    return namespace["fp16_model_casts"]
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+                               ).eval()
+
+
+@pytest.mark.parametrize("level, keep", [("O2", True), ("O3", False), ("O2", False)])
+def test_the_model_casts_match_ampcompats_apex_levels(level, keep):
+    import ampcompat.amp as amp
+    reference = amp.initialize(_net(), opt_level=level, keep_batchnorm_fp32=keep, verbosity=0)
+    ours = _casts().apply(_net(), keep_batchnorm_fp32=keep)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():
+        expected, got = reference(x), ours(x)
+        assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+        assert torch.equal(ours(input=x), expected)  # keyword inputs are cast too
+    state, reference_state = ours.state_dict(), reference.state_dict()
+    assert {k: v.dtype for k, v in state.items()} == {k: v.dtype for k, v in reference_state.items()}
+
+
+def _inference(tmp_path: Path, call: str):
+    path = tmp_path / "infer.py"
+    path.write_text("import torch\nfrom apex import amp\n\n\ndef evaluate(model, evaluator):\n"
+                    f"    model = {call}\n    return evaluator.predict(model)\n")
+    code, out = run_migrate([tmp_path, "--to-native"])
+    assert code == 0, out
+    return path.read_text(), out
+
+
+@pytest.mark.parametrize("call, keep", [('amp.initialize(model, opt_level="O2")', True),
+                                        ('amp.initialize(model, opt_level="O3")', False),
+                                        ('amp.initialize(model, opt_level="O2", keep_batchnorm_fp32=False)', False)])
+def test_o2_and_o3_inference_handed_to_other_code_converts(tmp_path, call, keep):
+    text, _ = _inference(tmp_path, call)
+    assert "apex" not in text and "TODO(ampcompat)" not in text
+    assert f"    model = fp16_model_casts.apply(model, keep_batchnorm_fp32={keep})\n" in text
+    assert "import collections.abc" in text and text.count("class fp16_model_casts") == 1
+    compile(text, "infer.py", "exec")
+
+
+@pytest.mark.parametrize("call, reason", [
+    ('amp.initialize(model, opt_level="O1")', "the model is handed to other code here"),
+    ('amp.initialize(model, opt_level="O2", cast_model_outputs=torch.float16)', "sets `cast_model_outputs`"),
+    ('amp.initialize(model, opt_level="O2", keep_batchnorm_fp32=flag)', "keep_batchnorm_fp32 is not a literal"),
+])
+def test_inference_the_casts_cannot_cover_stays_on_ampcompat(tmp_path, call, reason):
+    text, out = _inference(tmp_path, call)
+    assert "fp16_model_casts" not in text and reason in out

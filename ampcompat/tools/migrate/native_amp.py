@@ -36,7 +36,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import native_checkpoint, native_reads
+from . import native_checkpoint, native_inference, native_reads
 from .native_forward import outer_regions
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
@@ -231,6 +231,9 @@ class _AmpConversion:
         self.registrations: List[Tuple[ast.stmt, Use]] = []
         self.inference = False
         """``amp.initialize`` without an optimizer: the model's calls go under autocast, no GradScaler."""
+        self.level: Optional[str] = None
+        self.model_casts: Optional[bool] = None
+        """For O2/O3 inference: Apex's model casts instead (:mod:`native_inference`), and keep_batchnorm_fp32."""
         self.model_calls: List[ast.stmt] = []
         self.states: List[Use] = []
         self.disables: List[Use] = []
@@ -287,6 +290,9 @@ class _AmpConversion:
         if not init_ok:
             return
         assert self.init is not None
+        if self.inference and native_inference.casts_model(self.level):
+            self._model_casts()
+            return
         if self.inference:
             self._inference()
             return
@@ -307,6 +313,20 @@ class _AmpConversion:
         if len(self.groups) > 1 and self.states:
             self.block(self.states[0].node, "several GradScalers (one per optimizer, as Apex had one loss scaler per "
                                             "loss) share this checkpoint entry; save each scaler's state_dict() by hand")
+
+    def _model_casts(self) -> None:
+        """``model = amp.initialize(model, opt_level="O2")`` for evaluation: Apex's casts of the model itself."""
+        assert self.init is not None and self.level is not None
+        if self.backwards or self.masters or self.states or self.disables:
+            node = (self.backwards[0].statement if self.backwards else (self.masters + self.states + self.disables)[0].node)
+            self.block(node, "amp.initialize got no optimizer, yet this trains or saves amp's state; rewrite by hand")
+            return
+        keep, problem = native_inference.keep_batchnorm(self.init.node, self.level)  # type: ignore[arg-type]
+        if problem:
+            self.block(self.init.node, problem)
+        elif not isinstance(self.models, (ast.Name, ast.Attribute)):
+            self.block(self.init.node, "amp.initialize without an optimizer gets a list of models; rewrite by hand")
+        self.model_casts = keep
 
     def _inference(self) -> None:
         """``model = amp.initialize(model, opt_level=...)`` for evaluation: Apex cast from there on, natively the
@@ -470,6 +490,7 @@ class _AmpConversion:
             else:
                 self.block(call, "the (model, optimizer) pair amp.initialize returns is not unpacked; rewrite by hand")
         self.init_statement = statement
+        self.level = level
         self.targets, self.models, self.optimizers, self.model_ref = targets, models, optimizers, model_ref
         self.optimizer_refs = refs
 
@@ -809,6 +830,10 @@ class _AmpConversion:
         return self.placement.access(name, at, self.plan.parents)
 
     def apply(self) -> None:
+        if self.model_casts is not None:
+            native_inference.apply(self.plan, self.init_statement, self.model_ref, self.model_casts,  # type: ignore
+                                   self.level, self.init.node)  # type: ignore[arg-type,union-attr]
+            return
         for node, note in self.notes:
             self.plan.note(node, note)
         self._apply_initialize()
