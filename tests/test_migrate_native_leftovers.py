@@ -234,3 +234,100 @@ def test_o2_and_o3_inference_handed_to_other_code_converts(tmp_path, call, keep)
 def test_inference_the_casts_cannot_cover_stays_on_ampcompat(tmp_path, call, reason):
     text, out = _inference(tmp_path, call)
     assert "fp16_model_casts" not in text and reason in out
+
+
+# --- SwAV: create_syncbn_process_group (native_groups) and the amp module passed for checkpoints ----------------
+def _swav(tmp_path: Path, body: str):
+    path = tmp_path / "swav.py"
+    path.write_text("import torch\nimport apex\n\n\ndef main(args, model, optimizer, restore):\n" +
+                    textwrap.indent(textwrap.dedent(body), "    "))
+    code, out = run_migrate([tmp_path, "--to-native"])
+    assert code == 0, out
+    return path.read_text(), out
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("0", "group = None"),
+    ("8", "group = torch.distributed.new_subgroups(8)[0]"),
+    ("group_size=8", "group = torch.distributed.new_subgroups(8)[0]"),
+    ("args.size", "group = (torch.distributed.new_subgroups(args.size)[0] if args.size != 0 else None)"),
+])
+def test_create_syncbn_process_group_becomes_new_subgroups(tmp_path, size, expected):
+    text, out = _swav(tmp_path, f"group = apex.parallel.create_syncbn_process_group({size})\n")
+    assert expected in text and "apex" not in text
+    assert "raises ValueError instead of AssertionError" in out
+
+
+@pytest.mark.parametrize("size", ["args.size * 2", "-1", "args.size, 1"])
+def test_create_syncbn_process_group_it_cannot_rewrite_stays(tmp_path, size):
+    text, _ = _swav(tmp_path, f"group = apex.parallel.create_syncbn_process_group({size})\n")
+    assert "new_subgroups" not in text and "TODO(ampcompat)" in text
+
+
+def test_new_subgroups_gives_the_group_apex_gave(tmp_path):
+    import torch.distributed as dist
+    from ampcompat.parallel import create_syncbn_process_group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ours, theirs = dist.new_subgroups(1)[0], create_syncbn_process_group(1)
+        assert dist.get_process_group_ranks(ours) == dist.get_process_group_ranks(theirs) == [0]
+        assert create_syncbn_process_group(0) is None
+    finally:
+        dist.destroy_process_group()
+
+
+TRAINING = """
+model, optimizer = apex.amp.initialize(model, optimizer, opt_level="O1")
+restore("checkpoint.pth", state_dict=model, optimizer=optimizer, amp=apex.amp)
+for x in args.data:
+    loss = model(x).sum()
+    with apex.amp.scale_loss(loss, optimizer) as scaled_loss:
+        scaled_loss.backward()
+    optimizer.step()
+"""
+
+
+def test_the_amp_module_passed_for_checkpoints_becomes_the_scalers_state(tmp_path):
+    text, _ = _swav(tmp_path, TRAINING)
+    assert "apex" not in text and "TODO(ampcompat)" not in text
+    expected = ("amp=types.SimpleNamespace(state_dict=scaler.state_dict, load_state_dict=lambda state: "
+                "scaler.load_state_dict(grad_scaler_state(state))))")
+    assert expected in text and "import types" in text and text.count("def grad_scaler_state(") == 1
+    # the object restores an Apex checkpoint's scale and round-trips the GradScaler's own state
+    namespace = {}
+    start = text.index("def grad_scaler_state(")
+    exec(text[start:text.index("\n\n\n", start)], namespace)
+    scaler = torch.amp.GradScaler("cpu")
+    import types
+    amp_object = eval(expected[len("amp="):-1], {"types": types, "scaler": scaler, **namespace})
+    amp_object.load_state_dict({"loss_scaler0": {"loss_scale": 1024.0, "unskipped": 7}})
+    assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 7
+    with pytest.raises(TypeError):
+        amp_object.load_state_dict({}, strict=False)  # as amp.load_state_dict did: SwAV's fallback relies on it
+
+
+@pytest.mark.parametrize("use", ["handle = apex.amp", "restore(*apex.amp)"])
+def test_other_uses_of_the_amp_module_stay(tmp_path, use):
+    text, _ = _swav(tmp_path, TRAINING.replace('restore("checkpoint.pth", state_dict=model, optimizer=optimizer, '
+                                               'amp=apex.amp)', use))
+    assert "TODO(ampcompat): uses the amp module itself as a value" in text
+
+
+def test_a_loss_summed_in_place_keeps_its_forward_pass_under_autocast(tmp_path):
+    """SwAV: ``loss = 0``, ``loss += ...`` over crops, ``loss /= n``: the in-place updates read the loss, so the whole
+    computation (the model call included) is the forward pass, not only the last division."""
+    text, _ = _swav(tmp_path, """
+        model, optimizer = apex.amp.initialize(model, optimizer, opt_level="O1")
+        for x in args.data:
+            embedding, output = model(x)
+            loss = 0
+            for crop in args.crops:
+                loss += output[crop].sum()
+            loss /= len(args.crops)
+            with apex.amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+            optimizer.step()
+        """)
+    assert "with torch.autocast(amp_device_type, dtype=torch.float16):\n            embedding, output = model(x)\n" \
+           in text
+    assert "                loss += output[crop].sum()\n            loss /= len(args.crops)\n        scaler" in text

@@ -36,7 +36,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import native_checkpoint, native_inference, native_reads
+from . import native_amp_object, native_checkpoint, native_inference, native_reads
 from .native_forward import outer_regions
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
@@ -275,6 +275,11 @@ class _AmpConversion:
                 elif not inits:
                     self.block(use.node, "amp.initialize is not called in this file: create the torch.amp.GradScaler "
                                          "where it is called and pass it here")
+            elif use.api == "apex.amp" and native_amp_object.passed_to_a_call(use.node, self.plan.parents):
+                if init_ok:
+                    self.states.append(use)  # the module passed to save or restore amp's state
+                else:
+                    self.block(use.node, _OTHER_API_BLOCKERS["apex.amp"])
             elif use.api == "apex.amp" and self._presence_answer(use) is not None:
                 node, value = self._presence_answer(use)  # type: ignore[misc]
                 self.presence.append((use, node, value))
@@ -1004,12 +1009,16 @@ class _AmpConversion:
             self.plan.note(scheduler, _SCHEDULER_NOTE.format(spelled=" ".join(text.split()), scaler=scaler))
 
     def _apply_states(self) -> None:
-        loads = [use for use in self.states if use.api.endswith("load_state_dict")]
+        loads = [use for use in self.states if use.api.endswith("load_state_dict") or use.api == "apex.amp"]
         helper = self.plan.fresh_name(native_checkpoint.HELPER) if loads else ""
         for use in self.states:
             call = use.node
             scaler = self._name(self.groups[0].scaler, call)
-            if use.api.endswith("load_state_dict"):
+            if use.api == "apex.amp":
+                self.plan.replace(call, native_amp_object.state_object(scaler, helper))
+                self.plan.note(call, native_amp_object.NOTE.format(loader=helper))
+                self.plan.modules.add("types")
+            elif use.api.endswith("load_state_dict"):
                 value = self.segment(call.args[0] if call.args else call.keywords[0].value)  # type: ignore[attr-defined]
                 self.plan.replace(call, f"{scaler}.load_state_dict({helper}({value}))")
                 self.plan.note(call, f"a checkpoint written by Apex's amp.state_dict() loads through {helper}(), added "

@@ -22,7 +22,7 @@ import ast
 from typing import Collection, List, Set, Union
 
 from .edits import SourceText
-from .native_regions import Region, creates_data
+from .native_regions import Region, creates_data, reads_names
 from .syntax import Parents, block_of, loaded_names, stored_names
 
 _CLIMB = (ast.If, ast.With, ast.AsyncWith)
@@ -62,11 +62,11 @@ def outer_regions(text: SourceText, parents: Parents, region: Region, amp_nodes:
             continue
         last_index = first_index = stores[0]
         wanted = set(needed)
-        wanted |= loaded_names(outer[last_index])
+        wanted |= reads_names(outer[last_index])
         for j in range(last_index - 1, barrier, -1):
             if stored_names(outer[j]) & wanted:
                 first_index = j
-                wanted |= loaded_names(outer[j])
+                wanted |= reads_names(outer[j])
         statements = outer[first_index : last_index + 1]
         while len(statements) > 1 and (creates_data(statements[0]) or not stored_names(statements[0]) & wanted):
             statements = statements[1:]
@@ -87,7 +87,7 @@ def _read_before_set(statements: List[ast.stmt]) -> Set[str]:
     read: Set[str] = set()
     written: Set[str] = set()
     for statement in statements:
-        read |= loaded_names(statement) - written
+        read |= reads_names(statement) - written
         written |= stored_names(statement)
     return read
 
