@@ -23,7 +23,7 @@ from typing import Collection, List, Set, Union
 
 from .edits import SourceText
 from .native_regions import Region, creates_data, reads_names
-from .syntax import Parents, block_of, loaded_names, stored_names
+from .syntax import Parents, block_of, stored_names
 
 _CLIMB = (ast.If, ast.With, ast.AsyncWith)
 
@@ -73,7 +73,7 @@ def outer_regions(text: SourceText, parents: Parents, region: Region, amp_nodes:
         if len(statements) == 1 and creates_data(statements[0]):
             statements = []  # only inputs made or moved: nothing to cast
         if statements:
-            problem = _problem(text, statements, amp_nodes)
+            problem = _problem(text, statements)
             if problem:
                 return problem + "; put the forward pass under torch.autocast by hand"
             found.append((statements[0], statements[-1]))
@@ -97,7 +97,7 @@ def _is_backward_or_amp(statement: ast.stmt, amp_nodes: Collection[int]) -> bool
                                          and node.func.attr == "backward") for node in ast.walk(statement))
 
 
-def _problem(text: SourceText, statements: List[ast.stmt], amp_nodes: Collection[int]) -> str:
+def _problem(text: SourceText, statements: List[ast.stmt]) -> str:
     if not all(text.owns_lines(item) for item in statements):
         return "a statement of the forward pass (before the branch that computes the loss) shares a line with other code"
     for item in statements:
