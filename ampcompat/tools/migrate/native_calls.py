@@ -15,6 +15,7 @@ from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .catalogue import ENTRIES, Verdict
 from .native_amp import is_amp_use
 from .native_fp16_optimizer import WRAPPERS
+from .native_groups import convert_create_syncbn_process_group
 from .native_inline_classes import inline_fused_adam, inline_larc
 from .plan import RewritePlan
 from .scanner import Use
@@ -328,6 +329,7 @@ _CONVERTERS: Dict[str, Callable[[RewritePlan, Use], Optional[str]]] = {
     "apex.normalization.FusedRMSNorm": _fused_rms_norm,
     "apex.parallel.DistributedDataParallel": _distributed_data_parallel,
     "apex.parallel.convert_syncbn_model": _convert_syncbn_model,
+    "apex.parallel.create_syncbn_process_group": convert_create_syncbn_process_group,
     "apex.parallel.SyncBatchNorm": _sync_batch_norm,
     "apex.fp16_utils.to_python_float": _to_python_float,
     "apex.fp16_utils.clip_grad_norm": _clip_grad_norm,
