@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 from . import native_checkpoint
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
+from .native_init_pair import branch_pair, differences
 from .native_levels import LevelChoice, Recipe, recipe_for
 from .native_loop import (ScaledClip, might_read_grads, path_to_step, plan_unscaling, scheduler_steps,
                           unscaled_backwards)
@@ -211,6 +212,9 @@ class _AmpConversion:
         self.num_losses = 1
         self.enabled: Optional[ast.expr] = None
         self.loss_scale_check: Optional[ast.expr] = None
+        self.pair: List[Tuple[ast.stmt, Optional[ast.expr]]] = []
+        """For two calls in the branches of one ``if`` (:mod:`native_init_pair`): each call's statement and the
+        runtime loss scale it checks."""
         self.backwards: List[_Backward] = []
         self.groups: List[_Group] = []
         self.points: List[Tuple[ast.stmt, int]] = []
@@ -247,6 +251,8 @@ class _AmpConversion:
         if len(inits) == 1:
             self.init = inits[0]
             self._initialize(self.init)
+        elif branch_pair(inits, self.plan.parents) is not None:
+            self._initialize_pair(inits)
         elif len(inits) > 1:
             for use in inits:
                 self.block(use.node, "amp.initialize is called more than once in this file; rewrite by hand")
@@ -467,6 +473,21 @@ class _AmpConversion:
         self.init_statement = statement
         self.targets, self.models, self.optimizers, self.model_ref = targets, models, optimizers, model_ref
         self.optimizer_refs = refs
+
+    def _initialize_pair(self, inits: List[Use]) -> None:
+        """Two calls, one in each branch of an ``if``: read both, and convert as one call standing where the
+        ``if`` stands, when they are the same but for their loss-scale options."""
+        problem = differences(inits[0].node, inits[1].node, self.plan.parents)  # type: ignore[arg-type]
+        if problem:
+            for use in inits:
+                self.block(use.node, problem)
+            return
+        for use in reversed(inits):  # the first call's reading is the one kept
+            self.loss_scale_check = None
+            self._initialize(use)
+            self.pair.insert(0, (self.init_statement, self.loss_scale_check))  # type: ignore[arg-type]
+        self.init, self.loss_scale_check = inits[0], None
+        self.init_statement = branch_pair(inits, self.plan.parents)
 
     def _options(self, call: ast.Call, level: Optional[str]) -> None:
         ignored = []
@@ -852,10 +873,7 @@ class _AmpConversion:
         created += [group.scaler for group in self.groups]
         lines = self.placement.declaration(created)
         if self.loss_scale_check is not None:
-            spelled = self.segment(self.loss_scale_check)
-            lines += [f'if {spelled} not in (None, "dynamic"):',
-                      f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
-                      '                     "leave it unset (dynamic)")']
+            lines += self._loss_scale_check_lines(self.loss_scale_check)
         lines.append(f"{name(self.device)} = next({self.segment(self.model_ref)}.parameters()).device.type")
         conditions = [condition.spelled() for condition in self.placement.conditions]
         if self.recipe.at_run_time:
@@ -878,9 +896,21 @@ class _AmpConversion:
                          f"growth_interval={_GROWTH_INTERVAL}{enabled})")
         return lines
 
+    def _loss_scale_check_lines(self, loss_scale: ast.expr) -> List[str]:
+        spelled = self.segment(loss_scale)
+        return [f'if {spelled} not in (None, "dynamic"):',
+                f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
+                '                     "leave it unset (dynamic)")']
+
     def _apply_initialize(self) -> None:
         assert self.placement is not None and self.init_statement is not None
         statement, anchor = self.init_statement, self.placement.anchor
+        if self.pair:  # the names are created before the `if`; each branch keeps its own check
+            self.plan.insert_lines_before(anchor, self._creation_lines(anchor))
+            for branch, loss_scale in self.pair:
+                lines = self._returned_assignment() + (self._loss_scale_check_lines(loss_scale) if loss_scale else [])
+                self.plan.replace_statement(branch, lines or ["pass"])
+            return
         kept = self._returned_assignment()
         if anchor is statement:
             self.plan.replace_statement(statement, kept + self._creation_lines(statement))

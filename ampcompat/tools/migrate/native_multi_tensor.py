@@ -256,11 +256,9 @@ def _float(text: str) -> str:
     return f"[t.float() for t in {text}]"
 
 
-def _non_finite(texts: List[str]) -> str:
-    """A 0-dim bool tensor: does any tensor of the lists hold inf or NaN? One foreach max-abs per list."""
-    parts = [f"torch.stack(torch._foreach_norm({text}, float(\"inf\")))" for text in texts]
-    values = parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}])"
-    return f"~torch.isfinite({values}).all()"
+def _non_finite(text: str) -> str:
+    """A 0-dim bool tensor: does any tensor of the list hold inf or NaN? (One foreach max-abs, no host read.)"""
+    return f"~torch.isfinite(torch.stack(torch._foreach_norm({text}, float(\"inf\")))).all()"
 
 
 # -- multi_tensor_l2norm ------------------------------------------------------------------------------
@@ -314,7 +312,7 @@ def _scale_apply(self: _MultiTensor, site: _Site, flag_read: bool) -> None:
     scale = self.segment(site.args[0])
     in_place = is_plain_reference(source) and same_expression(source, destination)
     src = self.once(site, source, "sources") if flag_read or in_place else self.segment(source)
-    lines = [f"{self.segment(site.flag)}.masked_fill_({_non_finite([src])}, 1)"] if flag_read else []
+    lines = [f"{self.segment(site.flag)}.masked_fill_({_non_finite(src)}, 1)"] if flag_read else []
     if in_place:
         lines.append(f"torch._foreach_mul_({src}, {scale})")
     else:
@@ -343,9 +341,7 @@ def _axpby_apply(self: _MultiTensor, site: _Site, flag_read: bool) -> None:
     checked = {-1: [0, 1], 0: [0], 1: [1]}.get(check, []) if flag_read else []  # type: ignore[call-overload]
     x = self.once(site, x_node, "xs") if 0 in checked else self.segment(x_node)
     y = self.once(site, y_node, "ys") if 1 in checked else self.segment(y_node)
-    lines = []
-    if checked:
-        lines.append(f"{self.segment(site.flag)}.masked_fill_({_non_finite([[x, y][i] for i in checked])}, 1)")
+    lines = [f"{self.segment(site.flag)}.masked_fill_({_non_finite([x, y][i])}, 1)" for i in checked]
     lines.append(f"torch._foreach_copy_({self.segment(out)}, torch._foreach_add(torch._foreach_mul({_float(x)}, {a}), "
                  f"{_float(y)}, alpha={b}))")
     self.finish(site, lines)
