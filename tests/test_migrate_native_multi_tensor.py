@@ -487,3 +487,44 @@ def test_initialize_in_elif_branches_stays(tmp_path):
             return model, optimizer
     """)
     assert "amp.initialize is called more than once in this file" in messages(result)
+
+
+def test_a_result_kept_whole_is_what_apex_returned(tmp_path):
+    """NVIDIA's BERT GLUE script keeps amp.initialize's result whole and unpacks it by its own test: the pair with
+    an optimizer, the model alone without one (Apex's return value), reported at the call."""
+    result = native(tmp_path, """
+        import torch
+        from apex import amp
+
+        def setup(model, optimizer, loss_scale):
+            inits = amp.initialize(model, optimizers=optimizer, opt_level="O1",
+                                   loss_scale="dynamic" if loss_scale == 0 else loss_scale)
+            return inits
+
+        def train(model, optimizer, x):
+            loss = model(x).sum()
+            with amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+            optimizer.step()
+    """, "O1")
+    assert "is kept whole in `inits`" in messages(result)
+    namespace = plain_namespace(result)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert namespace["setup"](model, optimizer, 0) == (model, optimizer)
+    assert namespace["setup"](model, None, 0) is model
+    with pytest.raises(ValueError, match="no static loss scale"):
+        namespace["setup"](model, optimizer, 128.0)
+    namespace["setup"](model, optimizer, 0)
+    namespace["train"](model, optimizer, torch.randn(3, 2))
+
+
+def test_a_result_kept_whole_under_a_list_stays(tmp_path):
+    result = native(tmp_path, """
+        from apex import amp
+
+        def setup(model, optimizer):
+            inits = amp.initialize([model], optimizers=optimizer, opt_level="O1")
+            return inits
+    """, "O1")
+    assert "is not unpacked" in messages(result)

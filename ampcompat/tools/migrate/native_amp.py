@@ -107,6 +107,11 @@ _SCHEDULER_NOTE = (
     "`{spelled}` now runs only when {scaler}.step stepped the optimizer (a GradScaler skips steps with inf/NaN "
     "gradients, usually a few at the start); Apex's run advanced the schedule on skipped steps too"
 )
+_KEPT_WHOLE_NOTE = (
+    "the result of amp.initialize is kept whole in `{name}`: it is now `({model}, {optimizer})`, or `{model}` alone "
+    "where `{optimizer}` is None at run time, as Apex returned it; with no optimizer Apex still cast what the model "
+    "computed from here on (evaluation), which natively runs in FP32 outside the autocast regions"
+)
 _FALLBACK_BINDING = (
     "`{name}` is not only amp here: another binding of the name (an assignment or another import) reaches "
     "{count} of it, so the amp calls stay on ampcompat; rewrite by hand"
@@ -468,6 +473,9 @@ class _AmpConversion:
             if isinstance(targets, (ast.Tuple, ast.List)) and len(targets.elts) == 2:
                 returned = targets.elts[1]
                 refs += list(returned.elts) if isinstance(returned, (ast.List, ast.Tuple)) else [returned]
+            elif isinstance(targets, ast.Name) and isinstance(models, ast.Name) and is_plain_reference(optimizers):
+                self.notes.append((call, _KEPT_WHOLE_NOTE.format(name=targets.id, model=self.segment(models),
+                                                                 optimizer=self.segment(optimizers))))
             else:
                 self.block(call, "the (model, optimizer) pair amp.initialize returns is not unpacked; rewrite by hand")
         self.init_statement = statement
@@ -872,7 +880,7 @@ class _AmpConversion:
         created = [self.device] + ([self.dtype_name] if self.dtype_name else []) + ([self.flag] if self.flag else [])
         created += [group.scaler for group in self.groups]
         lines = self.placement.declaration(created)
-        if self.loss_scale_check is not None:
+        if self.loss_scale_check is not None and not self.flag:
             lines += self._loss_scale_check_lines(self.loss_scale_check)
         lines.append(f"{name(self.device)} = next({self.segment(self.model_ref)}.parameters()).device.type")
         conditions = [condition.spelled() for condition in self.placement.conditions]
@@ -884,6 +892,8 @@ class _AmpConversion:
             conditions.append(f"{name(self.dtype_name)} is not None")
         if self.flag:
             lines.append(f"{name(self.flag)} = {all_of(self.placement.conditions, conditions)}")
+            if self.loss_scale_check is not None:  # only where amp.initialize ran (`if args.fp16:`)
+                lines += self._loss_scale_check_lines(self.loss_scale_check, guard=name(self.flag))
         for group in self.groups:
             enabled = ""
             if self.recipe.at_run_time:
@@ -896,9 +906,16 @@ class _AmpConversion:
                          f"growth_interval={_GROWTH_INTERVAL}{enabled})")
         return lines
 
-    def _loss_scale_check_lines(self, loss_scale: ast.expr) -> List[str]:
+    def _loss_scale_check_lines(self, loss_scale: ast.expr, guard: str = "") -> List[str]:
+        """Stop with ValueError where a static scale is given (``guard``: only when that flag is true)."""
         spelled = self.segment(loss_scale)
-        return [f'if {spelled} not in (None, "dynamic"):',
+        test = f"{guard} and " if guard else ""
+        if not is_plain_reference(loss_scale):  # `"dynamic" if s == 0 else s`: no quotes inside an f-string
+            spelled = f"({spelled})"
+            return [f'if {test}{spelled} not in (None, "dynamic"):',
+                    '    raise ValueError("loss_scale=%r: torch.amp.GradScaler has no static loss scale; "',
+                    f'                     "leave it unset (dynamic)" % ({spelled},))']
+        return [f'if {test}{spelled} not in (None, "dynamic"):',
                 f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
                 '                     "leave it unset (dynamic)")']
 
@@ -932,6 +949,9 @@ class _AmpConversion:
         targets, models, optimizers = self.targets, self.models, self.optimizers
         if targets is None or models is None or optimizers is None:
             return []
+        if isinstance(targets, ast.Name):  # kept whole: what Apex returned, by whether there is an optimizer
+            model, optimizer = self.segment(models), self.segment(optimizers)
+            return [f"{targets.id} = ({model}, {optimizer}) if {optimizer} is not None else {model}"]
         unpacked = targets.elts if isinstance(targets, (ast.Tuple, ast.List)) else []
         if all(map(same_expression, unpacked, (models, optimizers))):
             return []
