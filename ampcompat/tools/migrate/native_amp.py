@@ -40,6 +40,7 @@ from . import native_amp_object, native_checkpoint, native_inference, native_rea
 from .native_forward import outer_regions
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
+from .native_init_pair import branch_pair, differences
 from .native_levels import LevelChoice, Recipe, recipe_for
 from .native_loop import (ScaledClip, might_read_grads, path_to_step, plan_unscaling, scheduler_steps,
                           unscaled_backwards)
@@ -106,6 +107,11 @@ _UNCONVERTED = (
 _SCHEDULER_NOTE = (
     "`{spelled}` now runs only when {scaler}.step stepped the optimizer (a GradScaler skips steps with inf/NaN "
     "gradients, usually a few at the start); Apex's run advanced the schedule on skipped steps too"
+)
+_KEPT_WHOLE_NOTE = (
+    "the result of amp.initialize is kept whole in `{name}`: it is now `({model}, {optimizer})`, or `{model}` alone "
+    "where `{optimizer}` is None at run time, as Apex returned it; with no optimizer Apex still cast what the model "
+    "computed from here on (evaluation), which natively runs in FP32 outside the autocast regions"
 )
 _FALLBACK_BINDING = (
     "`{name}` is not only amp here: another binding of the name (an assignment or another import) reaches "
@@ -214,6 +220,9 @@ class _AmpConversion:
         self.num_losses = 1
         self.enabled: Optional[ast.expr] = None
         self.loss_scale_check: Optional[ast.expr] = None
+        self.pair: List[Tuple[ast.stmt, Optional[ast.expr]]] = []
+        """For two calls in the branches of one ``if`` (:mod:`native_init_pair`): each call's statement and the
+        runtime loss scale it checks."""
         self.backwards: List[_Backward] = []
         self.groups: List[_Group] = []
         self.points: List[Tuple[ast.stmt, int]] = []
@@ -255,6 +264,8 @@ class _AmpConversion:
         if len(inits) == 1:
             self.init = inits[0]
             self._initialize(self.init)
+        elif branch_pair(inits, self.plan.parents) is not None:
+            self._initialize_pair(inits)
         elif len(inits) > 1:
             for use in inits:
                 self.block(use.node, "amp.initialize is called more than once in this file; rewrite by hand")
@@ -492,12 +503,30 @@ class _AmpConversion:
             if isinstance(targets, (ast.Tuple, ast.List)) and len(targets.elts) == 2:
                 returned = targets.elts[1]
                 refs += list(returned.elts) if isinstance(returned, (ast.List, ast.Tuple)) else [returned]
+            elif isinstance(targets, ast.Name) and isinstance(models, ast.Name) and is_plain_reference(optimizers):
+                self.notes.append((call, _KEPT_WHOLE_NOTE.format(name=targets.id, model=self.segment(models),
+                                                                 optimizer=self.segment(optimizers))))
             else:
                 self.block(call, "the (model, optimizer) pair amp.initialize returns is not unpacked; rewrite by hand")
         self.init_statement = statement
         self.level = level
         self.targets, self.models, self.optimizers, self.model_ref = targets, models, optimizers, model_ref
         self.optimizer_refs = refs
+
+    def _initialize_pair(self, inits: List[Use]) -> None:
+        """Two calls, one in each branch of an ``if``: read both, and convert as one call standing where the
+        ``if`` stands, when they are the same but for their loss-scale options."""
+        problem = differences(inits[0].node, inits[1].node, self.plan.parents)  # type: ignore[arg-type]
+        if problem:
+            for use in inits:
+                self.block(use.node, problem)
+            return
+        for use in reversed(inits):  # the first call's reading is the one kept
+            self.loss_scale_check = None
+            self._initialize(use)
+            self.pair.insert(0, (self.init_statement, self.loss_scale_check))  # type: ignore[arg-type]
+        self.init, self.loss_scale_check = inits[0], None
+        self.init_statement = branch_pair(inits, self.plan.parents)
 
     def _options(self, call: ast.Call, level: Optional[str]) -> None:
         ignored = []
@@ -898,11 +927,8 @@ class _AmpConversion:
         created = [self.device] + ([self.dtype_name] if self.dtype_name else []) + ([self.flag] if self.flag else [])
         created += [group.scaler for group in self.groups]
         lines = self.placement.declaration(created)
-        if self.loss_scale_check is not None:
-            spelled = self.segment(self.loss_scale_check)
-            lines += [f'if {spelled} not in (None, "dynamic"):',
-                      f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
-                      '                     "leave it unset (dynamic)")']
+        if self.loss_scale_check is not None and not self.flag:
+            lines += self._loss_scale_check_lines(self.loss_scale_check)
         lines.append(f"{name(self.device)} = next({self.segment(self.model_ref)}.parameters()).device.type")
         conditions = [condition.spelled() for condition in self.placement.conditions]
         if self.recipe.at_run_time:
@@ -913,6 +939,8 @@ class _AmpConversion:
             conditions.append(f"{name(self.dtype_name)} is not None")
         if self.flag:
             lines.append(f"{name(self.flag)} = {all_of(self.placement.conditions, conditions)}")
+            if self.loss_scale_check is not None:  # only where amp.initialize ran (`if args.fp16:`)
+                lines += self._loss_scale_check_lines(self.loss_scale_check, guard=name(self.flag))
         for group in self.groups:
             enabled = ""
             if self.recipe.at_run_time:
@@ -925,9 +953,28 @@ class _AmpConversion:
                          f"growth_interval={_GROWTH_INTERVAL}{enabled})")
         return lines
 
+    def _loss_scale_check_lines(self, loss_scale: ast.expr, guard: str = "") -> List[str]:
+        """Stop with ValueError where a static scale is given (``guard``: only when that flag is true)."""
+        spelled = self.segment(loss_scale)
+        test = f"{guard} and " if guard else ""
+        if not is_plain_reference(loss_scale):  # `"dynamic" if s == 0 else s`: no quotes inside an f-string
+            spelled = f"({spelled})"
+            return [f'if {test}{spelled} not in (None, "dynamic"):',
+                    '    raise ValueError("loss_scale=%r: torch.amp.GradScaler has no static loss scale; "',
+                    f'                     "leave it unset (dynamic)" % ({spelled},))']
+        return [f'if {test}{spelled} not in (None, "dynamic"):',
+                f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
+                '                     "leave it unset (dynamic)")']
+
     def _apply_initialize(self) -> None:
         assert self.placement is not None and self.init_statement is not None
         statement, anchor = self.init_statement, self.placement.anchor
+        if self.pair:  # the names are created before the `if`; each branch keeps its own check
+            self.plan.insert_lines_before(anchor, self._creation_lines(anchor))
+            for branch, loss_scale in self.pair:
+                lines = self._returned_assignment() + (self._loss_scale_check_lines(loss_scale) if loss_scale else [])
+                self.plan.replace_statement(branch, lines or ["pass"])
+            return
         kept = self._returned_assignment()
         if anchor is statement:
             self.plan.replace_statement(statement, kept + self._creation_lines(statement))
@@ -949,6 +996,9 @@ class _AmpConversion:
         targets, models, optimizers = self.targets, self.models, self.optimizers
         if targets is None or models is None or optimizers is None:
             return []
+        if isinstance(targets, ast.Name):  # kept whole: what Apex returned, by whether there is an optimizer
+            model, optimizer = self.segment(models), self.segment(optimizers)
+            return [f"{targets.id} = ({model}, {optimizer}) if {optimizer} is not None else {model}"]
         unpacked = targets.elts if isinstance(targets, (ast.Tuple, ast.List)) else []
         if all(map(same_expression, unpacked, (models, optimizers))):
             return []

@@ -17,6 +17,8 @@ from .native_amp import is_amp_use
 from .native_fp16_optimizer import WRAPPERS
 from .native_groups import convert_create_syncbn_process_group
 from .native_inline_classes import inline_fused_adam, inline_larc
+from .native_multi_tensor import convert_multi_tensor
+from .native_profiling import convert_profiling
 from .plan import RewritePlan
 from .scanner import Use
 
@@ -33,13 +35,17 @@ def convert_calls(plan: RewritePlan) -> None:
     binding of the name can reach it too (``try: from apex... except ImportError: from torch...``), the
     use is left as written and the import decides what the name means (see :mod:`native_imports`).
     """
+    known = {**convert_multi_tensor(plan), **convert_profiling(plan)}  # their own reasons for what stays
     for use in plan.result.uses:
         if is_amp_use(use) or plan.is_converted(use) or not use.exclusive or use.api in WRAPPERS:
             continue  # amp and FP16_Optimizer loops are converted (or reported) as a whole
         if use.kind in ("import", "string", "check"):
             continue  # imports follow their names (native_imports); checks by name are the guards' (to_native)
         converter = _CONVERTERS.get(use.api)
-        problem = converter(plan, use) if converter is not None else _no_rewrite(use)
+        if id(use.node) in known:
+            problem: Optional[str] = known[id(use.node)]
+        else:
+            problem = converter(plan, use) if converter is not None else _no_rewrite(use)
         if problem is None:
             plan.mark_converted(use)
             plan.uses_torch = True
