@@ -821,3 +821,43 @@ def test_an_internal_error_skips_the_file_and_the_run_goes_on(tmp_path, capsys, 
             "report it) while rewriting: RuntimeError('boom')") in out
     assert (folder / "dcgan_style.py").read_bytes() == (FIXTURES / "dcgan_style.py").read_bytes()
     assert "from ampcompat import amp" in (folder / "simple_o1.py").read_text()
+
+
+@pytest.mark.parametrize("bind_models", ["models = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)]",
+                                         "models = [torch.nn.Linear(4, 4) if i == 0 else torch.nn.Linear(4, 2) "
+                                         "for i in range(2)]"])
+def test_a_list_of_models_passed_by_name_gives_the_device_of_its_first_model(tmp_path, bind_models):
+    """Apex took a list of models as well as one (XLM: ``models = [...]``, then ``amp.initialize(models, ...)``); the
+    device line must not call ``.parameters()`` on the list, which raised AttributeError when the program ran."""
+    text, todos = native(tmp_path, f"""\
+        import torch
+        from apex import amp
+        {bind_models}
+        opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.1)
+        models, opt = amp.initialize(models, opt, opt_level="O1")
+        loss = models[1](models[0](torch.randn(3, 4))).sum()
+        with amp.scale_loss(loss, opt) as scaled_loss:
+            scaled_loss.backward()
+        opt.step()
+    """, alias=False)
+    assert todos == []
+    assert "next(models[0].parameters()).device.type" in text
+    namespace: dict = {}
+    exec(text, namespace)
+    assert all(p.grad is not None for m in namespace["models"] for p in m.parameters())
+
+
+def test_a_model_passed_by_name_keeps_its_own_parameters_for_the_device(tmp_path):
+    text, _ = native(tmp_path, """\
+        import torch
+        from apex import amp
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = amp.initialize(model, opt, opt_level="O1")
+        loss = model(torch.randn(3, 4)).sum()
+        with amp.scale_loss(loss, opt) as scaled_loss:
+            scaled_loss.backward()
+        opt.step()
+    """, alias=False)
+    assert "next(model.parameters()).device.type" in text
+    exec(text, {})

@@ -921,6 +921,20 @@ class _AmpConversion:
             self.plan.supersede_statement(statement, ["pass"] if alone else [])
             self.plan.note(use.node, "native autocast already runs this function in FP16: the registration is gone")
 
+    def _device_model(self) -> str:
+        """The model whose parameters give the device: the first one where a list of models is passed by name
+        (``models = [...]``, then ``amp.initialize(models, ...)``: Apex took a list as well as a module)."""
+        assert self.model_ref is not None and self.init_statement is not None
+        spelled = self.segment(self.model_ref)
+        if not isinstance(self.model_ref, ast.Name):
+            return spelled
+        values = [node.value for node in walk_local(scope_of(self.init_statement, self.plan.parents))
+                  if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id ==
+                                                          self.model_ref.id for target in node.targets)]
+        if values and all(isinstance(value, (ast.List, ast.Tuple, ast.ListComp)) for value in values):
+            return f"{spelled}[0]"
+        return spelled
+
     def _creation_lines(self, at: ast.AST) -> List[str]:
         assert self.placement is not None and self.recipe is not None and self.model_ref is not None
         name = lambda item: self._name(item, at)  # noqa: E731
@@ -929,7 +943,7 @@ class _AmpConversion:
         lines = self.placement.declaration(created)
         if self.loss_scale_check is not None and not self.flag:
             lines += self._loss_scale_check_lines(self.loss_scale_check)
-        lines.append(f"{name(self.device)} = next({self.segment(self.model_ref)}.parameters()).device.type")
+        lines.append(f"{name(self.device)} = next({self._device_model()}.parameters()).device.type")
         conditions = [condition.spelled() for condition in self.placement.conditions]
         if self.recipe.at_run_time:
             table = self.recipe.dtype_table()
