@@ -1,6 +1,7 @@
 """One real training script end to end: the original under ampcompat against its ``--to-native`` conversion.
 
     python benchmarks/to_native_e2e.py ORIGINAL.py [--steps 8] [--batch-size 32] [--arch resnet18] [--tolerance 0.01]
+                                       [--script-arg=ARG ...]
 
 ORIGINAL.py is an ImageNet recipe with the command line of Apex's ``examples/imagenet/main_amp.py``
 (``DATA -a ARCH -b N --epochs 1 --workers 0 --print-freq 1 --deterministic --opt-level O1``, printing
@@ -129,6 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--tolerance", type=float, default=1e-2, help="largest relative loss difference accepted")
     parser.add_argument("--keep", help="keep the work folder here (converted script, data, outputs)")
+    parser.add_argument("--script-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for both runs of the script (repeat it; e.g. --script-arg=--has-ext "
+                             "for Apex's tests/L1/common/main_amp.py)")
     args = parser.parse_args(argv)
     original = os.path.abspath(args.original)
     if not os.path.isfile(original):
@@ -149,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("FAIL: the converted script still imports apex or ampcompat:\n" + report)
             return 1
         recipe = [data, "-a", args.arch, "-b", str(args.batch_size), "--epochs", "1", "--workers", "0",
-                  "--print-freq", "1", "--deterministic", "--opt-level", "O1"]
+                  "--print-freq", "1", "--deterministic", "--opt-level", "O1"] + args.script_arg
         code_a, out_a = run([sys.executable, "-m", "ampcompat", "run", os.path.join(work, "original", name)] + recipe,
                             os.path.join(work, "original"), with_repo=True)
         code_b, out_b = run([sys.executable, "-c", _BLOCKED_RUN, native] + recipe, os.path.join(work, "native"),

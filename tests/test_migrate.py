@@ -636,9 +636,10 @@ def test_fused_adam_becomes_adamw_with_apex_defaults(tmp_path):
     assert len(todos) == 2
 
 
-def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_stays_on_ampcompat(tmp_path):
+def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_gets_a_plain_torch_class(tmp_path):
     """Apex's 2019 FusedAdam clipped inside step() and could put eps under the root: torch's AdamW takes neither
-    keyword (it would raise TypeError), so the call keeps ampcompat's FusedAdam, which still runs."""
+    keyword, so the call constructs a plain-PyTorch class added to the file (tests/test_migrate_native_inline_optim.py
+    proves it trains as ampcompat's FusedAdam)."""
     text, todos = native(tmp_path, """\
         import torch
         from apex.optimizers import FusedAdam
@@ -646,15 +647,13 @@ def test_fused_adam_of_2019_with_max_grad_norm_or_eps_inside_sqrt_stays_on_ampco
         a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)
         b = FusedAdam(params, lr=1e-3, eps_inside_sqrt=True)
         c = FusedAdam(params, lr=1e-3, weight_decay=0.01)
-    """, alias=True)
-    assert len(todos) == 2, todos
-    assert "`max_grad_norm`" in todos[0] and "clip_grad_norm_" in todos[0]
-    assert "`eps_inside_sqrt`" in todos[1]
-    assert "a = FusedAdam(params, lr=1e-3, max_grad_norm=1.0)" in text.splitlines()
+    """, alias=False)
+    assert todos == []
+    assert "a = _ApexFusedAdam(params, lr=1e-3, max_grad_norm=1.0)" in text.splitlines()
     assert "c = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)" in text.splitlines()
     namespace: dict = {}
-    exec(text, namespace)  # the kept calls build ampcompat's FusedAdam
-    assert type(namespace["a"]).__name__ == "FusedAdam" and type(namespace["b"]).__name__ == "FusedAdam"
+    exec(text, namespace)
+    assert type(namespace["a"]).__name__ == "_ApexFusedAdam" and type(namespace["b"]).__name__ == "_ApexFusedAdam"
 
 
 def test_fused_adam_rewrite_trains_like_ampcompat_fused_adam(tmp_path):
@@ -822,3 +821,43 @@ def test_an_internal_error_skips_the_file_and_the_run_goes_on(tmp_path, capsys, 
             "report it) while rewriting: RuntimeError('boom')") in out
     assert (folder / "dcgan_style.py").read_bytes() == (FIXTURES / "dcgan_style.py").read_bytes()
     assert "from ampcompat import amp" in (folder / "simple_o1.py").read_text()
+
+
+@pytest.mark.parametrize("bind_models", ["models = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)]",
+                                         "models = [torch.nn.Linear(4, 4) if i == 0 else torch.nn.Linear(4, 2) "
+                                         "for i in range(2)]"])
+def test_a_list_of_models_passed_by_name_gives_the_device_of_its_first_model(tmp_path, bind_models):
+    """Apex took a list of models as well as one (XLM: ``models = [...]``, then ``amp.initialize(models, ...)``); the
+    device line must not call ``.parameters()`` on the list, which raised AttributeError when the program ran."""
+    text, todos = native(tmp_path, f"""\
+        import torch
+        from apex import amp
+        {bind_models}
+        opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.1)
+        models, opt = amp.initialize(models, opt, opt_level="O1")
+        loss = models[1](models[0](torch.randn(3, 4))).sum()
+        with amp.scale_loss(loss, opt) as scaled_loss:
+            scaled_loss.backward()
+        opt.step()
+    """, alias=False)
+    assert todos == []
+    assert "next(models[0].parameters()).device.type" in text
+    namespace: dict = {}
+    exec(text, namespace)
+    assert all(p.grad is not None for m in namespace["models"] for p in m.parameters())
+
+
+def test_a_model_passed_by_name_keeps_its_own_parameters_for_the_device(tmp_path):
+    text, _ = native(tmp_path, """\
+        import torch
+        from apex import amp
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = amp.initialize(model, opt, opt_level="O1")
+        loss = model(torch.randn(3, 4)).sum()
+        with amp.scale_loss(loss, opt) as scaled_loss:
+            scaled_loss.backward()
+        opt.step()
+    """, alias=False)
+    assert "next(model.parameters()).device.type" in text
+    exec(text, {})

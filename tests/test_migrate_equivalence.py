@@ -100,6 +100,30 @@ TRAINING_LOOPS = Tree(FIXTURES / "to_native_loops", [
     Program("t15_fp16_flag_and_loss_scale_flag.py", ("--fp16", "--gradient_accumulation_steps", "2"),
             rel_tol=O2_TOLERANCE),
     Program("t15_fp16_flag_and_loss_scale_flag.py", ("--gradient_accumulation_steps", "2")),
+    Program("t16_fp16_optimizer_2019_fused_adam.py", ("--fp16",), rel_tol=O2_TOLERANCE),
+    Program("t16_fp16_optimizer_2019_fused_adam.py", ("--fp16", "--bias_correction", "1", "--loss_scale", "128",
+                                                      "--gradient_accumulation_steps", "2"), rel_tol=O2_TOLERANCE),
+    Program("t16_fp16_optimizer_2019_fused_adam.py"),
+    Program("t17_larc_sgd_o1.py"),
+    Program("t18_fused_adam_no_bias_correction_o1.py"),
+    Program("t30_logged_grad_norm.py"),
+    Program("t30_logged_grad_norm.py", ("--accumulation_steps", "2")),
+    Program("t30_logged_grad_norm.py", ("--accumulation_steps", "3", "--clip_grad", "0.05")),
+    Program("t30_logged_grad_norm.py", ("--clip_grad", "0.05")),
+    Program("t30_logged_grad_norm.py", ("--opt_level", "O0", "--accumulation_steps", "2")),
+    Program("t31_checkpoint_amp_object.py"),
+    Program("t31_checkpoint_amp_object.py", ("--syncbn_process_group_size", "0", "--apex_loss_scale", "1024")),
+    Program("t31_checkpoint_amp_object.py", ("--use_fp16", "0")),
+    Program("t32_inference_handoff.py"),
+    Program("t32_inference_handoff.py", ("--precision", "fp32")),
+    Program("t20_bert_squad_clipper.py", rel_tol=O2_TOLERANCE),
+    Program("t20_bert_squad_clipper.py", ("--gradient_accumulation_steps", "2"), rel_tol=O2_TOLERANCE),
+    Program("t21_ema_and_flag.py"),
+    Program("t22_fastspeech_pyprof.py", ("--use_amp",)),
+    Program("t22_fastspeech_pyprof.py"),
+    Program("t23_bert_glue_optional_optimizer.py", ("--fp16",), rel_tol=O2_TOLERANCE),
+    Program("t23_bert_glue_optional_optimizer.py", ("--fp16", "--eval_only"), rel_tol=O2_TOLERANCE),
+    Program("t23_bert_glue_optional_optimizer.py"),
     Program("t24_timm_style.py"),
     Program("t24_timm_style.py", ("--clip-grad", "0.5")),
     Program("t25_gnmt_style.py", ("--iter-size", "2", "--grad-clip", "0.5"), rel_tol=O2_TOLERANCE),
@@ -143,7 +167,8 @@ def imports_apex_or_ampcompat(path: Path) -> bool:
 
 _AMP_BANNER = re.compile(r"^(Selected optimization level |Defaults for this optimization level are:|Processing user "
                          r"overrides|After processing overrides, optimization options are:|\w+\s+: \S|$|"
-                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working)")
+                         r"Warning:  FP16_Optimizer is deprecated|ampcompat: FP16_Optimizer keeps working|"
+                         r"fp16_optimizer is designed to only work with apex.optimizers|To update, use updated optimizers)")
 """The option block ``amp.initialize`` prints (``verbosity=1``) and FP16_Optimizer's deprecation warning: Apex's log,
 gone with Apex under ``--to-native``."""
 

@@ -36,9 +36,11 @@ import ast
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import native_checkpoint
+from . import native_amp_object, native_checkpoint, native_inference, native_reads
+from .native_forward import outer_regions
 from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .native_imports import disposable_import_try
+from .native_init_pair import branch_pair, differences
 from .native_levels import LevelChoice, Recipe, recipe_for
 from .native_loop import (ScaledClip, might_read_grads, path_to_step, plan_unscaling, scheduler_steps,
                           unscaled_backwards)
@@ -105,6 +107,11 @@ _UNCONVERTED = (
 _SCHEDULER_NOTE = (
     "`{spelled}` now runs only when {scaler}.step stepped the optimizer (a GradScaler skips steps with inf/NaN "
     "gradients, usually a few at the start); Apex's run advanced the schedule on skipped steps too"
+)
+_KEPT_WHOLE_NOTE = (
+    "the result of amp.initialize is kept whole in `{name}`: it is now `({model}, {optimizer})`, or `{model}` alone "
+    "where `{optimizer}` is None at run time, as Apex returned it; with no optimizer Apex still cast what the model "
+    "computed from here on (evaluation), which natively runs in FP32 outside the autocast regions"
 )
 _FALLBACK_BINDING = (
     "`{name}` is not only amp here: another binding of the name (an assignment or another import) reaches "
@@ -178,6 +185,8 @@ class _Backward:
     loss_id: int
     region: Optional[Region] = None
     group: int = 0
+    outer: List[Region] = field(default_factory=list)
+    """Statements of enclosing blocks that compute what ``region`` reads (:mod:`native_forward`)."""
 
 
 @dataclass
@@ -211,6 +220,9 @@ class _AmpConversion:
         self.num_losses = 1
         self.enabled: Optional[ast.expr] = None
         self.loss_scale_check: Optional[ast.expr] = None
+        self.pair: List[Tuple[ast.stmt, Optional[ast.expr]]] = []
+        """For two calls in the branches of one ``if`` (:mod:`native_init_pair`): each call's statement and the
+        runtime loss scale it checks."""
         self.backwards: List[_Backward] = []
         self.groups: List[_Group] = []
         self.points: List[Tuple[ast.stmt, int]] = []
@@ -219,6 +231,8 @@ class _AmpConversion:
         self.unscale_before: Dict[int, Tuple[ast.stmt, str]] = {}
         self.scaled_clips: List[Tuple[ScaledClip, str]] = []
         """Clipping on the scaled partial sums of gradient accumulation, with the scale's expression."""
+        self.unscaled_reads: List[Tuple[native_reads.UnscaledRead, str]] = []
+        """Other reads of those partial sums, run with them unscaled (:mod:`native_reads`), with the scaler."""
         self.schedulers: List[Tuple[ast.stmt, str, ast.stmt]] = []
         self.masters: List[Use] = []
         self.plain: List[Tuple[ast.Expr, ast.Call, Optional[Region]]] = []
@@ -226,6 +240,9 @@ class _AmpConversion:
         self.registrations: List[Tuple[ast.stmt, Use]] = []
         self.inference = False
         """``amp.initialize`` without an optimizer: the model's calls go under autocast, no GradScaler."""
+        self.level: Optional[str] = None
+        self.model_casts: Optional[bool] = None
+        """For O2/O3 inference: Apex's model casts instead (:mod:`native_inference`), and keep_batchnorm_fp32."""
         self.model_calls: List[ast.stmt] = []
         self.states: List[Use] = []
         self.disables: List[Use] = []
@@ -247,6 +264,8 @@ class _AmpConversion:
         if len(inits) == 1:
             self.init = inits[0]
             self._initialize(self.init)
+        elif branch_pair(inits, self.plan.parents) is not None:
+            self._initialize_pair(inits)
         elif len(inits) > 1:
             for use in inits:
                 self.block(use.node, "amp.initialize is called more than once in this file; rewrite by hand")
@@ -267,6 +286,11 @@ class _AmpConversion:
                 elif not inits:
                     self.block(use.node, "amp.initialize is not called in this file: create the torch.amp.GradScaler "
                                          "where it is called and pass it here")
+            elif use.api == "apex.amp" and native_amp_object.passed_to_a_call(use.node, self.plan.parents):
+                if init_ok:
+                    self.states.append(use)  # the module passed to save or restore amp's state
+                else:
+                    self.block(use.node, _OTHER_API_BLOCKERS["apex.amp"])
             elif use.api == "apex.amp" and self._presence_answer(use) is not None:
                 node, value = self._presence_answer(use)  # type: ignore[misc]
                 self.presence.append((use, node, value))
@@ -282,6 +306,9 @@ class _AmpConversion:
         if not init_ok:
             return
         assert self.init is not None
+        if self.inference and native_inference.casts_model(self.level):
+            self._model_casts()
+            return
         if self.inference:
             self._inference()
             return
@@ -302,6 +329,20 @@ class _AmpConversion:
         if len(self.groups) > 1 and self.states:
             self.block(self.states[0].node, "several GradScalers (one per optimizer, as Apex had one loss scaler per "
                                             "loss) share this checkpoint entry; save each scaler's state_dict() by hand")
+
+    def _model_casts(self) -> None:
+        """``model = amp.initialize(model, opt_level="O2")`` for evaluation: Apex's casts of the model itself."""
+        assert self.init is not None and self.level is not None
+        if self.backwards or self.masters or self.states or self.disables:
+            node = (self.backwards[0].statement if self.backwards else (self.masters + self.states + self.disables)[0].node)
+            self.block(node, "amp.initialize got no optimizer, yet this trains or saves amp's state; rewrite by hand")
+            return
+        keep, problem = native_inference.keep_batchnorm(self.init.node, self.level)  # type: ignore[arg-type]
+        if problem:
+            self.block(self.init.node, problem)
+        elif not isinstance(self.models, (ast.Name, ast.Attribute)):
+            self.block(self.init.node, "amp.initialize without an optimizer gets a list of models; rewrite by hand")
+        self.model_casts = keep
 
     def _inference(self) -> None:
         """``model = amp.initialize(model, opt_level=...)`` for evaluation: Apex cast from there on, natively the
@@ -462,11 +503,30 @@ class _AmpConversion:
             if isinstance(targets, (ast.Tuple, ast.List)) and len(targets.elts) == 2:
                 returned = targets.elts[1]
                 refs += list(returned.elts) if isinstance(returned, (ast.List, ast.Tuple)) else [returned]
+            elif isinstance(targets, ast.Name) and isinstance(models, ast.Name) and is_plain_reference(optimizers):
+                self.notes.append((call, _KEPT_WHOLE_NOTE.format(name=targets.id, model=self.segment(models),
+                                                                 optimizer=self.segment(optimizers))))
             else:
                 self.block(call, "the (model, optimizer) pair amp.initialize returns is not unpacked; rewrite by hand")
         self.init_statement = statement
+        self.level = level
         self.targets, self.models, self.optimizers, self.model_ref = targets, models, optimizers, model_ref
         self.optimizer_refs = refs
+
+    def _initialize_pair(self, inits: List[Use]) -> None:
+        """Two calls, one in each branch of an ``if``: read both, and convert as one call standing where the
+        ``if`` stands, when they are the same but for their loss-scale options."""
+        problem = differences(inits[0].node, inits[1].node, self.plan.parents)  # type: ignore[arg-type]
+        if problem:
+            for use in inits:
+                self.block(use.node, problem)
+            return
+        for use in reversed(inits):  # the first call's reading is the one kept
+            self.loss_scale_check = None
+            self._initialize(use)
+            self.pair.insert(0, (self.init_statement, self.loss_scale_check))  # type: ignore[arg-type]
+        self.init, self.loss_scale_check = inits[0], None
+        self.init_statement = branch_pair(inits, self.plan.parents)
 
     def _options(self, call: ast.Call, level: Optional[str]) -> None:
         ignored = []
@@ -562,13 +622,17 @@ class _AmpConversion:
         if isinstance(region, str):
             self.block(call, region)
             return
-        known = [item.region for item in self.backwards if item.region is not None]
-        if overlapping(known, region) is not None:
+        outer = outer_regions(self.plan.text, self.plan.parents, region, amp_nodes)
+        if isinstance(outer, str):
+            self.block(call, outer)
+            return
+        known = [known for item in self.backwards for known in [item.region] + item.outer if known is not None]
+        if any(overlapping(known, item) is not None for item in [region] + outer):
             self.block(call, "two amp.scale_loss calls share some statements of their forward passes; put the forward "
                              "pass under torch.autocast by hand")
             return
         self.backwards.append(_Backward(use, with_statement, loss.id, _arguments_text(self.plan, backward),
-                                        optimizers, loss_id, region))  # type: ignore[arg-type]
+                                        optimizers, loss_id, region, outer=outer))  # type: ignore[arg-type]
 
     def _group(self) -> None:
         """Union the losses and optimizers that share gradients: each group gets one GradScaler."""
@@ -667,6 +731,7 @@ class _AmpConversion:
             nodes.append(backward.statement)
             if backward.region is not None:
                 nodes.append(backward.region[0])
+            nodes.extend(item[0] for item in backward.outer)
         for group in self.groups:
             nodes.extend(group.steps)
         nodes.extend(use.node for use in self.masters + self.states + self.disables)
@@ -698,8 +763,14 @@ class _AmpConversion:
             steps = {id(step) for step in group.steps}
             backwards = [point for point, owner in self.points if owner == index]
             unscaling = plan_unscaling(backwards, lambda statement: id(statement) in steps, parents,
-                                       lambda node: id(node) in masters, self.placement.conditions)
+                                       lambda node: id(node) in masters, self.placement.conditions,
+                                       lambda node: argument(node, "optimizer", 0) if id(node) in masters else None)
             self.blockers.extend(unscaling.blockers)
+            for read, _ in unscaling.unscaled_reads:
+                if self._group_of(read.optimizer) is not group:
+                    self.block(read.statement, "this reads the gradients of an optimizer whose loss scale differs "
+                                               "from the backward pass before it; rewrite by hand")
+                self.unscaled_reads.append((read, self._name(group.scaler, read.statement)))
             for key, (statement, step) in unscaling.before.items():
                 optimizer = self.segment(step.value.func.value)  # type: ignore[attr-defined]
                 self.unscale_before[key] = (statement, f"{self._name(group.scaler, statement)}.unscale_({optimizer})")
@@ -734,7 +805,7 @@ class _AmpConversion:
                 continue
             region = forward_region(self.plan.text, parents, statement, receiver.id, amp_nodes) \
                 if isinstance(receiver, ast.Name) else "not a name"
-            known = [item.region for item in self.backwards if item.region is not None]
+            known = [known for item in self.backwards for known in [item.region] + item.outer if known is not None]
             if isinstance(region, str) or overlapping(known, region) is not None:
                 region = None
                 self.notes.append((call, f"`{self.segment(call)}` now scales its loss with the GradScaler, as the "
@@ -793,6 +864,10 @@ class _AmpConversion:
         return self.placement.access(name, at, self.plan.parents)
 
     def apply(self) -> None:
+        if self.model_casts is not None:
+            native_inference.apply(self.plan, self.init_statement, self.model_ref, self.model_casts,  # type: ignore
+                                   self.level, self.init.node)  # type: ignore[arg-type,union-attr]
+            return
         for node, note in self.notes:
             self.plan.note(node, note)
         self._apply_initialize()
@@ -816,6 +891,7 @@ class _AmpConversion:
             self.plan.insert_lines_before(statement, [line])
         for clip, scale in self.scaled_clips:
             self._apply_scaled_clip(clip, scale)
+        native_reads.apply(self.plan, self.unscaled_reads)
         self._apply_schedulers()
         for use in self.masters:
             optimizer = self.segment(argument(use.node, "optimizer", 0))  # type: ignore[arg-type]
@@ -845,18 +921,29 @@ class _AmpConversion:
             self.plan.supersede_statement(statement, ["pass"] if alone else [])
             self.plan.note(use.node, "native autocast already runs this function in FP16: the registration is gone")
 
+    def _device_model(self) -> str:
+        """The model whose parameters give the device: the first one where a list of models is passed by name
+        (``models = [...]``, then ``amp.initialize(models, ...)``: Apex took a list as well as a module)."""
+        assert self.model_ref is not None and self.init_statement is not None
+        spelled = self.segment(self.model_ref)
+        if not isinstance(self.model_ref, ast.Name):
+            return spelled
+        values = [node.value for node in walk_local(scope_of(self.init_statement, self.plan.parents))
+                  if isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and target.id ==
+                                                          self.model_ref.id for target in node.targets)]
+        if values and all(isinstance(value, (ast.List, ast.Tuple, ast.ListComp)) for value in values):
+            return f"{spelled}[0]"
+        return spelled
+
     def _creation_lines(self, at: ast.AST) -> List[str]:
         assert self.placement is not None and self.recipe is not None and self.model_ref is not None
         name = lambda item: self._name(item, at)  # noqa: E731
         created = [self.device] + ([self.dtype_name] if self.dtype_name else []) + ([self.flag] if self.flag else [])
         created += [group.scaler for group in self.groups]
         lines = self.placement.declaration(created)
-        if self.loss_scale_check is not None:
-            spelled = self.segment(self.loss_scale_check)
-            lines += [f'if {spelled} not in (None, "dynamic"):',
-                      f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
-                      '                     "leave it unset (dynamic)")']
-        lines.append(f"{name(self.device)} = next({self.segment(self.model_ref)}.parameters()).device.type")
+        if self.loss_scale_check is not None and not self.flag:
+            lines += self._loss_scale_check_lines(self.loss_scale_check)
+        lines.append(f"{name(self.device)} = next({self._device_model()}.parameters()).device.type")
         conditions = [condition.spelled() for condition in self.placement.conditions]
         if self.recipe.at_run_time:
             table = self.recipe.dtype_table()
@@ -866,6 +953,8 @@ class _AmpConversion:
             conditions.append(f"{name(self.dtype_name)} is not None")
         if self.flag:
             lines.append(f"{name(self.flag)} = {all_of(self.placement.conditions, conditions)}")
+            if self.loss_scale_check is not None:  # only where amp.initialize ran (`if args.fp16:`)
+                lines += self._loss_scale_check_lines(self.loss_scale_check, guard=name(self.flag))
         for group in self.groups:
             enabled = ""
             if self.recipe.at_run_time:
@@ -878,9 +967,28 @@ class _AmpConversion:
                          f"growth_interval={_GROWTH_INTERVAL}{enabled})")
         return lines
 
+    def _loss_scale_check_lines(self, loss_scale: ast.expr, guard: str = "") -> List[str]:
+        """Stop with ValueError where a static scale is given (``guard``: only when that flag is true)."""
+        spelled = self.segment(loss_scale)
+        test = f"{guard} and " if guard else ""
+        if not is_plain_reference(loss_scale):  # `"dynamic" if s == 0 else s`: no quotes inside an f-string
+            spelled = f"({spelled})"
+            return [f'if {test}{spelled} not in (None, "dynamic"):',
+                    '    raise ValueError("loss_scale=%r: torch.amp.GradScaler has no static loss scale; "',
+                    f'                     "leave it unset (dynamic)" % ({spelled},))']
+        return [f'if {test}{spelled} not in (None, "dynamic"):',
+                f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
+                '                     "leave it unset (dynamic)")']
+
     def _apply_initialize(self) -> None:
         assert self.placement is not None and self.init_statement is not None
         statement, anchor = self.init_statement, self.placement.anchor
+        if self.pair:  # the names are created before the `if`; each branch keeps its own check
+            self.plan.insert_lines_before(anchor, self._creation_lines(anchor))
+            for branch, loss_scale in self.pair:
+                lines = self._returned_assignment() + (self._loss_scale_check_lines(loss_scale) if loss_scale else [])
+                self.plan.replace_statement(branch, lines or ["pass"])
+            return
         kept = self._returned_assignment()
         if anchor is statement:
             self.plan.replace_statement(statement, kept + self._creation_lines(statement))
@@ -902,6 +1010,9 @@ class _AmpConversion:
         targets, models, optimizers = self.targets, self.models, self.optimizers
         if targets is None or models is None or optimizers is None:
             return []
+        if isinstance(targets, ast.Name):  # kept whole: what Apex returned, by whether there is an optimizer
+            model, optimizer = self.segment(models), self.segment(optimizers)
+            return [f"{targets.id} = ({model}, {optimizer}) if {optimizer} is not None else {model}"]
         unpacked = targets.elts if isinstance(targets, (ast.Tuple, ast.List)) else []
         if all(map(same_expression, unpacked, (models, optimizers))):
             return []
@@ -927,11 +1038,11 @@ class _AmpConversion:
         statement = backward.statement
         scaler = self._name(group.scaler, statement)
         self.plan.replace_statement(statement, [f"{scaler}.scale({backward.loss}).backward({backward.arguments})"])
-        region = backward.region
-        if region is None or any(done[0] is region[0] and done[1] is region[1] for done in regions_done):
-            return
-        regions_done.append(region)
-        self._wrap(region)
+        for region in [backward.region] + backward.outer:
+            if region is None or any(done[0] is region[0] and done[1] is region[1] for done in regions_done):
+                continue
+            regions_done.append(region)
+            self._wrap(region)
 
     def _wrap(self, region: Region) -> None:
         assert self.recipe is not None
@@ -962,12 +1073,16 @@ class _AmpConversion:
             self.plan.note(scheduler, _SCHEDULER_NOTE.format(spelled=" ".join(text.split()), scaler=scaler))
 
     def _apply_states(self) -> None:
-        loads = [use for use in self.states if use.api.endswith("load_state_dict")]
+        loads = [use for use in self.states if use.api.endswith("load_state_dict") or use.api == "apex.amp"]
         helper = self.plan.fresh_name(native_checkpoint.HELPER) if loads else ""
         for use in self.states:
             call = use.node
             scaler = self._name(self.groups[0].scaler, call)
-            if use.api.endswith("load_state_dict"):
+            if use.api == "apex.amp":
+                self.plan.replace(call, native_amp_object.state_object(scaler, helper))
+                self.plan.note(call, native_amp_object.NOTE.format(loader=helper))
+                self.plan.modules.add("types")
+            elif use.api.endswith("load_state_dict"):
                 value = self.segment(call.args[0] if call.args else call.keywords[0].value)  # type: ignore[attr-defined]
                 self.plan.replace(call, f"{scaler}.load_state_dict({helper}({value}))")
                 self.plan.note(call, f"a checkpoint written by Apex's amp.state_dict() loads through {helper}(), added "

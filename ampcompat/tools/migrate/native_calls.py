@@ -15,6 +15,10 @@ from .callargs import NOT_LITERAL, argument, has_starred, literal_value
 from .catalogue import ENTRIES, Verdict
 from .native_amp import is_amp_use
 from .native_fp16_optimizer import WRAPPERS
+from .native_groups import convert_create_syncbn_process_group
+from .native_inline_classes import inline_fused_adam, inline_larc
+from .native_multi_tensor import convert_multi_tensor
+from .native_profiling import convert_profiling
 from .plan import RewritePlan
 from .scanner import Use
 
@@ -31,13 +35,17 @@ def convert_calls(plan: RewritePlan) -> None:
     binding of the name can reach it too (``try: from apex... except ImportError: from torch...``), the
     use is left as written and the import decides what the name means (see :mod:`native_imports`).
     """
+    known = {**convert_multi_tensor(plan), **convert_profiling(plan)}  # their own reasons for what stays
     for use in plan.result.uses:
         if is_amp_use(use) or plan.is_converted(use) or not use.exclusive or use.api in WRAPPERS:
             continue  # amp and FP16_Optimizer loops are converted (or reported) as a whole
         if use.kind in ("import", "string", "check"):
             continue  # imports follow their names (native_imports); checks by name are the guards' (to_native)
         converter = _CONVERTERS.get(use.api)
-        problem = converter(plan, use) if converter is not None else _no_rewrite(use)
+        if id(use.node) in known:
+            problem: Optional[str] = known[id(use.node)]
+        else:
+            problem = converter(plan, use) if converter is not None else _no_rewrite(use)
         if problem is None:
             plan.mark_converted(use)
             plan.uses_torch = True
@@ -54,11 +62,8 @@ def _no_rewrite(use: Use) -> str:
     return f"no mechanical rewrite of `{use.api}` to plain PyTorch{native}; it stays on ampcompat"
 
 
-_LEGACY_KEYWORDS = {
-    "max_grad_norm": " (Apex's 2019 FusedAdam clipped each parameter group's gradient norm inside step(); with torch, "
-                     "call torch.nn.utils.clip_grad_norm_ on each group's parameters after unscaling, before the step)",
-    "eps_inside_sqrt": " (Apex's 2019 FusedAdam could add eps under the square root; torch's Adam adds it outside)",
-}
+_LEGACY_KEYWORDS = ("eps_inside_sqrt", "max_grad_norm")
+"""Apex's 2019 FusedAdam keywords: a call using them gets the class of :mod:`native_inline_classes`."""
 
 
 class _Call:
@@ -96,7 +101,7 @@ class _Call:
         if unknown:
             return (f"`{unknown[0]}` is not an argument this rewrite knows for `{self.use.api}` (an older Apex "
                     f"release's, or a misspelling): torch's counterpart may not take it or may mean something else"
-                    f"{_LEGACY_KEYWORDS.get(unknown[0], '')}; keep ampcompat or rewrite by hand")
+                    "; keep ampcompat or rewrite by hand")
         return None
 
     def rewrite(self, func: str, drop: Sequence[str] = (), add: Optional[Dict[str, str]] = None) -> None:
@@ -122,7 +127,7 @@ class _Call:
 
 def _fused_adam(plan: RewritePlan, use: Use) -> Optional[str]:
     call = _Call(plan, use, ("params", "lr", "bias_correction", "betas", "eps", "adam_w_mode", "weight_decay",
-                             "amsgrad", "set_grad_none", "capturable", "master_weights"))
+                             "amsgrad", "set_grad_none", "capturable", "master_weights") + _LEGACY_KEYWORDS)
     problem = call.problem(shared_positional=2)
     if problem:
         return problem
@@ -130,15 +135,18 @@ def _fused_adam(plan: RewritePlan, use: Use) -> Optional[str]:
     if adam_w is NOT_LITERAL:
         return "adam_w_mode is only known at run time (AdamW or Adam); rewrite by hand"
     for name, default, why in (
-        ("bias_correction", True, "bias_correction=False has no torch counterpart"),
         ("amsgrad", False, "Apex's FusedAdam rejected amsgrad=True"),
         ("master_weights", False, "FusedAdam's master_weights has no torch counterpart"),
     ):
         if not call.is_default(name, default):
             return why + "; keep ampcompat.optimizers.FusedAdam or rewrite by hand"
+    inline = inline_fused_adam(call)  # "" once rewritten to a class added to the file
+    if inline is not None:
+        return inline or None
     add = {"weight_decay": "0.0", "fused": "True"} if adam_w else {"fused": "True"}
     call.rewrite("torch.optim.AdamW" if adam_w else "torch.optim.Adam",
-                 drop=("bias_correction", "adam_w_mode", "amsgrad", "set_grad_none", "master_weights"), add=add)
+                 drop=("bias_correction", "adam_w_mode", "amsgrad", "set_grad_none", "master_weights")
+                 + _LEGACY_KEYWORDS, add=add)
     return None
 
 
@@ -327,7 +335,10 @@ _CONVERTERS: Dict[str, Callable[[RewritePlan, Use], Optional[str]]] = {
     "apex.normalization.FusedRMSNorm": _fused_rms_norm,
     "apex.parallel.DistributedDataParallel": _distributed_data_parallel,
     "apex.parallel.convert_syncbn_model": _convert_syncbn_model,
+    "apex.parallel.create_syncbn_process_group": convert_create_syncbn_process_group,
     "apex.parallel.SyncBatchNorm": _sync_batch_norm,
     "apex.fp16_utils.to_python_float": _to_python_float,
     "apex.fp16_utils.clip_grad_norm": _clip_grad_norm,
+    "apex.parallel.LARC.LARC": lambda plan, use: inline_larc(_Call(plan, use, ("optimizer", "trust_coefficient",
+                                                                              "clip", "eps"))),
 }

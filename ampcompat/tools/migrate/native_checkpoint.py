@@ -10,7 +10,7 @@ converted program needs nothing but torch to read checkpoints written before the
 from __future__ import annotations
 
 import ast
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .plan import RewritePlan
 
@@ -32,9 +32,9 @@ def helper_lines(name: str) -> List[str]:
     ]
 
 
-def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST]) -> None:
-    """Insert the loader at module level, before the first function or class, or before the first
-    module-level statement that reaches one of ``sites`` -- whichever comes first."""
+def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST], source: Optional[List[str]] = None) -> None:
+    """Insert the loader (or the function ``source`` defines) at module level, before the first function or
+    class, or before the first module-level statement that reaches one of ``sites`` -- whichever comes first."""
     tree = plan.result.source.tree
     anchor = None
     for statement in tree.body:
@@ -43,7 +43,7 @@ def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST]) -> None:
             anchor = statement
             break
     newline = plan.text.newline(1)
-    lines = helper_lines(name)
+    lines = helper_lines(name) if source is None else list(source)
     if anchor is None:  # nothing after the imports: the loader goes at the end
         end = len(plan.text.text)
         separator = newline if plan.text.text and not plan.text.text.endswith(("\n", "\r")) else ""

@@ -189,11 +189,11 @@ class _Context:
                              on_ampcompat=bool(reasons))
         module_path = alias.name if isinstance(node, ast.Import) else node.module or ""  # type: ignore[attr-defined]
         refusal = catalogue.refused_import(module_path, None if isinstance(node, ast.Import) else alias.name)
-        if refusal:
+        if refusal and (reasons or not converted):
             return _Decision(_LEAVE, alias, local, api, refusal)
         target, problem = catalogue.provided_module(module_path)
         if not reasons:
-            if converted and target is not None:
+            if converted and (target is not None or refusal):  # a refused module's reads were all rewritten
                 return _Decision(_REMOVE, alias, local, api, "every use of it here is now plain PyTorch")
             if target is None:
                 return _Decision(_LEAVE, alias, local, api, problem)

@@ -13,7 +13,9 @@ runs after it is followed, statement by statement, to the optimizer step:
   cannot -- and ``unscale_`` goes before the first reader among the statements that run only just
   before the step. One reader is the exception: clipping (``clip_grad_norm_``, ``clip_grad_value_``)
   commutes with the scale, so clipping the scaled partial sums at the threshold times the scale clips
-  them as Apex clipped the unscaled ones (and the norm it returns, divided by the scale, is Apex's).
+  them as Apex clipped the unscaled ones (and the norm it returns, divided by the scale, is Apex's). Other
+  reads through ``amp.master_params(optimizer)`` (a norm for the log) run with the gradients unscaled for
+  them and put back after (:mod:`native_reads`).
 
 "May read gradients" is decided from the text: a ``.grad`` attribute, ``amp.master_params(...)``, or a
 call whose name mentions clipping, norms or gradients (``clip_grad_norm_``, ``get_grad_norm``). Other
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .native_placement import Condition
+from .native_reads import UnscaledRead, early_reads
 from .syntax import Parents, block_of, walk_local
 
 _READER_NAME = re.compile(r"clip|norm|grad", re.I)
@@ -208,18 +211,22 @@ def scaled_clip(statement: ast.stmt) -> Optional[ScaledClip]:
 @dataclass
 class Unscaling:
     """Where ``unscale_`` calls go (``before[id(statement)]``: the statement and the step it serves), the
-    clipping that runs on scaled gradients instead (``scaled_clips``), and what cannot be made to read true
-    gradients."""
+    clipping that runs on scaled gradients instead (``scaled_clips``), the reads that run with the gradients
+    unscaled for them (``unscaled_reads``, with the step they precede: :mod:`native_reads`), and what cannot
+    be made to read true gradients."""
 
     before: Dict[int, Tuple[ast.stmt, ast.stmt]] = field(default_factory=dict)
     scaled_clips: List[ScaledClip] = field(default_factory=list)
+    unscaled_reads: List[Tuple[UnscaledRead, ast.stmt]] = field(default_factory=list)
     blockers: List[Tuple[ast.AST, str]] = field(default_factory=list)
 
 
 def plan_unscaling(backwards: Sequence[ast.stmt], is_step: Callable[[ast.stmt], bool], parents: Parents,
-                   reads: Callable[[ast.AST], bool], conditions: Sequence[Condition] = ()) -> Unscaling:
+                   reads: Callable[[ast.AST], bool], conditions: Sequence[Condition] = (),
+                   master_of: Callable[[ast.AST], Optional[ast.expr]] = lambda node: None) -> Unscaling:
     """Where gradients must be unscaled for code between ``backwards`` and the steps to read what it read
-    under Apex (see the module docstring); ``conditions`` hold while the GradScaler is on."""
+    under Apex (see the module docstring); ``conditions`` hold while the GradScaler is on; ``master_of`` gives
+    the optimizer of an ``amp.master_params(optimizer)`` call (``None`` for other nodes)."""
     result = Unscaling()
     paths: List[PathToStep] = []
     for backward in backwards:
@@ -230,11 +237,13 @@ def plan_unscaling(backwards: Sequence[ast.stmt], is_step: Callable[[ast.stmt], 
         repeated = [item for item in path.repeated if might_read_grads(item, reads)]
         if repeated or (every_time and not (path.step is not None and path.always)):
             # Reads that run before every step is certain: clipping can run on the scaled partial sums.
-            early = repeated + every_time
-            clips = [scaled_clip(item) for item in early]
-            if path.step is not None and all(clip is not None for clip in clips):
-                result.scaled_clips += [clip for clip in clips if clip is not None and
-                                        all(clip.call is not known.call for known in result.scaled_clips)]
+            early = early_reads(repeated + every_time, lambda node: might_read_grads(node, reads), scaled_clip,
+                                master_of)
+            if path.step is not None and early is not None:
+                result.scaled_clips += [clip for clip in early.clips
+                                        if all(clip.call is not known.call for known in result.scaled_clips)]
+                result.unscaled_reads += [(read, path.step) for read in early.reads if all(
+                    read.statement is not known.statement for known, _ in result.unscaled_reads)]
                 repeated, every_time = [], []
         if repeated:
             result.blockers.append((repeated[0], "this reads gradients after each backward pass of a loop of micro-"

@@ -28,7 +28,7 @@ _TRANSPARENT = (ast.If, ast.Try, ast.With, ast.AsyncWith)
 """Statements ``amp.initialize`` may sit in when the names it becomes are created before them."""
 _PLAIN = (ast.Name, ast.Attribute, ast.Constant, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.Subscript, ast.Load,
           ast.BinOp, ast.JoinedStr, ast.FormattedValue, ast.Tuple, ast.List, ast.boolop, ast.cmpop, ast.operator,
-          ast.unaryop, ast.expr_context)
+          ast.unaryop, ast.expr_context, ast.IfExp)
 
 
 @dataclass(frozen=True)

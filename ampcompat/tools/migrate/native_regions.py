@@ -10,10 +10,10 @@ before. Statements that only create or move the input tensors are left outside.
 from __future__ import annotations
 
 import ast
-from typing import Collection, List, Optional, Tuple, Union
+from typing import Collection, List, Optional, Set, Tuple, Union
 
 from .edits import SourceText
-from .syntax import Parents, block_of, loaded_names, stored_names
+from .syntax import Parents, block_of, loaded_names, stored_names, walk_local
 
 _FACTORIES = {"randn", "rand", "randint", "randperm", "zeros", "ones", "full", "empty", "tensor", "arange",
               "linspace", "eye", "as_tensor", "from_numpy", "randn_like", "rand_like", "zeros_like", "ones_like",
@@ -50,15 +50,13 @@ def forward_region(text: SourceText, parents: Parents, statement: ast.stmt, loss
             return (f"`{loss_name}` is not computed in the block that runs the backward pass (it may come from another "
                     "function), so the forward pass to put under torch.autocast is not known; rewrite by hand")
         current = owner  # type: ignore[assignment]
-    needed = loaded_names(block[loss_index])
-    if isinstance(block[loss_index], ast.AugAssign):  # `loss /= n` reads the loss computed before it
-        needed |= stored_names(block[loss_index])
+    needed = reads_names(block[loss_index])
     first_index = loss_index
     barrier = next((j for j in range(loss_index - 1, -1, -1) if _is_backward_or_amp(block[j], amp_nodes)), -1)
     for j in range(loss_index - 1, barrier, -1):  # an earlier backward pass ends the search: its tensors are made
         if stored_names(block[j]) & needed:
             first_index = j
-            needed |= loaded_names(block[j])
+            needed |= reads_names(block[j])
     region = block[first_index : loss_index + 1]
     while len(region) > 1 and (creates_data(region[0]) or not stored_names(region[0]) & needed):
         region = region[1:]  # inputs made before the forward pass need no autocast, other statements no wrapping
@@ -72,6 +70,13 @@ def forward_region(text: SourceText, parents: Parents, statement: ast.stmt, loss
     if problem is not None:
         return problem + "; put the forward pass under torch.autocast by hand"
     return region[0], region[-1]
+
+
+def reads_names(statement: ast.stmt) -> Set[str]:
+    """Names ``statement`` reads, counting the target of ``loss /= n`` and ``loss += x`` (read, then stored)."""
+    augmented = {node.target.id for node in walk_local(statement)
+                 if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name)}
+    return loaded_names(statement) | augmented
 
 
 def overlapping(regions: List[Region], region: Region) -> Optional[Region]:
