@@ -36,6 +36,7 @@ from .scanner import ScanResult, Use, might_use_apex, scan
 from .sources import (NotScanned, PlainFile, SkippedFile, SourceFile, iter_python_files, linked_outside, load_source,
                       missing_paths, parses, write_source)
 from .native_levels import LevelChoice, LevelChoiceError, parse_level_choice
+from .native_wrappers import NO_WRAPPERS, WrapperContext, tree_wrappers
 from .to_native import to_native
 
 __all__ = ["main", "scan", "rewrite_imports", "to_native"]
@@ -115,12 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mode != "report":
         progress.restart(len(results))
         context = _tree_context(results, report, mode)
+        wrappers = tree_wrappers(results, choice) if mode == "to-native" else {}
         folders = [path for path in args.paths if os.path.isdir(path)]
         named = set(args.paths)
         for result in results:
             progress.advance("rewriting")
-            change = _kept_as_is(result, folders, named) or _migrate_file(result, mode, args.diff, report, context,
-                                                                          choice)
+            change = _kept_as_is(result, folders, named) or _migrate_file(
+                result, mode, args.diff, report, context, choice, wrappers.get(result.source.path, NO_WRAPPERS))
             if change is None:
                 report.failed.append(result.source.path)
             else:
@@ -199,7 +201,8 @@ def _tree_context(results: Sequence[ScanResult], report: Report, mode: str) -> D
 
 
 def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report,
-                  exported: Dict[str, Set[str]], choice: Optional[LevelChoice] = None) -> Optional[FileChange]:
+                  exported: Dict[str, Set[str]], choice: Optional[LevelChoice] = None,
+                  wrappers: WrapperContext = NO_WRAPPERS) -> Optional[FileChange]:
     """Rewrite one file; ``None`` (with the reason in ``report.skipped``) if it could not be written."""
     source = result.source
     try:
@@ -207,12 +210,12 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
             rewrite = rewrite_imports(result)
             new_text, notes, converted = rewrite.text, rewrite.notes, 0
         else:
-            native = to_native(result, exported.get(source.path, set()), choice)
+            native = to_native(result, exported.get(source.path, set()), choice, wrappers)
             new_text, notes, converted = native.text, native.notes, native.converted
             if native.failed:
                 report.skipped.append(SkippedFile(source.path, native.failed))
                 return None
-            if native.level_unknown and _converts_with_a_level(result, exported.get(source.path, set())):
+            if native.level_unknown and _converts_with_a_level(result, exported.get(source.path, set()), wrappers):
                 report.convert_with_level.append(source.path)
     except Exception as exc:  # a rewriter bug leaves this file alone and the run going
         report.skipped.append(SkippedFile(source.path, f"{_INTERNAL_ERROR} while rewriting: {exc!r}"))
@@ -231,10 +234,10 @@ def _migrate_file(result: ScanResult, mode: str, show_diff: bool, report: Report
     return FileChange(source.path, changed, written, diff if show_diff else "", file_notes, converted, *native_state)
 
 
-def _converts_with_a_level(result: ScanResult, exported: Set[str]) -> bool:
+def _converts_with_a_level(result: ScanResult, exported: Set[str], wrappers: WrapperContext = NO_WRAPPERS) -> bool:
     """Whether ``--opt-level O1`` would leave the file with neither Apex nor ampcompat."""
     try:
-        native = to_native(result, exported, parse_level_choice("O1"))
+        native = to_native(result, exported, parse_level_choice("O1"), wrappers)
     except Exception:  # the real rewrite already ran; this estimate must not end the run
         return False
     return not (native.failed or native.on_ampcompat or native.imports_apex)

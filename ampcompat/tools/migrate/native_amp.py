@@ -147,7 +147,7 @@ def convert_amp(plan: RewritePlan, choice: Optional[LevelChoice] = None) -> AmpO
         plan: the file's rewrite plan.
         choice: what ``--opt-level`` said about levels only known at run time.
     """
-    uses = [use for use in plan.result.uses if is_amp_use(use)]
+    uses = [use for use in plan.result.uses if is_amp_use(use) and not plan.is_converted(use)]  # not a wrapper's
     if not uses:
         return AmpOutcome()
     conversion = _AmpConversion(plan, uses, choice)
@@ -1202,3 +1202,10 @@ def _enclosing(node: ast.AST, kind: type, parents) -> Optional[ast.AST]:
 
 def _block(statement: ast.stmt, parents) -> List[ast.stmt]:
     return block_of(statement, parents)[0]
+
+
+# What native_wrappers reuses: the analysis of amp.initialize and the placement of the names it becomes (for the file
+# that builds a scaler wrapper of another file), and the reading of a `with amp.scale_loss(...)` block (for the wrapper).
+AmpConversion = _AmpConversion
+single_backward_call = _single_backward_call
+arguments_text = _arguments_text

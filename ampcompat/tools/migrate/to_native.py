@@ -31,6 +31,7 @@ from .native_imports import ImportOutcome, align_imports
 from .plan import RewritePlan
 from .rewrite_imports import Note, apex_imports_are_optional
 from .scanner import ScanResult, Use
+from .native_wrappers import NO_WRAPPERS, WrapperContext, convert_callers, convert_wrappers
 from .sources import parses
 
 _FAILED = ("not rewritten: the native rewrite of this file came out invalid (please report this as an ampcompat "
@@ -64,13 +65,15 @@ class NativeRewrite:
 
 
 def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset(),
-              choice: Optional[LevelChoice] = None) -> NativeRewrite:
+              choice: Optional[LevelChoice] = None, wrappers: WrapperContext = NO_WRAPPERS) -> NativeRewrite:
     """Rewrite a scanned file's Apex uses to plain PyTorch where that is mechanical.
 
     Args:
         result: the scan of the file.
         exported: names other files of the scanned tree import from this one (kept bound).
         choice: what ``--opt-level`` said about opt levels only known at run time (``None``: not given).
+        wrappers: the scaler wrapper classes this file defines or builds that convert with their partners in
+            the scanned tree (:mod:`native_wrappers`).
 
     Returns:
         The new text, the notes, and the number of uses converted.
@@ -78,6 +81,8 @@ def to_native(result: ScanResult, exported: AbstractSet[str] = frozenset(),
     if not result.uses and not result.alias_statements:
         return NativeRewrite(result.source.text, (), 0)
     plan = RewritePlan(result)
+    convert_wrappers(plan, wrappers)
+    convert_callers(plan, wrappers, choice)
     amp = convert_amp(plan, choice)
     convert_fp16_optimizers(plan)
     convert_calls(plan)
