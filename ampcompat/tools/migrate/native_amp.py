@@ -260,10 +260,10 @@ class _AmpConversion:
     # -- analysis --------------------------------------------------------------------------------
     def analyse(self) -> None:
         inits = [use for use in self.uses if use.api == "apex.amp.initialize"]
-        self._check_bindings()
+        self.check_bindings()
         if len(inits) == 1:
             self.init = inits[0]
-            self._initialize(self.init)
+            self.read_initialize(self.init)
         elif branch_pair(inits, self.plan.parents) is not None:
             self._initialize_pair(inits)
         elif len(inits) > 1:
@@ -386,9 +386,9 @@ class _AmpConversion:
                                        "function; put its calls under torch.autocast by hand")
         if self.blockers:
             return
-        self._place_nodes(self.model_calls, [])
+        self.place_nodes(self.model_calls, [])
 
-    def _check_bindings(self) -> None:
+    def check_bindings(self) -> None:
         """A use that another binding of its name reaches is converted only when that binding is an
         ``except ImportError`` fallback of the Apex import (never taken where Apex -- or ampcompat -- is), or
         the ``import apex`` of the line ``--write`` adds (the same module, through ampcompat's alias)."""
@@ -451,7 +451,8 @@ class _AmpConversion:
             return owner
         return statement
 
-    def _initialize(self, use: Use) -> None:
+    def read_initialize(self, use: Use) -> None:
+        """Read an ``amp.initialize`` call: its level's recipe, models, optimizers and targets, or block it."""
         call = use.node
         if not isinstance(call, ast.Call):
             self.block(call, "amp.initialize is used as a value; rewrite by hand")
@@ -523,7 +524,7 @@ class _AmpConversion:
             return
         for use in reversed(inits):  # the first call's reading is the one kept
             self.loss_scale_check = None
-            self._initialize(use)
+            self.read_initialize(use)
             self.pair.insert(0, (self.init_statement, self.loss_scale_check))  # type: ignore[arg-type]
         self.init, self.loss_scale_check = inits[0], None
         self.init_statement = branch_pair(inits, self.plan.parents)
@@ -735,9 +736,9 @@ class _AmpConversion:
         for group in self.groups:
             nodes.extend(group.steps)
         nodes.extend(use.node for use in self.masters + self.states + self.disables)
-        self._place_nodes(nodes, [node for node in (self.loss_scale_check,) if node is not None])
+        self.place_nodes(nodes, [node for node in (self.loss_scale_check,) if node is not None])
 
-    def _place_nodes(self, nodes: List[ast.AST], extra: List[ast.AST]) -> None:
+    def place_nodes(self, nodes: List[ast.AST], extra: List[ast.AST]) -> None:
         """Where the GradScaler and the autocast flag go so that ``nodes`` (and the expressions in ``extra``) see
         them, and the names a condition or a level chosen at run time needs."""
         at_run_time = self.recipe is not None and self.recipe.at_run_time
@@ -870,10 +871,10 @@ class _AmpConversion:
             return
         for node, note in self.notes:
             self.plan.note(node, note)
-        self._apply_initialize()
+        self.apply_initialize()
         regions_done: List[Region] = []
         for statement in self.model_calls:
-            self._wrap((statement, statement))
+            self.wrap_region((statement, statement))
         for backward in self.backwards:
             self._apply_backward(backward, regions_done)
         for statement, call, region in self.plain:
@@ -883,7 +884,7 @@ class _AmpConversion:
                                                     f".backward({arguments})"])
             if region is not None and not any(done[0] is region[0] for done in regions_done):
                 regions_done.append(region)
-                self._wrap(region)
+                self.wrap_region(region)
         self.apply_registrations()
         for group in self.groups:
             self._apply_steps(group)
@@ -980,16 +981,17 @@ class _AmpConversion:
                 f'    raise ValueError(f"loss_scale={{{spelled}!r}}: torch.amp.GradScaler has no static loss scale; "',
                 '                     "leave it unset (dynamic)")']
 
-    def _apply_initialize(self) -> None:
+    def apply_initialize(self) -> None:
+        """Replace ``amp.initialize`` by the names it becomes (device, GradScalers, flag) where they are placed."""
         assert self.placement is not None and self.init_statement is not None
         statement, anchor = self.init_statement, self.placement.anchor
         if self.pair:  # the names are created before the `if`; each branch keeps its own check
             self.plan.insert_lines_before(anchor, self._creation_lines(anchor))
             for branch, loss_scale in self.pair:
-                lines = self._returned_assignment() + (self._loss_scale_check_lines(loss_scale) if loss_scale else [])
+                lines = self.returned_assignment() + (self._loss_scale_check_lines(loss_scale) if loss_scale else [])
                 self.plan.replace_statement(branch, lines or ["pass"])
             return
-        kept = self._returned_assignment()
+        kept = self.returned_assignment()
         if anchor is statement:
             self.plan.replace_statement(statement, kept + self._creation_lines(statement))
             return
@@ -1005,7 +1007,7 @@ class _AmpConversion:
         else:
             self.plan.remove_statement(statement)
 
-    def _returned_assignment(self) -> List[str]:
+    def returned_assignment(self) -> List[str]:
         """``model, optimizer = net, opt`` where the names amp.initialize returned differ from its arguments."""
         targets, models, optimizers = self.targets, self.models, self.optimizers
         if targets is None or models is None or optimizers is None:
@@ -1042,9 +1044,10 @@ class _AmpConversion:
             if region is None or any(done[0] is region[0] and done[1] is region[1] for done in regions_done):
                 continue
             regions_done.append(region)
-            self._wrap(region)
+            self.wrap_region(region)
 
-    def _wrap(self, region: Region) -> None:
+    def wrap_region(self, region: Region) -> None:
+        """Put the statements of ``region`` under ``torch.autocast`` with the recipe's dtype and flag."""
         assert self.recipe is not None
         dtype = self.recipe.dtype or self._name(self.dtype_name, region[0])
         enabled = f", enabled={self._name(self.flag, region[0])}" if self.flag else ""

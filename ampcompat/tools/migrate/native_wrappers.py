@@ -159,7 +159,7 @@ def _classify(plan: RewritePlan) -> Tuple[Dict[str, _Wrapper], List[_Wrapper]]:
 def _shared_bindings(plan: RewritePlan, uses: List[Use]) -> bool:
     """Whether another binding of ``amp`` (not an ``except ImportError`` fallback) may reach a use."""
     conversion = AmpConversion(plan, uses, None)
-    conversion._check_bindings()
+    conversion.check_bindings()
     return bool(conversion.blockers)
 
 
@@ -271,8 +271,8 @@ def _state(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, use: U
             helper = plan.fresh_name(native_checkpoint.HELPER)
             value = plan.text.segment(call.args[0])
             plan.replace(call, f"{self_name}.{scaler}.load_state_dict({helper}({value}))")
-            if helper not in _helpers_added(plan):
-                _helpers_added(plan).add(helper)
+            if helper not in plan.helpers_added:
+                plan.helpers_added.add(helper)
                 native_checkpoint.add_helper(plan, helper, [call])
             plan.note(call, f"a checkpoint written by Apex's amp.state_dict() loads through {helper}(), added to "
                             "this file: it converts Apex's loss-scaler entry to the GradScaler's state")
@@ -280,12 +280,6 @@ def _state(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, use: U
             plan.replace(call, f"{self_name}.{scaler}.state_dict()")
 
     wrapper.edits.append(edit)
-
-
-def _helpers_added(plan: RewritePlan) -> set:
-    if not hasattr(plan, "_wrapper_helpers"):
-        plan._wrapper_helpers = set()  # type: ignore[attr-defined]
-    return plan._wrapper_helpers  # type: ignore[attr-defined]
 
 
 def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
@@ -320,8 +314,8 @@ def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
             helper = plan.fresh_name(native_checkpoint.HELPER)
             value = plan.text.segment(call.args[0])  # type: ignore[attr-defined]
             new_call = f"{self_name}.{scaler}.load_state_dict({helper}({value}))"
-            if helper not in _helpers_added(plan):
-                _helpers_added(plan).add(helper)
+            if helper not in plan.helpers_added:
+                plan.helpers_added.add(helper)
                 native_checkpoint.add_helper(plan, helper, [call])
         else:
             new_call = f"{self_name}.{scaler}.state_dict()"
@@ -450,8 +444,8 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
     init = inits[0]
     conversion = AmpConversion(plan, uses, choice)
     conversion.init = init
-    conversion._check_bindings()
-    conversion._initialize(init)
+    conversion.check_bindings()
+    conversion.read_initialize(init)
     if conversion.blockers or conversion.inference or conversion.recipe is None \
             or conversion.recipe.at_run_time or conversion.recipe.dtype != "torch.float16" \
             or conversion.enabled is not None:
@@ -470,7 +464,7 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
     scaling = ", ".join(sorted({f"{name} (converted in {context.files[name]})" if name not in library
                                 else library[name].spelled for _, name in built}))
     model = plan.text.segment(conversion.model_ref)
-    kept = conversion._returned_assignment()
+    kept = conversion.returned_assignment()
     device = plan.fresh_name("amp_device_type")
     slot = _autocast_slot(plan, statement)
     if not any(partners[name] for _, name in built):  # the library runs the forward pass itself
@@ -492,12 +486,12 @@ def convert_callers(plan: RewritePlan, context: WrapperContext, choice: Optional
                     regions.append(region)
         if not regions:
             return False
-        conversion._place_nodes([region[0] for region in regions], [])
+        conversion.place_nodes([region[0] for region in regions], [])
         if conversion.blockers:
             return False
-        conversion._apply_initialize()
+        conversion.apply_initialize()
         for region in regions:
-            conversion._wrap(region)
+            conversion.wrap_region(region)
         plan.note(init.node, _CALLER_NOTE.format(scaling=scaling))
     for apply in adapters:
         apply(device)
