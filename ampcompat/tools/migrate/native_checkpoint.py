@@ -34,7 +34,10 @@ def helper_lines(name: str) -> List[str]:
 
 def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST], source: Optional[List[str]] = None) -> None:
     """Insert the loader (or the function ``source`` defines) at module level, before the first function or
-    class, or before the first module-level statement that reaches one of ``sites`` -- whichever comes first."""
+    class, or before the first module-level statement that reaches one of ``sites`` -- whichever comes first.
+    A name already added to the file is not added again."""
+    if name in plan.helpers_added:
+        return
     tree = plan.result.source.tree
     anchor = None
     for statement in tree.body:
@@ -47,6 +50,7 @@ def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST], source: O
     if anchor is None:  # nothing after the imports: the loader goes at the end
         end = len(plan.text.text)
         separator = newline if plan.text.text and not plan.text.text.endswith(("\n", "\r")) else ""
+        plan.helpers_added[name] = end
         plan.insert_at(end, separator + newline + newline + "".join(line + newline for line in lines))
         return
     first_line = min([anchor.lineno] + [d.lineno for d in getattr(anchor, "decorator_list", [])])
@@ -56,6 +60,7 @@ def add_helper(plan: RewritePlan, name: str, sites: Sequence[ast.AST], source: O
     while blank < 2 and first_line - blank > 1 and not plan.text.line(first_line - blank - 1).strip():
         blank += 1
     lines = [""] * (2 - blank if first_line > 1 else 0) + lines + ["", ""]
+    plan.helpers_added[name] = plan.text.line_start(first_line)
     plan.insert_at(plan.text.line_start(first_line), "".join(line + newline for line in lines))
 
 

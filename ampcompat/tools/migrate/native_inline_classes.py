@@ -14,9 +14,8 @@ against ampcompat's implementations. Like all code ``--to-native`` writes, they 
 from __future__ import annotations
 
 import ast
-import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from .alias_line import top_of_module
 from .callargs import NOT_LITERAL
@@ -239,9 +238,6 @@ def class_text(inline: InlineClass, name: Optional[str] = None) -> str:
     return inline.source.replace(_NAME, name or inline.wanted_name)
 
 
-_ADDED: "weakref.WeakKeyDictionary[RewritePlan, Dict[str, Tuple[str, int]]]" = weakref.WeakKeyDictionary()
-
-
 def add_class(plan: RewritePlan, inline: InlineClass, call: ast.AST) -> Optional[str]:
     """Add ``inline``'s class to the file of ``plan`` (once) and return the name ``call`` constructs it by.
 
@@ -250,16 +246,14 @@ def add_class(plan: RewritePlan, inline: InlineClass, call: ast.AST) -> Optional
     import). Returns ``None`` where that place is not before ``call`` at run time (a module-level call
     above it), or where the module has no such place: the caller keeps the call as it was.
     """
-    added = _ADDED.setdefault(plan, {})
-    if inline.wanted_name in added:
-        name, offset = added[inline.wanted_name]
-        return name if _runs_after(plan, call, offset) else None
+    name = plan.fresh_name(inline.wanted_name)
+    if name in plan.helpers_added:
+        return name if _runs_after(plan, call, plan.helpers_added[name]) else None
     place = _after_imports(plan, ("torch",) + inline.modules)
     if place is None or not _runs_after(plan, call, place[0]):
         return None
     offset, newline, next_line_blank = place
-    name = plan.fresh_name(inline.wanted_name)
-    added[inline.wanted_name] = (name, offset)
+    plan.helpers_added[name] = offset
     text = class_text(inline, name).replace("\n", newline)
     plan.insert_at(offset, newline + newline + text + (newline if next_line_blank else newline + newline))
     plan.modules.update(inline.modules)

@@ -271,9 +271,7 @@ def _state(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, use: U
             helper = plan.fresh_name(native_checkpoint.HELPER)
             value = plan.text.segment(call.args[0])
             plan.replace(call, f"{self_name}.{scaler}.load_state_dict({helper}({value}))")
-            if helper not in plan.helpers_added:
-                plan.helpers_added.add(helper)
-                native_checkpoint.add_helper(plan, helper, [call])
+            native_checkpoint.add_helper(plan, helper, [call])
             plan.note(call, f"a checkpoint written by Apex's amp.state_dict() loads through {helper}(), added to "
                             "this file: it converts Apex's loss-scaler entry to the GradScaler's state")
         else:
@@ -314,9 +312,7 @@ def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
             helper = plan.fresh_name(native_checkpoint.HELPER)
             value = plan.text.segment(call.args[0])  # type: ignore[attr-defined]
             new_call = f"{self_name}.{scaler}.load_state_dict({helper}({value}))"
-            if helper not in plan.helpers_added:
-                plan.helpers_added.add(helper)
-                native_checkpoint.add_helper(plan, helper, [call])
+            native_checkpoint.add_helper(plan, helper, [call])
         else:
             new_call = f"{self_name}.{scaler}.state_dict()"
         line = text[: call_start - start] + new_call + text[call_end - start:]

@@ -43,7 +43,7 @@ class RewritePlan:
         """Modules the new code refers to by name (``functools``); ``torch`` is :attr:`uses_torch`."""
         self.notes: List[Note] = []
         self.stand_ins: Dict[str, str] = {}
-        self.helpers_added: Set[str] = set()  # module-level helpers already added to the file, by name
+        self.helpers_added: Dict[str, int] = {}  # module-level definitions added to the file: name -> offset
         """Apex name -> the torch object its import binds instead where reads of it remain (``apex.amp`` ->
         ``torch.amp`` for ``amp is not None`` checks)."""
         self._todos: List[Tuple[ast.stmt, str]] = []
