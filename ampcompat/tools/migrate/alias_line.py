@@ -26,6 +26,7 @@ import ast
 from typing import List, Optional, Set, Tuple
 
 from .edits import Edit, SourceText
+from .syntax import is_docstring
 
 ALIAS_STATEMENTS = "import ampcompat; ampcompat.install_apex_alias(); import apex"
 ALIAS_LINE = (ALIAS_STATEMENTS + "  # noqa: E702 -- ampcompat migrate: code that looks for Apex by name "
@@ -119,7 +120,7 @@ def top_of_module(text: SourceText, tree: ast.Module) -> Optional[Tuple[int, int
     has nothing else; ``None`` when that statement does not start its line.
     """
     body = tree.body
-    index = 1 if body and _is_docstring(body[0]) else 0
+    index = 1 if body and is_docstring(body[0]) else 0
     while index < len(body) and isinstance(body[index], ast.ImportFrom) and body[index].module == "__future__":
         index += 1
     if index == len(body):
@@ -131,10 +132,6 @@ def top_of_module(text: SourceText, tree: ast.Module) -> Optional[Tuple[int, int
     if not text.line(lineno)[: _column_of(text, statement, lineno)].strip(" \t\f") == "":
         return None
     return text.line_start(lineno), lineno
-
-
-def _is_docstring(node: ast.stmt) -> bool:
-    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
 
 
 def _first_line(statement: ast.stmt) -> int:

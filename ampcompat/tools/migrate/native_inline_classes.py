@@ -20,6 +20,7 @@ from typing import Any, Optional, Tuple
 from .alias_line import top_of_module
 from .callargs import NOT_LITERAL
 from .plan import RewritePlan
+from .syntax import binds_module, is_docstring
 
 _NAME = "__CLASS__"
 
@@ -278,11 +279,11 @@ def _after_imports(plan: RewritePlan, modules: Tuple[str, ...]) -> Optional[Tupl
     text = plan.text
     last: Optional[ast.stmt] = None
     for index, statement in enumerate(tree.body):
-        if not ((index == 0 and _is_docstring(statement)) or _only_imports(statement)):
+        if not ((index == 0 and is_docstring(statement)) or _only_imports(statement)):
             break
         last = statement
     for module in modules:
-        binding = next((s for s in tree.body if _binds(s, module)), None)
+        binding = next((s for s in tree.body if binds_module(s, module)), None)
         if binding is not None and (last is None or binding.lineno > last.lineno):
             last = binding
     if last is None:
@@ -307,17 +308,6 @@ def _runs_after(plan: RewritePlan, call: ast.AST, offset: int) -> bool:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             return True
     return plan.text.span(node)[0] >= offset
-
-
-def _is_docstring(node: ast.stmt) -> bool:
-    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-
-
-def _binds(node: ast.stmt, module: str) -> bool:
-    """Whether ``node`` is an ``import`` binding ``module``'s name to that module (``import torch.nn``)."""
-    return isinstance(node, ast.Import) and any(
-        (alias.asname is None and alias.name.split(".")[0] == module) or (alias.asname == module == alias.name)
-        for alias in node.names)
 
 
 def _only_imports(node: ast.stmt) -> bool:

@@ -49,7 +49,7 @@ from .native_loop import path_to_step, plan_unscaling
 from .native_regions import forward_region
 from .plan import RewritePlan
 from .scanner import ScanResult, Use
-from .syntax import block_of, is_plain_reference, same_expression, walk_local
+from .syntax import block_of, is_docstring, is_plain_reference, same_expression, walk_local
 
 _DEVICE = '"cuda" if torch.cuda.is_available() else "cpu"'
 _APEX_START_SCALE = "2.0**16"
@@ -376,8 +376,8 @@ def _creation_edit(plan: RewritePlan, wrapper: _Wrapper):
     def edit(plan: RewritePlan, scaler: str) -> None:
         if init is not None:
             body = init.body
-            first = body[1] if len(body) > 1 and _is_docstring(body[0]) else body[0]
-            if _is_docstring(first):
+            first = body[1] if len(body) > 1 and is_docstring(body[0]) else body[0]
+            if is_docstring(first):
                 plan.insert_at(plan.text.line_end(first.end_lineno),  # type: ignore[arg-type]
                                plan.text.indentation(first.lineno) +
                                _creation_line(_self_name(init), scaler, wrapper.start, wrapper.window) +
@@ -395,11 +395,6 @@ def _creation_edit(plan: RewritePlan, wrapper: _Wrapper):
                                                            for item in lines))
 
     return edit
-
-
-def _is_docstring(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) \
-        and isinstance(statement.value.value, str)
 
 
 def convert_wrappers(plan: RewritePlan, context: WrapperContext) -> None:

@@ -112,3 +112,17 @@ def root_name(node: ast.AST) -> ast.AST:
     while isinstance(node, ast.Attribute):
         node = node.value
     return node
+
+
+def is_docstring(statement: ast.stmt) -> bool:
+    """Whether ``statement`` is a bare string literal (a docstring where it comes first)."""
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) \
+        and isinstance(statement.value.value, str)
+
+
+def binds_module(statement: ast.stmt, module: str) -> bool:
+    """Whether ``statement`` is an ``import`` binding ``module``'s name to that module (``import torch``,
+    ``import torch.nn``, ``import torch as torch``)."""
+    return isinstance(statement, ast.Import) and any(
+        (alias.asname is None and alias.name.split(".")[0] == module) or (alias.asname == module == alias.name)
+        for alias in statement.names)

@@ -33,6 +33,7 @@ from .rewrite_imports import Note, apex_imports_are_optional
 from .scanner import ScanResult, Use
 from .native_wrappers import NO_WRAPPERS, WrapperContext, convert_callers, convert_wrappers
 from .sources import parses
+from .syntax import binds_module
 
 _FAILED = ("not rewritten: the native rewrite of this file came out invalid (please report this as an ampcompat "
            "bug); use --write to move it to ampcompat instead")
@@ -177,12 +178,5 @@ def _top_insertion(plan: RewritePlan, alias: str) -> Optional[Tuple[int, str]]:
 
 
 def _binds(tree: ast.Module, module: str) -> bool:
-    """Whether the module's top level binds ``module``'s name to that module (``import torch``,
-    ``import torch.nn``)."""
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if (alias.asname is None and alias.name.split(".")[0] == module) or (
-                        alias.asname == module and alias.name == module):
-                    return True
-    return False
+    """Whether the module's top level binds ``module``'s name to that module."""
+    return any(binds_module(statement, module) for statement in tree.body)
