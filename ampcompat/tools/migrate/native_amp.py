@@ -48,7 +48,7 @@ from .native_placement import Placement, place
 from .native_regions import Region, forward_region, overlapping
 from .plan import RewritePlan
 from .scanner import Use, catches_import_error
-from .syntax import block_of, is_plain_reference, root_name, same_expression, scope_of, walk_local
+from .syntax import block_of, enclosing, is_plain_reference, root_name, same_expression, scope_of, walk_local
 
 _GROWTH_INTERVAL = 2000
 _ORIGINAL_MAX_SCALE = 2.0**24
@@ -407,7 +407,7 @@ class _AmpConversion:
         for definition in scopes.reaching(root):
             if definition in result.apex_definitions or id(definition.node) in ours:
                 continue
-            handler = _enclosing(definition.node, ast.ExceptHandler, self.plan.parents)
+            handler = enclosing(definition.node, ast.ExceptHandler, self.plan.parents)
             owner = self.plan.parents.get(handler) if handler is not None else None
             binding = use.binding
             if not (isinstance(handler, ast.ExceptHandler) and catches_import_error(handler) and binding is not None
@@ -1170,7 +1170,7 @@ def _call_sites(function: ast.AST, nodes: Sequence[ast.AST], parents) -> List[as
     for node in nodes:
         if isinstance(owner, ast.ClassDef) and isinstance(node, ast.Attribute) and node.attr == function.name:
             call = parents.get(node)
-            method = _enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef), parents)
+            method = enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef), parents)
             is_self = isinstance(node.value, ast.Name) and method is not None and parents.get(method) is owner \
                 and (method.args.posonlyargs + method.args.args)[:1] \
                 and (method.args.posonlyargs + method.args.args)[0].arg == node.value.id  # type: ignore[union-attr]
@@ -1194,13 +1194,6 @@ def _statement(node: ast.AST, parents) -> ast.stmt:
 
 def _last_name(node: ast.AST) -> str:
     return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else "optimizer"
-
-
-def _enclosing(node: ast.AST, kind: type, parents) -> Optional[ast.AST]:
-    current = parents.get(node)
-    while current is not None and not isinstance(current, kind):
-        current = parents.get(current)
-    return current
 
 
 def _block(statement: ast.stmt, parents) -> List[ast.stmt]:

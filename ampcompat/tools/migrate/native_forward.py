@@ -22,7 +22,7 @@ import ast
 from typing import Collection, List, Set, Union
 
 from .edits import SourceText
-from .native_regions import Region, creates_data, reads_names
+from .native_regions import Region, creates_data, is_backward_or_amp, reads_names
 from .syntax import Parents, block_of, stored_names
 
 _CLIMB = (ast.If, ast.With, ast.AsyncWith)
@@ -56,7 +56,7 @@ def outer_regions(text: SourceText, parents: Parents, region: Region, amp_nodes:
             break
         current = owner
         outer, position = block_of(owner, parents)  # type: ignore[arg-type]
-        barrier = next((j for j in range(position - 1, -1, -1) if _is_backward_or_amp(outer[j], amp_nodes)), -1)
+        barrier = next((j for j in range(position - 1, -1, -1) if is_backward_or_amp(outer[j], amp_nodes)), -1)
         stores = [j for j in range(position - 1, barrier, -1) if stored_names(outer[j]) & needed]
         if not stores:
             continue
@@ -90,11 +90,6 @@ def _read_before_set(statements: List[ast.stmt]) -> Set[str]:
         read |= reads_names(statement) - written
         written |= stored_names(statement)
     return read
-
-
-def _is_backward_or_amp(statement: ast.stmt, amp_nodes: Collection[int]) -> bool:
-    return any(id(node) in amp_nodes or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                                         and node.func.attr == "backward") for node in ast.walk(statement))
 
 
 def _problem(text: SourceText, statements: List[ast.stmt]) -> str:

@@ -52,7 +52,7 @@ def forward_region(text: SourceText, parents: Parents, statement: ast.stmt, loss
         current = owner  # type: ignore[assignment]
     needed = reads_names(block[loss_index])
     first_index = loss_index
-    barrier = next((j for j in range(loss_index - 1, -1, -1) if _is_backward_or_amp(block[j], amp_nodes)), -1)
+    barrier = next((j for j in range(loss_index - 1, -1, -1) if is_backward_or_amp(block[j], amp_nodes)), -1)
     for j in range(loss_index - 1, barrier, -1):  # an earlier backward pass ends the search: its tensors are made
         if stored_names(block[j]) & needed:
             first_index = j
@@ -90,7 +90,8 @@ def overlapping(regions: List[Region], region: Region) -> Optional[Region]:
     return None
 
 
-def _is_backward_or_amp(statement: ast.stmt, amp_nodes: Collection[int]) -> bool:
+def is_backward_or_amp(statement: ast.stmt, amp_nodes: Collection[int]) -> bool:
+    """Whether ``statement`` runs a backward pass or holds one of the amp calls (ids in ``amp_nodes``)."""
     return any(id(node) in amp_nodes or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                                          and node.func.attr == "backward") for node in ast.walk(statement))
 

@@ -49,7 +49,7 @@ from .native_loop import path_to_step, plan_unscaling
 from .native_regions import forward_region
 from .plan import RewritePlan
 from .scanner import ScanResult, Use
-from .syntax import block_of, is_docstring, is_plain_reference, same_expression, walk_local
+from .syntax import block_of, enclosing, is_docstring, is_plain_reference, same_expression, walk_local
 
 _DEVICE = '"cuda" if torch.cuda.is_available() else "cpu"'
 _APEX_START_SCALE = "2.0**16"
@@ -140,7 +140,7 @@ def _classify(plan: RewritePlan) -> Tuple[Dict[str, _Wrapper], List[_Wrapper]]:
     parents = plan.parents
     by_class: Dict[int, _Wrapper] = {}
     for use in uses:
-        owner = _enclosing(use.node, (ast.ClassDef,), parents)
+        owner = enclosing(use.node, (ast.ClassDef,), parents)
         if not isinstance(owner, ast.ClassDef):
             return {}, []
         by_class.setdefault(id(owner), _Wrapper(owner)).uses.append(use)
@@ -173,7 +173,7 @@ def _analyse(plan: RewritePlan, wrapper: _Wrapper) -> None:
     for use in wrapper.uses:
         if id(use.node) in handled or use.api == "apex.amp":
             continue
-        method = _enclosing(use.node, _FUNCTIONS, parents)
+        method = enclosing(use.node, _FUNCTIONS, parents)
         if method is None or parents.get(method) is not wrapper.node or not _self_name(method):
             wrapper.blockers.append((use.node, "an amp call outside the methods of the class"))
             continue
@@ -224,7 +224,7 @@ def _scale_loss(plan: RewritePlan, wrapper: _Wrapper, method: ast.FunctionDef, u
 
     steps = [node for node in walk_local(method) if isinstance(node, ast.stmt) and is_step(node)]
     masters = [u for u in wrapper.uses if u.api == "apex.amp.master_params"
-               and _enclosing(u.node, _FUNCTIONS, parents) is method]
+               and enclosing(u.node, _FUNCTIONS, parents) is method]
     master_ids = {id(u.node) for u in masters}
     path = path_to_step(statement, is_step, parents)
     others = [node for node in walk_local(method) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -300,7 +300,7 @@ def _presence_guard(plan: RewritePlan, wrapper: _Wrapper, use: Use) -> set:
         wrapper.blockers.append((use.node, _AMP_AS_VALUE))
         return set()
     call = inner[0].node
-    method = _enclosing(call, _FUNCTIONS, parents)
+    method = enclosing(call, _FUNCTIONS, parents)
     self_name = _self_name(method)  # type: ignore[arg-type]
 
     def edit(plan: RewritePlan, scaler: str) -> None:
@@ -744,13 +744,6 @@ def _caller_context(names: Dict[str, str], alive: Dict[str, set],
 
 
 # --- small syntax helpers ----------------------------------------------------------------------------------------
-def _enclosing(node: ast.AST, kinds, parents) -> Optional[ast.AST]:
-    current = parents.get(node)
-    while current is not None and not isinstance(current, kinds):
-        current = parents.get(current)
-    return current
-
-
 def _within(node: ast.AST, outer: ast.AST, parents) -> bool:
     current: Optional[ast.AST] = node
     while current is not None:

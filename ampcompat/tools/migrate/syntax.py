@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ast
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
 Parents = Dict[ast.AST, ast.AST]
 
@@ -126,3 +126,11 @@ def binds_module(statement: ast.stmt, module: str) -> bool:
     return isinstance(statement, ast.Import) and any(
         (alias.asname is None and alias.name.split(".")[0] == module) or (alias.asname == module == alias.name)
         for alias in statement.names)
+
+
+def enclosing(node: ast.AST, kinds: Union[type, Tuple[type, ...]], parents: Parents) -> Optional[ast.AST]:
+    """The nearest ancestor of ``node`` that is an instance of ``kinds``, or ``None``."""
+    current = parents.get(node)
+    while current is not None and not isinstance(current, kinds):
+        current = parents.get(current)
+    return current
